@@ -1,0 +1,298 @@
+//! TLS material: where the PEM files are, and loading them with every check done at start-up, so
+//! a bad file stops the service with one line naming the file instead of failing per connection.
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use tonic::transport::{Certificate, Identity};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+/// How a connection between the services is protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TlsMode {
+    /// Both sides present certificates signed by the shared CA (the default).
+    Mutual,
+    /// Only the server presents a certificate; clients are not authenticated.
+    Server,
+    /// Plaintext, for debugging or behind a mesh that does TLS itself.
+    Off,
+}
+
+impl fmt::Display for TlsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TlsMode::Mutual => "mutual",
+            TlsMode::Server => "server",
+            TlsMode::Off => "off",
+        })
+    }
+}
+
+impl TlsMode {
+    /// Logs the start-up warning every mode weaker than mutual TLS deserves.
+    pub fn warn_if_weak(self) {
+        match self {
+            TlsMode::Mutual => {}
+            TlsMode::Server => tracing::warn!(
+                tls_mode = %self,
+                "TLS without client certificates: any client that can reach the port may call"
+            ),
+            TlsMode::Off => tracing::warn!(
+                tls_mode = %self,
+                "TLS is off: traffic is plaintext and callers are not authenticated"
+            ),
+        }
+    }
+}
+
+/// Which side of the connection a service is: it decides the default file names in `CERTS_DIR`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// recommendations: `server.pem`, `server.key`.
+    Server,
+    /// marketplace: `client.pem`, `client.key`.
+    Client,
+}
+
+/// The PEM files one service uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The CA certificate(s) that sign the peer's certificate.
+    pub ca: PathBuf,
+    /// This service's certificate chain.
+    pub cert: PathBuf,
+    /// This service's private key.
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// The original's file names inside `dir`: `ca.pem`, and `server.*` or `client.*` by role.
+    pub fn in_dir(dir: &Path, role: Role) -> Self {
+        let stem = match role {
+            Role::Server => "server",
+            Role::Client => "client",
+        };
+        TlsFiles {
+            ca: dir.join("ca.pem"),
+            cert: dir.join(format!("{stem}.pem")),
+            key: dir.join(format!("{stem}.key")),
+        }
+    }
+}
+
+/// A problem with a TLS file. Every message names the file; none contains key material.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: no PEM certificate found (expected a `-----BEGIN CERTIFICATE-----` block)", path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("{}: not a valid certificate: {reason}", path.display())]
+    BadCertificate { path: PathBuf, reason: String },
+    #[error("{}: certificate expired on {not_after}", path.display())]
+    Expired { path: PathBuf, not_after: String },
+    #[error("{}: certificate is not valid until {not_before}", path.display())]
+    NotYetValid { path: PathBuf, not_before: String },
+    #[error("{}: no PEM private key found (expected a `-----BEGIN PRIVATE KEY-----` block)", path.display())]
+    NoKey { path: PathBuf },
+    #[error("{}: unsupported or corrupt private key: {reason}", path.display())]
+    BadKey { path: PathBuf, reason: String },
+    #[error("{}: private key does not match the certificate in {}", key.display(), cert.display())]
+    KeyMismatch { key: PathBuf, cert: PathBuf },
+}
+
+/// Reads `path`, naming it in the error.
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Parses every certificate in a PEM file and checks each is a well-formed X.509 certificate
+/// valid now.
+fn load_certs(path: &Path) -> Result<(Vec<u8>, Vec<CertificateDer<'static>>), TlsError> {
+    let pem = read(path)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::BadCertificate {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: path.to_owned(),
+        });
+    }
+    for der in &certs {
+        check_validity(path, der)?;
+    }
+    Ok((pem, certs))
+}
+
+fn check_validity(path: &Path, der: &CertificateDer<'_>) -> Result<(), TlsError> {
+    let (_, cert) =
+        X509Certificate::from_der(der.as_ref()).map_err(|e| TlsError::BadCertificate {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+    let validity = cert.validity();
+    let now = x509_parser::time::ASN1Time::now();
+    if now > validity.not_after {
+        return Err(TlsError::Expired {
+            path: path.to_owned(),
+            not_after: validity.not_after.to_string(),
+        });
+    }
+    if now < validity.not_before {
+        return Err(TlsError::NotYetValid {
+            path: path.to_owned(),
+            not_before: validity.not_before.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Loads the CA bundle that verifies peers.
+pub fn load_ca(path: &Path) -> Result<Certificate, TlsError> {
+    let (pem, _) = load_certs(path)?;
+    Ok(Certificate::from_pem(pem))
+}
+
+/// Loads this service's certificate chain and private key, and checks that they belong together.
+pub fn load_identity(cert_path: &Path, key_path: &Path) -> Result<Identity, TlsError> {
+    let (cert_pem, certs) = load_certs(cert_path)?;
+    let key_pem = read(key_path)?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => TlsError::NoKey {
+            path: key_path.to_owned(),
+        },
+        other => TlsError::BadKey {
+            path: key_path.to_owned(),
+            reason: other.to_string(),
+        },
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    rustls::sign::CertifiedKey::from_der(certs, key, &provider).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => TlsError::KeyMismatch {
+            key: key_path.to_owned(),
+            cert: cert_path.to_owned(),
+        },
+        other => TlsError::BadKey {
+            path: key_path.to_owned(),
+            reason: other.to_string(),
+        },
+    })?;
+    Ok(Identity::from_pem(cert_pem, key_pem))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use rcgen::{CertificateParams, KeyPair};
+    use time::{Duration, OffsetDateTime};
+
+    use super::*;
+
+    fn write(dir: &Path, name: &str, contents: impl AsRef<[u8]>) -> PathBuf {
+        let p = dir.join(name);
+        fs::write(&p, contents).expect("write test file");
+        p
+    }
+
+    fn self_signed(not_before: OffsetDateTime, not_after: OffsetDateTime) -> (String, String) {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(vec!["localhost".into()]).expect("params");
+        params.not_before = not_before;
+        params.not_after = not_after;
+        let cert = params.self_signed(&key).expect("cert");
+        (cert.pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn the_generated_pki_loads() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        bookstore_certs::generate(dir.path(), false).expect("generate");
+        for role in [Role::Server, Role::Client] {
+            let files = TlsFiles::in_dir(dir.path(), role);
+            load_ca(&files.ca).expect("ca");
+            load_identity(&files.cert, &files.key).expect("identity");
+        }
+    }
+
+    #[test]
+    fn a_missing_file_is_named() {
+        let err = load_ca(Path::new("/nonexistent/ca.pem")).expect_err("must fail");
+        assert!(matches!(err, TlsError::Read { .. }));
+        assert!(err.to_string().starts_with("/nonexistent/ca.pem: cannot read"));
+    }
+
+    #[test]
+    fn a_file_that_is_not_pem_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = write(dir.path(), "ca.pem", "hello, not a certificate\n");
+        let err = load_ca(&p).expect_err("must fail");
+        assert!(matches!(err, TlsError::NoCertificate { .. }), "{err}");
+        assert!(err.to_string().contains("ca.pem"));
+    }
+
+    #[test]
+    fn an_expired_certificate_is_refused() {
+        let now = OffsetDateTime::now_utc();
+        let (cert, key) = self_signed(now - Duration::days(10), now - Duration::days(1));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = write(dir.path(), "server.pem", cert);
+        let k = write(dir.path(), "server.key", key);
+        let err = load_identity(&c, &k).expect_err("must fail");
+        assert!(matches!(err, TlsError::Expired { .. }), "{err}");
+        assert!(err.to_string().contains("server.pem: certificate expired"));
+    }
+
+    #[test]
+    fn a_certificate_not_yet_valid_is_refused() {
+        let now = OffsetDateTime::now_utc();
+        let (cert, _) = self_signed(now + Duration::days(1), now + Duration::days(10));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = write(dir.path(), "ca.pem", cert);
+        let err = load_ca(&c).expect_err("must fail");
+        assert!(matches!(err, TlsError::NotYetValid { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_key_of_another_certificate_is_refused() {
+        let now = OffsetDateTime::now_utc();
+        let (cert, _) = self_signed(now - Duration::days(1), now + Duration::days(1));
+        let (_, other_key) = self_signed(now - Duration::days(1), now + Duration::days(1));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = write(dir.path(), "server.pem", cert);
+        let k = write(dir.path(), "server.key", other_key);
+        let err = load_identity(&c, &k).expect_err("must fail");
+        assert!(matches!(err, TlsError::KeyMismatch { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .contains("server.key: private key does not match the certificate")
+        );
+    }
+
+    #[test]
+    fn a_key_file_without_a_key_is_refused_without_echoing_it() {
+        let now = OffsetDateTime::now_utc();
+        let (cert, _) = self_signed(now - Duration::days(1), now + Duration::days(1));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = write(dir.path(), "server.pem", &cert);
+        // A certificate where the key should be: a classic copy-paste slip.
+        let k = write(dir.path(), "server.key", &cert);
+        let err = load_identity(&c, &k).expect_err("must fail");
+        assert!(matches!(err, TlsError::NoKey { .. }), "{err}");
+        let body_line = cert.lines().nth(1).expect("a PEM body line");
+        assert!(!err.to_string().contains(body_line), "the file's contents leaked: {err}");
+    }
+}
