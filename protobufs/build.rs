@@ -12,7 +12,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile([proto], ["."])?;
     // The encoded descriptor set also feeds gRPC server reflection.
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
-    std::fs::write(out_dir.join("bookstore_descriptor.bin"), fds.encode_to_vec())?;
+    std::fs::write(
+        out_dir.join("bookstore_descriptor.bin"),
+        fds.encode_to_vec(),
+    )?;
 
     tonic_prost_build::configure()
         .build_client(true)

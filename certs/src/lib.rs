@@ -12,8 +12,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -74,7 +74,9 @@ impl Authority {
     /// A new self-signed CA valid for ten years.
     pub fn new(common_name: &str) -> Result<Self> {
         let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, common_name);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
@@ -85,7 +87,9 @@ impl Authority {
         params.not_before = now - Duration::hours(1);
         params.not_after = now + Duration::days(3650);
         let key = KeyPair::generate().context("generating the CA key")?;
-        let cert = params.self_signed(&key).context("signing the CA certificate")?;
+        let cert = params
+            .self_signed(&key)
+            .context("signing the CA certificate")?;
         let issued = Issued {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
@@ -123,11 +127,10 @@ impl Authority {
         not_after: OffsetDateTime,
     ) -> Result<Issued> {
         let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, common_name);
-        params.subject_alt_names = names
-            .iter()
-            .map(|n| san(n))
-            .collect::<Result<_>>()?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params.subject_alt_names = names.iter().map(|n| san(n)).collect::<Result<_>>()?;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
@@ -204,7 +207,11 @@ pub fn generate(dir: &Path, force: bool) -> Result<Generated> {
     let ca = Authority::new("Bookstore development CA")?;
     let server = ca.issue("recommendations", SERVER_NAMES, Usage::Server)?;
     let client = ca.issue(CLIENT_NAME, &[CLIENT_NAME], Usage::Client)?;
-    for (stem, issued) in [("ca", ca.issued()), ("server", &server), ("client", &client)] {
+    for (stem, issued) in [
+        ("ca", ca.issued()),
+        ("server", &server),
+        ("client", &client),
+    ] {
         write_file(&dir.join(format!("{stem}.pem")), &issued.cert_pem, 0o644)?;
         write_file(&dir.join(format!("{stem}.key")), &issued.key_pem, 0o600)?;
     }
@@ -248,7 +255,10 @@ mod tests {
     #[test]
     fn the_server_certificate_is_v3_with_every_service_name() {
         let dir = tempfile::tempdir().expect("tempdir");
-        assert_eq!(generate(dir.path(), false).expect("generate"), Generated::Created);
+        assert_eq!(
+            generate(dir.path(), false).expect("generate"),
+            Generated::Created
+        );
         let der = parse(&fs::read_to_string(dir.path().join("server.pem")).expect("read"));
         let (_, cert) = X509Certificate::from_der(&der).expect("x509");
         assert_eq!(cert.version(), X509Version::V3);
@@ -272,9 +282,15 @@ mod tests {
             })
             .collect();
         for want in SERVER_NAMES {
-            assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+            assert!(
+                names.iter().any(|n| n == want),
+                "{want} missing from {names:?}"
+            );
         }
-        let eku = cert.extended_key_usage().expect("ext").expect("EKU present");
+        let eku = cert
+            .extended_key_usage()
+            .expect("ext")
+            .expect("EKU present");
         assert!(eku.value.server_auth && !eku.value.client_auth);
     }
 
@@ -286,7 +302,10 @@ mod tests {
         let (_, cert) = X509Certificate::from_der(&der).expect("x509");
         let cn = cert.subject().iter_common_name().next().expect("CN");
         assert_eq!(cn.as_str().expect("utf8"), CLIENT_NAME);
-        let eku = cert.extended_key_usage().expect("ext").expect("EKU present");
+        let eku = cert
+            .extended_key_usage()
+            .expect("ext")
+            .expect("EKU present");
         assert!(eku.value.client_auth && !eku.value.server_auth);
     }
 
@@ -297,7 +316,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         generate(dir.path(), false).expect("generate");
         for key in ["ca.key", "server.key", "client.key"] {
-            let mode = fs::metadata(dir.path().join(key)).expect("meta").permissions().mode();
+            let mode = fs::metadata(dir.path().join(key))
+                .expect("meta")
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600, "{key}");
         }
     }
@@ -307,9 +329,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         generate(dir.path(), false).expect("generate");
         let before = fs::read(dir.path().join("ca.pem")).expect("read");
-        assert_eq!(generate(dir.path(), false).expect("again"), Generated::AlreadyPresent);
+        assert_eq!(
+            generate(dir.path(), false).expect("again"),
+            Generated::AlreadyPresent
+        );
         assert_eq!(fs::read(dir.path().join("ca.pem")).expect("read"), before);
-        assert_eq!(generate(dir.path(), true).expect("forced"), Generated::Created);
+        assert_eq!(
+            generate(dir.path(), true).expect("forced"),
+            Generated::Created
+        );
         assert_ne!(fs::read(dir.path().join("ca.pem")).expect("read"), before);
     }
 
@@ -319,7 +347,9 @@ mod tests {
         generate(dir.path(), false).expect("generate");
         fs::remove_file(dir.path().join("client.key")).expect("rm");
         let err = generate(dir.path(), false).expect_err("partial");
-        assert!(err.to_string().contains("client.key missing") || err.to_string().contains("missing"));
+        assert!(
+            err.to_string().contains("client.key missing") || err.to_string().contains("missing")
+        );
         assert!(err.to_string().contains("client.key"), "{err}");
     }
 }

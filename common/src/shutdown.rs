@@ -101,7 +101,10 @@ mod tests {
         let serve = std::future::pending::<Result<(), ()>>();
         let outcome = serve_until(serve, stop.clone(), async {}, Duration::from_secs(30)).await;
         assert_eq!(outcome, Ok(Drained::GraceElapsed));
-        assert!(stop.is_cancelled(), "the server must be told to stop accepting");
+        assert!(
+            stop.is_cancelled(),
+            "the server must be told to stop accepting"
+        );
     }
 
     #[tokio::test]

@@ -1,5 +1,7 @@
 //! Log set-up for both services.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// Installs the global `tracing` subscriber, writing human-readable lines to standard error.
@@ -16,6 +18,7 @@ pub fn init(filter: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
     if let Some(e) = bad {
         tracing::warn!(error = %e, "invalid RUST_LOG directive; logging at info");

@@ -84,13 +84,57 @@ impl TlsFiles {
     }
 }
 
+/// The TLS settings both services take: where the files are and how strict to be.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct TlsArgs {
+    /// Directory with the PEM files under the original's names: `ca.pem`, and `server.pem` and
+    /// `server.key` (recommendations) or `client.pem` and `client.key` (marketplace).
+    #[arg(long, env = "CERTS_DIR", default_value = "certs/dev")]
+    pub certs_dir: PathBuf,
+    /// `mutual` (both sides authenticated), `server` (only the server is), or `off` (plaintext).
+    #[arg(long, env = "TLS_MODE", value_enum, default_value_t = TlsMode::Mutual)]
+    pub tls_mode: TlsMode,
+    /// CA bundle to verify the peer with, instead of `CERTS_DIR/ca.pem`.
+    #[arg(long, env = "TLS_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// This service's certificate chain, instead of the one in `CERTS_DIR`.
+    #[arg(long, env = "TLS_CERT_FILE")]
+    pub cert_file: Option<PathBuf>,
+    /// This service's private key, instead of the one in `CERTS_DIR`.
+    #[arg(long, env = "TLS_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// Settings for the PEM files in `certs_dir`, in mode `tls_mode`, with no per-file overrides.
+    pub fn new(certs_dir: impl Into<PathBuf>, tls_mode: TlsMode) -> Self {
+        TlsArgs {
+            certs_dir: certs_dir.into(),
+            tls_mode,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+        }
+    }
+
+    /// The files to use: each override, or else the original's name in `certs_dir`.
+    pub fn files(&self, role: Role) -> TlsFiles {
+        let defaults = TlsFiles::in_dir(&self.certs_dir, role);
+        TlsFiles {
+            ca: self.ca_file.clone().unwrap_or(defaults.ca),
+            cert: self.cert_file.clone().unwrap_or(defaults.cert),
+            key: self.key_file.clone().unwrap_or(defaults.key),
+        }
+    }
+}
+
 /// A problem with a TLS file. Every message names the file; none contains key material.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("{}: cannot read: {source}", path.display())]
+    #[error("{}: cannot read: {cause}", path.display())]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{}: no PEM certificate found (expected a `-----BEGIN CERTIFICATE-----` block)", path.display())]
     NoCertificate { path: PathBuf },
@@ -110,9 +154,9 @@ pub enum TlsError {
 
 /// Reads `path`, naming it in the error.
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
+    std::fs::read(path).map_err(|cause| TlsError::Read {
         path: path.to_owned(),
-        source,
+        cause,
     })
 }
 
@@ -232,7 +276,10 @@ mod tests {
     fn a_missing_file_is_named() {
         let err = load_ca(Path::new("/nonexistent/ca.pem")).expect_err("must fail");
         assert!(matches!(err, TlsError::Read { .. }));
-        assert!(err.to_string().starts_with("/nonexistent/ca.pem: cannot read"));
+        assert!(
+            err.to_string()
+                .starts_with("/nonexistent/ca.pem: cannot read")
+        );
     }
 
     #[test]
@@ -293,6 +340,9 @@ mod tests {
         let err = load_identity(&c, &k).expect_err("must fail");
         assert!(matches!(err, TlsError::NoKey { .. }), "{err}");
         let body_line = cert.lines().nth(1).expect("a PEM body line");
-        assert!(!err.to_string().contains(body_line), "the file's contents leaked: {err}");
+        assert!(
+            !err.to_string().contains(body_line),
+            "the file's contents leaked: {err}"
+        );
     }
 }

@@ -1,1 +1,10 @@
-pub fn x(){}
+//! The recommendations service: book recommendations by category over gRPC.
+//!
+//! `catalog` is the domain, `grpc` the transport adapter, `error` where the two meet the wire,
+//! `config` the settings and `startup` the wiring. The binary is a thin `main` over `startup`.
+
+pub mod catalog;
+pub mod config;
+pub mod error;
+pub mod grpc;
+pub mod startup;

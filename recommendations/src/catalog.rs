@@ -1,0 +1,441 @@
+//! The domain: categories, books, the catalog and how recommendations are drawn from it.
+//! Nothing here knows about gRPC or protobuf.
+
+use std::{collections::HashSet, fmt, path::Path};
+
+use rand::Rng;
+use serde::Deserialize;
+
+/// A book category. The variants are the ones the wire contract knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Category {
+    Mystery,
+    ScienceFiction,
+    SelfHelp,
+}
+
+impl Category {
+    /// Every category, in wire order.
+    pub const ALL: [Category; 3] = [
+        Category::Mystery,
+        Category::ScienceFiction,
+        Category::SelfHelp,
+    ];
+
+    fn index(self) -> usize {
+        match self {
+            Category::Mystery => 0,
+            Category::ScienceFiction => 1,
+            Category::SelfHelp => 2,
+        }
+    }
+}
+
+/// A book that can be recommended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Book {
+    pub id: i32,
+    pub title: String,
+}
+
+/// The most recommendations one request may ask for. Replies stay small whatever the catalog size.
+pub const MAX_RESULTS_LIMIT: usize = 1000;
+
+/// The longest title the catalog accepts, in characters.
+pub const MAX_TITLE_CHARS: usize = 500;
+
+/// Why a catalog is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CatalogError {
+    #[error("the catalog has no books")]
+    Empty,
+    #[error("book id {0} must be positive")]
+    BadId(i32),
+    #[error("book id {0} appears more than once")]
+    DuplicateId(i32),
+    #[error("book id {id}: {problem}")]
+    BadTitle { id: i32, problem: &'static str },
+}
+
+/// The books, grouped by category so a request touches only its own category.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    by_category: [Vec<Book>; 3],
+}
+
+impl Catalog {
+    /// The original tutorial's nine books.
+    pub fn builtin() -> Self {
+        let books = [
+            (1, Category::Mystery, "The Maltese Falcon"),
+            (2, Category::Mystery, "Murder on the Orient Express"),
+            (3, Category::Mystery, "The Hound of the Baskervilles"),
+            (
+                4,
+                Category::ScienceFiction,
+                "The Hitchhiker's Guide To The Galaxy",
+            ),
+            (5, Category::ScienceFiction, "Ender's Game"),
+            (6, Category::ScienceFiction, "The Dune Chronicles"),
+            (
+                7,
+                Category::SelfHelp,
+                "The 7 Habits of Highly Effective People",
+            ),
+            (
+                8,
+                Category::SelfHelp,
+                "How to Win Friends and Influence People",
+            ),
+            (9, Category::SelfHelp, "Man's Search for Meaning"),
+        ];
+        let entries = books.map(|(id, category, title)| {
+            (
+                category,
+                Book {
+                    id,
+                    title: title.to_owned(),
+                },
+            )
+        });
+        match Catalog::new(entries) {
+            Ok(catalog) => catalog,
+            // The table above is fixed and valid; the unit tests load it.
+            Err(e) => unreachable!("built-in catalog is invalid: {e}"),
+        }
+    }
+
+    /// Builds a catalog, checking every book: ids positive and unique, titles non-empty, at most
+    /// [`MAX_TITLE_CHARS`] characters and free of control characters.
+    pub fn new(books: impl IntoIterator<Item = (Category, Book)>) -> Result<Self, CatalogError> {
+        let mut by_category: [Vec<Book>; 3] = Default::default();
+        let mut ids = HashSet::new();
+        for (category, book) in books {
+            if book.id <= 0 {
+                return Err(CatalogError::BadId(book.id));
+            }
+            if !ids.insert(book.id) {
+                return Err(CatalogError::DuplicateId(book.id));
+            }
+            let problem = if book.title.trim().is_empty() {
+                Some("title must not be empty")
+            } else if book.title.chars().count() > MAX_TITLE_CHARS {
+                Some("title is longer than 500 characters")
+            } else if book.title.chars().any(char::is_control) {
+                Some("title must not contain control characters")
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                return Err(CatalogError::BadTitle {
+                    id: book.id,
+                    problem,
+                });
+            }
+            by_category[category.index()].push(book);
+        }
+        if ids.is_empty() {
+            return Err(CatalogError::Empty);
+        }
+        Ok(Catalog { by_category })
+    }
+
+    /// How many books there are in `category`.
+    pub fn len(&self, category: Category) -> usize {
+        self.by_category[category.index()].len()
+    }
+
+    /// Up to `max_results` distinct books of `category`, a uniform random sample in random
+    /// order. The cost is O(`max_results`), not O(books in the category).
+    pub fn recommend(
+        &self,
+        category: Category,
+        max_results: MaxResults,
+        rng: &mut impl Rng,
+    ) -> Result<Vec<Book>, CategoryNotFound> {
+        let books = &self.by_category[category.index()];
+        if books.is_empty() {
+            return Err(CategoryNotFound);
+        }
+        let k = max_results.get().min(books.len());
+        Ok(rand::seq::index::sample(rng, books.len(), k)
+            .into_iter()
+            .map(|i| books[i].clone())
+            .collect())
+    }
+}
+
+/// The category has no books.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CategoryNotFound;
+
+/// A validated `max_results`: between 0 and [`MAX_RESULTS_LIMIT`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxResults(usize);
+
+impl MaxResults {
+    pub fn get(self) -> usize {
+        self.0
+    }
+}
+
+impl TryFrom<i32> for MaxResults {
+    type Error = OutOfRange;
+
+    fn try_from(value: i32) -> Result<Self, Self::Error> {
+        usize::try_from(value)
+            .ok()
+            .filter(|v| *v <= MAX_RESULTS_LIMIT)
+            .map(MaxResults)
+            .ok_or(OutOfRange(value))
+    }
+}
+
+/// A `max_results` outside 0..=[`MAX_RESULTS_LIMIT`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutOfRange(pub i32);
+
+impl fmt::Display for OutOfRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "must be between 0 and {MAX_RESULTS_LIMIT}, got {}",
+            self.0
+        )
+    }
+}
+
+/// The catalog file format (JSON):
+///
+/// ```json
+/// { "books": [ { "id": 1, "category": "MYSTERY", "title": "The Maltese Falcon" } ] }
+/// ```
+///
+/// `category` is one of `MYSTERY`, `SCIENCE_FICTION`, `SELF_HELP`; unknown fields are refused so
+/// a typo is not silently ignored.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CatalogFile {
+    books: Vec<BookEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BookEntry {
+    id: i32,
+    category: Category,
+    title: String,
+}
+
+/// A catalog file that cannot be used; the message names the file and the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("catalog file {path}: cannot read: {cause}")]
+    Read { path: String, cause: std::io::Error },
+    #[error("catalog file {path}: invalid JSON: {cause}")]
+    Parse {
+        path: String,
+        cause: serde_json::Error,
+    },
+    #[error("catalog file {path}: {cause}")]
+    Invalid { path: String, cause: CatalogError },
+}
+
+impl Catalog {
+    /// Loads and validates a catalog file (see [`CatalogFile`] for the format).
+    pub fn load(path: &Path) -> Result<Self, LoadError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|cause| LoadError::Read {
+            path: shown.clone(),
+            cause,
+        })?;
+        Catalog::parse(&text).map_err(|e| match e {
+            ParseError::Json(cause) => LoadError::Parse { path: shown, cause },
+            ParseError::Invalid(cause) => LoadError::Invalid { path: shown, cause },
+        })
+    }
+
+    /// Parses and validates catalog JSON.
+    pub fn parse(json: &str) -> Result<Self, ParseError> {
+        let file: CatalogFile = serde_json::from_str(json).map_err(ParseError::Json)?;
+        Catalog::new(file.books.into_iter().map(|b| {
+            (
+                b.category,
+                Book {
+                    id: b.id,
+                    title: b.title,
+                },
+            )
+        }))
+        .map_err(ParseError::Invalid)
+    }
+}
+
+/// Why catalog JSON was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    #[error("invalid JSON: {0}")]
+    Json(serde_json::Error),
+    #[error(transparent)]
+    Invalid(CatalogError),
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{SeedableRng, rngs::StdRng};
+
+    use super::*;
+
+    fn max(n: i32) -> MaxResults {
+        MaxResults::try_from(n).expect("in range")
+    }
+
+    #[test]
+    fn the_builtin_catalog_has_the_originals_nine_books() {
+        let c = Catalog::builtin();
+        for category in Category::ALL {
+            assert_eq!(c.len(category), 3);
+        }
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut mystery: Vec<_> = c
+            .recommend(Category::Mystery, max(10), &mut rng)
+            .expect("books")
+            .into_iter()
+            .map(|b| (b.id, b.title))
+            .collect();
+        mystery.sort();
+        assert_eq!(
+            mystery,
+            vec![
+                (1, "The Maltese Falcon".to_owned()),
+                (2, "Murder on the Orient Express".to_owned()),
+                (3, "The Hound of the Baskervilles".to_owned()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_sample_is_min_of_max_results_and_books_distinct_and_in_category() {
+        let c = Catalog::builtin();
+        let mut rng = StdRng::seed_from_u64(7);
+        for n in 0..6 {
+            let books = c
+                .recommend(Category::SelfHelp, max(n), &mut rng)
+                .expect("books");
+            assert_eq!(books.len(), (n as usize).min(3));
+            let ids: HashSet<_> = books.iter().map(|b| b.id).collect();
+            assert_eq!(ids.len(), books.len(), "a book repeated");
+            assert!(ids.iter().all(|id| (7..=9).contains(id)));
+        }
+    }
+
+    #[test]
+    fn samples_vary_in_choice_and_order() {
+        let c = Catalog::builtin();
+        let mut rng = StdRng::seed_from_u64(42);
+        let seen: HashSet<Vec<i32>> = (0..200)
+            .map(|_| {
+                c.recommend(Category::Mystery, max(2), &mut rng)
+                    .expect("books")
+                    .iter()
+                    .map(|b| b.id)
+                    .collect()
+            })
+            .collect();
+        // 3 books taken 2 at a time in order: 6 permutations, all should turn up in 200 draws.
+        assert_eq!(seen.len(), 6, "{seen:?}");
+    }
+
+    #[test]
+    fn a_category_without_books_is_not_found() {
+        let c = Catalog::new([(
+            Category::Mystery,
+            Book {
+                id: 1,
+                title: "Only one".into(),
+            },
+        )])
+        .expect("valid");
+        let mut rng = StdRng::seed_from_u64(0);
+        assert_eq!(
+            c.recommend(Category::SelfHelp, max(1), &mut rng),
+            Err(CategoryNotFound)
+        );
+    }
+
+    #[test]
+    fn max_results_outside_its_range_is_refused() {
+        assert_eq!(MaxResults::try_from(-1), Err(OutOfRange(-1)));
+        assert_eq!(MaxResults::try_from(i32::MIN), Err(OutOfRange(i32::MIN)));
+        assert_eq!(MaxResults::try_from(1001), Err(OutOfRange(1001)));
+        assert_eq!(MaxResults::try_from(1000).map(MaxResults::get), Ok(1000));
+        assert_eq!(MaxResults::try_from(0).map(MaxResults::get), Ok(0));
+        assert_eq!(
+            OutOfRange(-1).to_string(),
+            "must be between 0 and 1000, got -1"
+        );
+    }
+
+    #[test]
+    fn catalog_json_parses() {
+        let c = Catalog::parse(
+            r#"{"books":[{"id":10,"category":"SCIENCE_FICTION","title":"Solaris"}]}"#,
+        )
+        .expect("valid");
+        assert_eq!(c.len(Category::ScienceFiction), 1);
+        assert_eq!(c.len(Category::Mystery), 0);
+    }
+
+    #[test]
+    fn bad_catalogs_are_refused_with_the_reason() {
+        let cases = [
+            (r#"{"books":[]}"#, "the catalog has no books"),
+            (
+                r#"{"books":[{"id":0,"category":"MYSTERY","title":"A"}]}"#,
+                "book id 0 must be positive",
+            ),
+            (
+                r#"{"books":[{"id":1,"category":"MYSTERY","title":"A"},{"id":1,"category":"SELF_HELP","title":"B"}]}"#,
+                "book id 1 appears more than once",
+            ),
+            (
+                r#"{"books":[{"id":1,"category":"MYSTERY","title":"  "}]}"#,
+                "book id 1: title must not be empty",
+            ),
+            (
+                r#"{"books":[{"id":1,"category":"MYSTERY","title":"a\u0000b"}]}"#,
+                "book id 1: title must not contain control characters",
+            ),
+            (
+                r#"{"books":[{"id":1,"category":"ROMANCE","title":"A"}]}"#,
+                "unknown variant `ROMANCE`",
+            ),
+            (
+                r#"{"books":[{"id":1,"category":"MYSTERY","titel":"A"}]}"#,
+                "unknown field `titel`",
+            ),
+            (r#"{"books":"#, "EOF while parsing"),
+        ];
+        for (json, want) in cases {
+            let err = Catalog::parse(json).expect_err(json).to_string();
+            assert!(err.contains(want), "{json}: got {err:?}, want {want:?}");
+        }
+        let long = "x".repeat(MAX_TITLE_CHARS + 1);
+        let err = Catalog::parse(&format!(
+            r#"{{"books":[{{"id":1,"category":"MYSTERY","title":"{long}"}}]}}"#
+        ))
+        .expect_err("too long");
+        assert!(err.to_string().contains("longer than 500"));
+    }
+
+    #[test]
+    fn a_missing_file_is_named_in_the_error() {
+        let err = Catalog::load(Path::new("/nonexistent/books.json")).expect_err("missing");
+        assert!(
+            err.to_string()
+                .starts_with("catalog file /nonexistent/books.json: cannot read"),
+            "{err}"
+        );
+    }
+}

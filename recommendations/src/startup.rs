@@ -1,0 +1,151 @@
+//! Building the server (catalog, TLS, services, listener) and running it until shutdown.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use bookstore_common::{
+    shutdown::{Drained, serve_until},
+    tls::{self, Role, TlsMode},
+};
+use bookstore_proto::recommendations_server::RecommendationsServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{
+    Server, ServerTlsConfig,
+    server::{Router, TcpIncoming},
+};
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::{catalog::Catalog, config::Config, grpc::RecommendationsService};
+
+/// Requests are a few bytes; anything much larger is not a real client.
+const MAX_REQUEST_BYTES: usize = 4 * 1024;
+
+/// A TLS handshake that takes longer than this is dropped, so idle sockets cannot pile up.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The gRPC service name, as the health service reports it (the proto has no package).
+pub const SERVICE_NAME: &str = "Recommendations";
+
+/// A bound, ready-to-run recommendations server.
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    health: HealthReporter,
+    grace: Duration,
+}
+
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application")
+            .field("local_addr", &self.listener.local_addr().ok())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Application {
+    /// Loads the catalog and TLS material and binds the listener. Every problem is reported
+    /// here, before anything is served.
+    pub async fn build(config: &Config) -> anyhow::Result<Self> {
+        let catalog = match &config.catalog_path {
+            Some(path) => {
+                let catalog = Catalog::load(path)?;
+                tracing::info!(path = %path.display(), "catalog loaded");
+                catalog
+            }
+            None => Catalog::builtin(),
+        };
+        let delay = config.artificial_delay();
+        if !delay.is_zero() {
+            tracing::warn!(
+                delay_ms = config.artificial_delay_ms,
+                "ARTIFICIAL_DELAY_MS is set: every Recommend answer is delayed (fault injection)"
+            );
+        }
+
+        let mode = config.tls.tls_mode;
+        mode.warn_if_weak();
+        let mut server = Server::builder();
+        if mode != TlsMode::Off {
+            let files = config.tls.files(Role::Server);
+            let mut tls = ServerTlsConfig::new()
+                .identity(tls::load_identity(&files.cert, &files.key)?)
+                .timeout(TLS_HANDSHAKE_TIMEOUT);
+            if mode == TlsMode::Mutual {
+                tls = tls.client_ca_root(tls::load_ca(&files.ca)?);
+            }
+            server = server.tls_config(tls).context("cannot configure TLS")?;
+        }
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_service_status(SERVICE_NAME, ServingStatus::Serving)
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(bookstore_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("cannot build the reflection service")?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(bookstore_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .context("cannot build the reflection service")?;
+        let recommendations =
+            RecommendationsServer::new(RecommendationsService::new(Arc::new(catalog), delay))
+                .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let router = server
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(reflection_v1alpha)
+            .add_service(recommendations);
+
+        let listener = TcpListener::bind(config.listen_addr)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
+        Ok(Application {
+            listener,
+            router,
+            health,
+            grace: config.shutdown_grace(),
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        // A bound TcpListener always has a local address.
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Serves until `shutdown` completes, then reports NOT_SERVING, stops accepting connections
+    /// and gives in-flight calls the grace period to finish.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<Drained> {
+        let addr = self.local_addr();
+        let stop = CancellationToken::new();
+        let health = self.health;
+        let stopping = {
+            let stop = stop.clone();
+            async move {
+                stop.cancelled().await;
+                health
+                    .set_service_status("", ServingStatus::NotServing)
+                    .await;
+                health
+                    .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+                    .await;
+            }
+        };
+        let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
+        tracing::info!(%addr, "recommendations listening");
+        let serve = self.router.serve_with_incoming_shutdown(incoming, stopping);
+        let drained = serve_until(serve, stop, shutdown, self.grace)
+            .await
+            .context("gRPC server failed")?;
+        Ok(drained)
+    }
+}
