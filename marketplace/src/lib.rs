@@ -1,1 +1,12 @@
-pub fn x() {}
+//! The marketplace: a web page and a JSON API of book recommendations, fetched from the
+//! recommendations service over mutual-TLS gRPC.
+//!
+//! `books` is the domain, `source` the gRPC client adapter behind a trait, `routes` the HTTP
+//! surface, `error` where errors meet HTTP, `config` the settings and `startup` the wiring.
+
+pub mod books;
+pub mod config;
+pub mod error;
+pub mod routes;
+pub mod source;
+pub mod startup;

@@ -1,0 +1,137 @@
+//! The one place where the marketplace's errors meet HTTP: each error knows its status, and is
+//! shown as a page to browsers and as JSON to API callers. No internal detail reaches either.
+
+use askama::Template;
+use axum::{
+    Json,
+    http::{HeaderValue, StatusCode, header},
+    response::{Html, IntoResponse, Response},
+};
+use serde_json::json;
+
+use crate::{
+    routes::templates::{ErrorPage, NavLink},
+    source::SourceError,
+};
+
+/// Seconds a client is asked to wait before retrying when recommendations are unavailable.
+const RETRY_AFTER_SECS: &str = "5";
+
+/// What can go wrong with a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AppError {
+    /// A query value is invalid; the message says which and why.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The category has no books.
+    #[error("no books in this category")]
+    NoBooks,
+    /// The recommendations service is down, slow or failing.
+    #[error("recommendations are unavailable right now; please try again in a moment")]
+    Unavailable,
+    /// No such page.
+    #[error("there is no page at this address")]
+    NotFound,
+    /// A bug on our side (a template that failed to render).
+    #[error("something went wrong on our side")]
+    Internal,
+}
+
+impl From<SourceError> for AppError {
+    fn from(e: SourceError) -> Self {
+        match e {
+            SourceError::NoBooks => AppError::NoBooks,
+            SourceError::Timeout(_) | SourceError::Unavailable(_) => AppError::Unavailable,
+        }
+    }
+}
+
+impl AppError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AppError::NoBooks | AppError::NotFound => StatusCode::NOT_FOUND,
+            AppError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A short machine-readable name for the JSON body.
+    fn code(&self) -> &'static str {
+        match self {
+            AppError::BadRequest(_) => "invalid_argument",
+            AppError::NoBooks => "category_not_found",
+            AppError::Unavailable => "unavailable",
+            AppError::NotFound => "not_found",
+            AppError::Internal => "internal",
+        }
+    }
+
+    fn heading(&self) -> &'static str {
+        match self {
+            AppError::BadRequest(_) => "That request did not make sense",
+            AppError::NoBooks => "No books here yet",
+            AppError::Unavailable => "Recommendations are unavailable",
+            AppError::NotFound => "Page not found",
+            AppError::Internal => "Something went wrong",
+        }
+    }
+
+    fn with_retry_after(&self, mut response: Response) -> Response {
+        if *self == AppError::Unavailable {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECS),
+            );
+        }
+        response
+    }
+}
+
+/// An error shown as an HTML page.
+#[derive(Debug)]
+pub struct HtmlError(pub AppError);
+
+impl<E: Into<AppError>> From<E> for HtmlError {
+    fn from(e: E) -> Self {
+        HtmlError(e.into())
+    }
+}
+
+impl IntoResponse for HtmlError {
+    fn into_response(self) -> Response {
+        let e = self.0;
+        let page = ErrorPage {
+            heading: e.heading(),
+            message: e.to_string(),
+            nav: NavLink::all(None),
+        };
+        let response = match page.render() {
+            Ok(html) => (e.status(), Html(html)).into_response(),
+            Err(render) => {
+                tracing::error!(error = %render, "error page failed to render");
+                (e.status(), e.to_string()).into_response()
+            }
+        };
+        e.with_retry_after(response)
+    }
+}
+
+/// An error shown as JSON: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Debug)]
+pub struct JsonError(pub AppError);
+
+impl<E: Into<AppError>> From<E> for JsonError {
+    fn from(e: E) -> Self {
+        JsonError(e.into())
+    }
+}
+
+impl IntoResponse for JsonError {
+    fn into_response(self) -> Response {
+        let e = self.0;
+        let body = json!({ "error": { "code": e.code(), "message": e.to_string() } });
+        let response = (e.status(), Json(body)).into_response();
+        e.with_retry_after(response)
+    }
+}

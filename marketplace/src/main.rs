@@ -1,0 +1,27 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use marketplace::{config::Config, startup::Application};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = Config::parse();
+    bookstore_common::telemetry::init(&config.log_filter);
+    let app = match Application::build(&config).await {
+        Ok(app) => app,
+        Err(e) => {
+            tracing::error!("cannot start: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match app
+        .run_until_stopped(bookstore_common::shutdown::signal())
+        .await
+    {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

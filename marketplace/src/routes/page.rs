@@ -1,0 +1,41 @@
+//! `GET /`: the recommendations page.
+
+use askama::Template;
+use axum::{
+    extract::{RawQuery, State},
+    response::Html,
+};
+
+use super::{
+    AppState, query,
+    templates::{NavLink, RecommendationsPage},
+};
+use crate::{
+    error::{AppError, HtmlError},
+    source::SourceError,
+};
+
+/// Recommendations in one category (mystery by default, three books for user 1, as in the
+/// original). A category with no books is an ordinary page saying so, not an error.
+pub async fn recommendations(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+) -> Result<Html<String>, HtmlError> {
+    let query = query::parse(raw.as_deref()).map_err(AppError::BadRequest)?;
+    let books = match state.source.recommend(&query).await {
+        Ok(books) => books,
+        Err(SourceError::NoBooks) => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    let page = RecommendationsPage {
+        heading: format!("{} books you may like", query.category.label()),
+        label: query.category.label(),
+        books,
+        nav: NavLink::all(Some(query.category)),
+    };
+    let html = page.render().map_err(|e| {
+        tracing::error!(error = %e, "page failed to render");
+        AppError::Internal
+    })?;
+    Ok(Html(html))
+}

@@ -1,0 +1,136 @@
+//! Reading the query string of `/` and `/api/recommendations` into a checked query.
+
+use crate::books::{Category, MAX_RESULTS_LIMIT, RecommendationQuery};
+
+/// Parses `category`, `max_results` and `user_id`; each is optional and defaults to the
+/// original's page (mystery, 3, user 1). Unknown parameters are ignored (links carry tracking
+/// tags); a parameter given twice is an error rather than a guess at which one was meant.
+pub fn parse(raw: Option<&str>) -> Result<RecommendationQuery, String> {
+    let mut query = RecommendationQuery::default();
+    let mut seen: Vec<String> = Vec::new();
+    for (key, value) in form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
+        let known = matches!(key.as_ref(), "category" | "max_results" | "user_id");
+        if !known {
+            continue;
+        }
+        if seen.iter().any(|k| *k == key) {
+            return Err(format!("query parameter {key} is given more than once"));
+        }
+        seen.push(key.to_string());
+        match key.as_ref() {
+            "category" => {
+                query.category = Category::from_slug(&value).ok_or_else(|| {
+                    format!(
+                        "unknown category {:?}; expected one of {}",
+                        shorten(&value),
+                        Category::ALL.map(Category::slug).join(", ")
+                    )
+                })?;
+            }
+            "max_results" => {
+                query.max_results = parse_int(&value, "max_results", 0, MAX_RESULTS_LIMIT)?;
+            }
+            _ => query.user_id = parse_int(&value, "user_id", 0, i32::MAX)?,
+        }
+    }
+    Ok(query)
+}
+
+fn parse_int(value: &str, name: &str, min: i32, max: i32) -> Result<i32, String> {
+    value
+        .trim()
+        .parse::<i64>()
+        .ok()
+        .filter(|v| (i64::from(min)..=i64::from(max)).contains(v))
+        .and_then(|v| i32::try_from(v).ok())
+        .ok_or_else(|| {
+            format!(
+                "{name} must be a whole number from {min} to {max}, got {:?}",
+                shorten(value)
+            )
+        })
+}
+
+/// Echoes at most 40 characters of a bad value back, so an error stays readable.
+fn shorten(value: &str) -> String {
+    match value.char_indices().nth(40) {
+        Some((cut, _)) => format!("{}…", &value[..cut]),
+        None => value.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_query_is_the_originals_page() {
+        assert_eq!(parse(None), Ok(RecommendationQuery::default()));
+        assert_eq!(parse(Some("")), Ok(RecommendationQuery::default()));
+    }
+
+    #[test]
+    fn every_field_is_read() {
+        let q = parse(Some(
+            "category=self_help&max_results=7&user_id=42&utm_source=x",
+        ))
+        .expect("valid");
+        assert_eq!(
+            q,
+            RecommendationQuery {
+                user_id: 42,
+                category: Category::SelfHelp,
+                max_results: 7
+            }
+        );
+    }
+
+    #[test]
+    fn bad_values_are_explained() {
+        let cases = [
+            (
+                "category=romance",
+                "unknown category \"romance\"; expected one of mystery, science_fiction, self_help",
+            ),
+            (
+                "max_results=-1",
+                "max_results must be a whole number from 0 to 100, got \"-1\"",
+            ),
+            (
+                "max_results=101",
+                "max_results must be a whole number from 0 to 100, got \"101\"",
+            ),
+            (
+                "max_results=3.5",
+                "max_results must be a whole number from 0 to 100, got \"3.5\"",
+            ),
+            (
+                "max_results=",
+                "max_results must be a whole number from 0 to 100, got \"\"",
+            ),
+            (
+                "user_id=abc",
+                "user_id must be a whole number from 0 to 2147483647, got \"abc\"",
+            ),
+            (
+                "user_id=99999999999999999999",
+                "user_id must be a whole number",
+            ),
+            (
+                "category=mystery&category=self_help",
+                "query parameter category is given more than once",
+            ),
+        ];
+        for (raw, want) in cases {
+            let err = parse(Some(raw)).expect_err(raw);
+            assert!(err.starts_with(want), "{raw}: {err}");
+        }
+    }
+
+    #[test]
+    fn long_bad_values_are_cut_short() {
+        let long = "x".repeat(5000);
+        let err = parse(Some(&format!("category={long}"))).expect_err("bad");
+        assert!(err.len() < 200, "{err}");
+    }
+}

@@ -1,0 +1,107 @@
+//! Building the app (gRPC channel, router, listener) and running it until shutdown.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use axum::Router;
+use bookstore_common::{
+    shutdown::{Drained, serve_until},
+    tls::{self, Role, TlsMode},
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
+use crate::{config::Config, routes, source::GrpcSource};
+
+/// How often an idle connection to recommendations is checked, so a dead peer is noticed
+/// before a request needs it.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A bound, ready-to-run marketplace.
+#[derive(Debug)]
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    grace: Duration,
+}
+
+/// The one channel to recommendations, shared by every request. It connects on first use, so
+/// the marketplace starts even while recommendations is still down, and reconnects by itself.
+pub fn recommendations_channel(config: &Config) -> anyhow::Result<Channel> {
+    let mode = config.tls.tls_mode;
+    let scheme = if mode == TlsMode::Off {
+        "http"
+    } else {
+        "https"
+    };
+    let host = &config.recommendations_host;
+    let host = if host.contains(':') {
+        format!("[{host}]") // an IPv6 literal
+    } else {
+        host.clone()
+    };
+    let uri = format!("{scheme}://{host}:{}", config.recommendations_port);
+    let mut endpoint = Endpoint::from_shared(uri.clone())
+        .with_context(|| format!("invalid recommendations address {uri}"))?
+        .connect_timeout(config.recommendations_timeout())
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+    if mode != TlsMode::Off {
+        let files = config.tls.files(Role::Client);
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(tls::load_ca(&files.ca)?)
+            .domain_name(config.recommendations_tls_name());
+        if mode == TlsMode::Mutual {
+            tls = tls.identity(tls::load_identity(&files.cert, &files.key)?);
+        }
+        endpoint = endpoint.tls_config(tls).context("cannot configure TLS")?;
+    }
+    tracing::info!(%uri, tls_mode = %mode, tls_name = config.recommendations_tls_name(), "recommendations endpoint");
+    Ok(endpoint.connect_lazy())
+}
+
+impl Application {
+    /// Loads TLS material, prepares the channel and binds the listener. Every problem is
+    /// reported here, before anything is served.
+    pub async fn build(config: &Config) -> anyhow::Result<Self> {
+        config.tls.tls_mode.warn_if_weak();
+        let channel = recommendations_channel(config)?;
+        let source = GrpcSource::new(channel, config.recommendations_timeout());
+        let router = routes::router(Arc::new(source));
+        let listener = TcpListener::bind(config.listen_addr)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
+        Ok(Application {
+            listener,
+            router,
+            grace: config.shutdown_grace(),
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting connections and gives in-flight
+    /// requests the grace period to finish.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<Drained> {
+        tracing::info!(addr = %self.local_addr(), "marketplace listening");
+        let stop = CancellationToken::new();
+        let serve = axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(stop.clone().cancelled_owned())
+            .into_future();
+        let drained = serve_until(serve, stop, shutdown, self.grace)
+            .await
+            .context("HTTP server failed")?;
+        Ok(drained)
+    }
+}
