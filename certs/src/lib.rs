@@ -202,20 +202,47 @@ pub fn generate(dir: &Path, force: bool) -> Result<Generated> {
                 .join(", ")
         );
     }
-    fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-
-    let ca = Authority::new("Bookstore development CA")?;
-    let server = ca.issue("recommendations", SERVER_NAMES, Usage::Server)?;
-    let client = ca.issue(CLIENT_NAME, &[CLIENT_NAME], Usage::Client)?;
-    for (stem, issued) in [
-        ("ca", ca.issued()),
-        ("server", &server),
-        ("client", &client),
-    ] {
-        write_file(&dir.join(format!("{stem}.pem")), &issued.cert_pem, 0o644)?;
-        write_file(&dir.join(format!("{stem}.key")), &issued.key_pem, 0o600)?;
-    }
+    DevPki::new()?.write(dir)?;
     Ok(Generated::Created)
+}
+
+/// A complete development PKI in memory: the CA (which can issue more) and the two service
+/// certificates.
+#[derive(Debug)]
+pub struct DevPki {
+    pub ca: Authority,
+    pub server: Issued,
+    pub client: Issued,
+}
+
+impl DevPki {
+    /// A new CA, the recommendations server certificate for [`SERVER_NAMES`] and the marketplace
+    /// client certificate for [`CLIENT_NAME`].
+    pub fn new() -> Result<Self> {
+        let ca = Authority::new("Bookstore development CA")?;
+        let server = ca.issue("recommendations", SERVER_NAMES, Usage::Server)?;
+        let client = ca.issue(CLIENT_NAME, &[CLIENT_NAME], Usage::Client)?;
+        Ok(DevPki { ca, server, client })
+    }
+
+    /// Writes the six files of [`FILES`] into `dir` (created if needed), overwriting.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+        for (stem, issued) in [
+            ("ca", self.ca.issued()),
+            ("server", &self.server),
+            ("client", &self.client),
+        ] {
+            write_issued(dir, stem, issued)?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes `issued` as `<stem>.pem` and `<stem>.key` (mode 0600) in `dir`.
+pub fn write_issued(dir: &Path, stem: &str, issued: &Issued) -> Result<()> {
+    write_file(&dir.join(format!("{stem}.pem")), &issued.cert_pem, 0o644)?;
+    write_file(&dir.join(format!("{stem}.key")), &issued.key_pem, 0o600)
 }
 
 /// Writes `contents` to `path` through a temporary file and a rename, so a reader never sees a

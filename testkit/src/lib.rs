@@ -1,0 +1,212 @@
+//! Helpers for the bookstore's tests: a throwaway PKI on disk, each service started in-process
+//! on port 0 through its real `startup` path, and gRPC clients with chosen TLS identities.
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use bookstore_certs::{DevPki, Issued};
+use bookstore_common::{
+    shutdown::Drained,
+    tls::{TlsArgs, TlsMode},
+};
+use bookstore_proto::recommendations_client::RecommendationsClient;
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// A development PKI written to a temporary directory, removed on drop.
+#[derive(Debug)]
+pub struct TestPki {
+    dir: tempfile::TempDir,
+    pub pki: DevPki,
+}
+
+impl TestPki {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = DevPki::new().expect("PKI");
+        pki.write(dir.path()).expect("write PKI");
+        TestPki { dir, pki }
+    }
+
+    /// The directory, to use as `CERTS_DIR`.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes an extra certificate and key as `<stem>.pem` and `<stem>.key`; returns both paths.
+    pub fn write(&self, stem: &str, issued: &Issued) -> (PathBuf, PathBuf) {
+        bookstore_certs::write_issued(self.dir(), stem, issued).expect("write");
+        (
+            self.dir().join(format!("{stem}.pem")),
+            self.dir().join(format!("{stem}.key")),
+        )
+    }
+
+    /// The marketplace's identity: what a legitimate client presents.
+    pub fn client_identity(&self) -> Identity {
+        identity(&self.pki.client)
+    }
+
+    pub fn ca_certificate(&self) -> Certificate {
+        Certificate::from_pem(&self.pki.ca.issued().cert_pem)
+    }
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        TestPki::new()
+    }
+}
+
+pub fn identity(issued: &Issued) -> Identity {
+    Identity::from_pem(&issued.cert_pem, &issued.key_pem)
+}
+
+/// A recommendations config for tests: loopback, port 0, mutual TLS from `certs_dir`.
+pub fn recommendations_config(certs_dir: &Path) -> recommendations::config::Config {
+    recommendations::config::Config {
+        listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        shutdown_grace_secs: 5,
+        catalog_path: None,
+        artificial_delay_ms: 0,
+        log_filter: "info".into(),
+        tls: TlsArgs::new(certs_dir, TlsMode::Mutual),
+    }
+}
+
+/// A marketplace config for tests: loopback, port 0, mutual TLS to `recommendations`.
+pub fn marketplace_config(
+    certs_dir: &Path,
+    recommendations: SocketAddr,
+) -> marketplace::config::Config {
+    marketplace::config::Config {
+        listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        recommendations_host: recommendations.ip().to_string(),
+        recommendations_port: recommendations.port(),
+        recommendations_tls_name: Some("localhost".into()),
+        recommendations_timeout_ms: 1000,
+        shutdown_grace_secs: 5,
+        log_filter: "info".into(),
+        tls: TlsArgs::new(certs_dir, TlsMode::Mutual),
+    }
+}
+
+/// A service running in this process; dropping it triggers its shutdown.
+#[derive(Debug)]
+pub struct Running {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Drained>,
+}
+
+impl Running {
+    /// Sends the shutdown signal and waits for the drain to end.
+    pub async fn stop(mut self) -> Drained {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await.expect("server task")
+    }
+
+    /// Sends the shutdown signal without waiting.
+    pub fn signal(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Waits for the server to finish after [`Running::signal`].
+    pub async fn finished(mut self) -> Drained {
+        (&mut self.task).await.expect("server task")
+    }
+}
+
+fn spawn<F>(addr: SocketAddr, run: impl FnOnce(oneshot::Receiver<()>) -> F) -> Running
+where
+    F: std::future::Future<Output = anyhow::Result<Drained>> + Send + 'static,
+{
+    let (stop, rx) = oneshot::channel();
+    let fut = run(rx);
+    let task = tokio::spawn(async move {
+        match fut.await {
+            Ok(drained) => drained,
+            Err(e) => panic!("server failed: {e:#}"),
+        }
+    });
+    Running {
+        addr,
+        stop: Some(stop),
+        task,
+    }
+}
+
+/// Starts recommendations through its real `Application::build` and `run_until_stopped`.
+pub async fn spawn_recommendations(config: &recommendations::config::Config) -> Running {
+    let app = recommendations::startup::Application::build(config)
+        .await
+        .expect("recommendations starts");
+    let addr = app.local_addr();
+    spawn(addr, move |rx| async move {
+        app.run_until_stopped(async {
+            let _ = rx.await;
+        })
+        .await
+    })
+}
+
+/// Starts the marketplace through its real `Application::build` and `run_until_stopped`.
+pub async fn spawn_marketplace(config: &marketplace::config::Config) -> Running {
+    let app = marketplace::startup::Application::build(config)
+        .await
+        .expect("marketplace starts");
+    let addr = app.local_addr();
+    spawn(addr, move |rx| async move {
+        app.run_until_stopped(async {
+            let _ = rx.await;
+        })
+        .await
+    })
+}
+
+/// A gRPC client to `addr` over TLS, checking the server's certificate for `server_name` against
+/// `ca`, presenting `identity` if given. It connects on first call.
+pub fn grpc_client(
+    addr: SocketAddr,
+    ca: Certificate,
+    identity: Option<Identity>,
+    server_name: &str,
+) -> RecommendationsClient<Channel> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(ca)
+        .domain_name(server_name);
+    if let Some(id) = identity {
+        tls = tls.identity(id);
+    }
+    let channel = Endpoint::from_shared(format!("https://{addr}"))
+        .expect("uri")
+        .tls_config(tls)
+        .expect("tls")
+        .connect_lazy();
+    RecommendationsClient::new(channel)
+}
+
+/// The marketplace's own client: the dev CA, the marketplace identity, name `localhost`.
+pub fn trusted_client(addr: SocketAddr, pki: &TestPki) -> RecommendationsClient<Channel> {
+    grpc_client(
+        addr,
+        pki.ca_certificate(),
+        Some(pki.client_identity()),
+        "localhost",
+    )
+}
+
+/// A plaintext gRPC client (for `TLS_MODE=off`).
+pub fn plaintext_client(addr: SocketAddr) -> RecommendationsClient<Channel> {
+    let channel = Endpoint::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect_lazy();
+    RecommendationsClient::new(channel)
+}
