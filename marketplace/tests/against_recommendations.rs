@@ -1,0 +1,114 @@
+//! The marketplace and a real recommendations service, both in this process, talking mutual-TLS
+//! gRPC over loopback; pages fetched over real HTTP.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use bookstore_testkit::{
+    TestPki, marketplace_config, recommendations_config, spawn_marketplace, spawn_recommendations,
+};
+
+async fn fetch(addr: SocketAddr, path: &str) -> (u16, String) {
+    let response = reqwest::get(format!("http://{addr}{path}"))
+        .await
+        .expect("HTTP request");
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("body"))
+}
+
+/// A loopback address with nothing listening on it (the port was just free).
+fn vacant_addr() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr")
+}
+
+#[tokio::test]
+async fn the_page_shows_three_mystery_books_fetched_over_mutual_tls() {
+    let pki = TestPki::new();
+    let recommendations = spawn_recommendations(&recommendations_config(pki.dir())).await;
+    let marketplace = spawn_marketplace(&marketplace_config(pki.dir(), recommendations.addr)).await;
+
+    let (status, body) = fetch(marketplace.addr, "/").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("<title>Online Books For You</title>"));
+    assert_eq!(body.matches("<li>").count(), 3, "{body}");
+    for title in [
+        "The Maltese Falcon",
+        "Murder on the Orient Express",
+        "The Hound of the Baskervilles",
+    ] {
+        assert!(body.contains(title), "{title} missing");
+    }
+
+    let (status, body) = fetch(
+        marketplace.addr,
+        "/api/recommendations?category=self_help&max_results=1",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let json: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(json["recommendations"].as_array().map(Vec::len), Some(1));
+}
+
+#[tokio::test]
+async fn a_slow_backend_gets_the_503_page_within_the_deadline() {
+    let pki = TestPki::new();
+    let mut slow = recommendations_config(pki.dir());
+    slow.artificial_delay_ms = 10_000;
+    let recommendations = spawn_recommendations(&slow).await;
+    let mut config = marketplace_config(pki.dir(), recommendations.addr);
+    config.recommendations_timeout_ms = 300;
+    let marketplace = spawn_marketplace(&config).await;
+
+    let started = Instant::now();
+    let (status, body) = fetch(marketplace.addr, "/").await;
+    let elapsed = started.elapsed();
+    assert_eq!(status, 503);
+    assert!(body.contains("Recommendations are unavailable"));
+    // 300 ms deadline against a 10 s delay: the page must not wait for the backend.
+    assert!(elapsed < Duration::from_secs(3), "took {elapsed:?}");
+}
+
+#[tokio::test]
+async fn the_marketplace_starts_without_its_backend_and_recovers_when_it_appears() {
+    let pki = TestPki::new();
+    let backend_addr = vacant_addr();
+    let marketplace = spawn_marketplace(&marketplace_config(pki.dir(), backend_addr)).await;
+
+    let (status, body) = fetch(marketplace.addr, "/").await;
+    assert_eq!(status, 503, "{body}");
+    let (status, _) = fetch(marketplace.addr, "/api/recommendations").await;
+    assert_eq!(status, 503);
+
+    let mut config = recommendations_config(pki.dir());
+    config.listen_addr = backend_addr;
+    let _recommendations = spawn_recommendations(&config).await;
+    // The same channel reconnects on the next call; allow for its reconnect backoff.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = fetch(marketplace.addr, "/").await;
+        if status == 200 {
+            assert_eq!(body.matches("<li>").count(), 3);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never recovered: last status {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_marketplace_without_a_client_certificate_is_refused_and_says_unavailable() {
+    let pki = TestPki::new();
+    let recommendations = spawn_recommendations(&recommendations_config(pki.dir())).await;
+    let mut config = marketplace_config(pki.dir(), recommendations.addr);
+    // Server-only TLS on the client side: it verifies the server but presents no certificate.
+    config.tls.tls_mode = bookstore_common::tls::TlsMode::Server;
+    let marketplace = spawn_marketplace(&config).await;
+    let (status, body) = fetch(marketplace.addr, "/").await;
+    assert_eq!(status, 503, "{body}");
+}

@@ -1,0 +1,288 @@
+//! The HTTP surface driven without a socket, with a stand-in recommendations source (the real
+//! gRPC source is exercised in `against_recommendations.rs`).
+
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use axum::{
+    body::Body,
+    http::{Request, StatusCode, header},
+};
+use http_body_util::BodyExt;
+use marketplace::{
+    books::{Book, Category, RecommendationQuery},
+    routes::router,
+    source::{RecommendationSource, SourceError},
+};
+use tower::ServiceExt;
+
+/// Answers every query with the same reply and remembers the queries.
+struct StandIn {
+    reply: Result<Vec<Book>, SourceError>,
+    seen: Mutex<Vec<RecommendationQuery>>,
+}
+
+impl StandIn {
+    fn new(reply: Result<Vec<Book>, SourceError>) -> Arc<Self> {
+        Arc::new(StandIn {
+            reply,
+            seen: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn books(titles: &[&str]) -> Arc<Self> {
+        StandIn::new(Ok(titles
+            .iter()
+            .zip(1..)
+            .map(|(t, id)| Book {
+                id,
+                title: (*t).to_owned(),
+            })
+            .collect()))
+    }
+
+    fn seen(&self) -> Vec<RecommendationQuery> {
+        self.seen.lock().expect("lock").clone()
+    }
+}
+
+#[async_trait]
+impl RecommendationSource for StandIn {
+    async fn recommend(&self, query: &RecommendationQuery) -> Result<Vec<Book>, SourceError> {
+        self.seen.lock().expect("lock").push(*query);
+        self.reply.clone()
+    }
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: axum::http::HeaderMap,
+    body: String,
+}
+
+async fn send(source: Arc<StandIn>, method: &str, uri: &str) -> Reply {
+    let response = router(source)
+        .oneshot(
+            Request::builder()
+                .method(method)
+                .uri(uri)
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await
+        .expect("infallible");
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    Reply {
+        status,
+        headers,
+        body: String::from_utf8(bytes.to_vec()).expect("utf-8"),
+    }
+}
+
+async fn get(source: Arc<StandIn>, uri: &str) -> Reply {
+    send(source, "GET", uri).await
+}
+
+#[tokio::test]
+async fn the_home_page_is_the_originals_three_mystery_books_for_user_1() {
+    let source = StandIn::books(&[
+        "The Maltese Falcon",
+        "Murder on the Orient Express",
+        "The Hound of the Baskervilles",
+    ]);
+    let reply = get(source.clone(), "/").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        reply.headers[header::CONTENT_TYPE],
+        "text/html; charset=utf-8"
+    );
+    assert!(reply.body.contains("<title>Online Books For You</title>"));
+    assert!(reply.body.contains("<h1>Mystery books you may like</h1>"));
+    assert_eq!(reply.body.matches("<li>").count(), 3, "{}", reply.body);
+    assert!(reply.body.contains("<li>The Maltese Falcon</li>"));
+    assert_eq!(
+        source.seen(),
+        vec![RecommendationQuery {
+            user_id: 1,
+            category: Category::Mystery,
+            max_results: 3
+        }]
+    );
+}
+
+#[tokio::test]
+async fn other_categories_are_linked_and_browsable() {
+    let source = StandIn::books(&["Ender's Game"]);
+    let home = get(source.clone(), "/").await;
+    for slug in ["mystery", "science_fiction", "self_help"] {
+        assert!(
+            home.body.contains(&format!("href=\"/?category={slug}\"")),
+            "{slug}"
+        );
+    }
+    let reply = get(source.clone(), "/?category=science_fiction").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(
+        reply
+            .body
+            .contains("<h1>Science fiction books you may like</h1>")
+    );
+    assert!(
+        reply
+            .body
+            .contains("href=\"/?category=science_fiction\" aria-current=\"page\"")
+    );
+    assert_eq!(source.seen()[1].category, Category::ScienceFiction);
+}
+
+#[tokio::test]
+async fn titles_are_shown_as_text_not_markup() {
+    let source = StandIn::books(&["<script>alert('x')</script> & \"Friends\""]);
+    let reply = get(source, "/").await;
+    assert!(!reply.body.contains("<script>"), "{}", reply.body);
+    // askama escapes with numeric character references.
+    assert!(
+        reply.body.contains(
+            "<li>&#60;script&#62;alert(&#39;x&#39;)&#60;/script&#62; &#38; &#34;Friends&#34;</li>"
+        ),
+        "{}",
+        reply.body
+    );
+}
+
+#[tokio::test]
+async fn bad_query_values_are_400_with_the_reason_as_a_page_or_json() {
+    let source = StandIn::books(&["A"]);
+    let page = get(source.clone(), "/?max_results=-4").await;
+    assert_eq!(page.status, StatusCode::BAD_REQUEST);
+    assert!(
+        page.headers[header::CONTENT_TYPE]
+            .to_str()
+            .expect("ascii")
+            .starts_with("text/html")
+    );
+    assert!(
+        page.body
+            .contains("max_results must be a whole number from 0 to 100, got &#34;-4&#34;"),
+        "{}",
+        page.body
+    );
+
+    let api = get(source.clone(), "/api/recommendations?category=poetry").await;
+    assert_eq!(api.status, StatusCode::BAD_REQUEST);
+    let json: serde_json::Value = serde_json::from_str(&api.body).expect("json");
+    assert_eq!(json["error"]["code"], "invalid_argument");
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .expect("str")
+            .starts_with("unknown category \"poetry\"")
+    );
+    assert!(
+        source.seen().is_empty(),
+        "a bad request must not reach recommendations"
+    );
+}
+
+#[tokio::test]
+async fn the_api_returns_json() {
+    let source = StandIn::books(&["Ender's Game", "The Dune Chronicles"]);
+    let reply = get(
+        source.clone(),
+        "/api/recommendations?category=science-fiction&max_results=2&user_id=7",
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.headers[header::CONTENT_TYPE], "application/json");
+    let json: serde_json::Value = serde_json::from_str(&reply.body).expect("json");
+    assert_eq!(
+        json,
+        serde_json::json!({
+            "category": "science_fiction",
+            "user_id": 7,
+            "recommendations": [{"id": 1, "title": "Ender's Game"}, {"id": 2, "title": "The Dune Chronicles"}]
+        })
+    );
+    assert_eq!(
+        source.seen(),
+        vec![RecommendationQuery {
+            user_id: 7,
+            category: Category::ScienceFiction,
+            max_results: 2
+        }]
+    );
+}
+
+#[tokio::test]
+async fn an_unavailable_backend_is_a_friendly_503_without_internals() {
+    let secret = "Unavailable: tcp connect error 10.1.2.3:50051 (internal detail)";
+    for error in [
+        SourceError::Unavailable(secret.into()),
+        SourceError::Timeout(std::time::Duration::from_secs(1)),
+    ] {
+        let source = StandIn::new(Err(error));
+        let page = get(source.clone(), "/").await;
+        assert_eq!(page.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(page.headers[header::RETRY_AFTER], "5");
+        assert!(page.body.contains("<title>Online Books For You</title>"));
+        assert!(page.body.contains("Recommendations are unavailable"));
+        assert!(!page.body.contains("10.1.2.3") && !page.body.contains("tcp connect"));
+
+        let api = get(source, "/api/recommendations").await;
+        assert_eq!(api.status, StatusCode::SERVICE_UNAVAILABLE);
+        let json: serde_json::Value = serde_json::from_str(&api.body).expect("json");
+        assert_eq!(json["error"]["code"], "unavailable");
+        assert!(!api.body.contains("10.1.2.3"));
+    }
+}
+
+#[tokio::test]
+async fn a_category_without_books_is_an_empty_page_or_a_json_404() {
+    let source = StandIn::new(Err(SourceError::NoBooks));
+    let page = get(source.clone(), "/?category=self_help").await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(
+        page.body
+            .contains("No self-help books to recommend right now.")
+    );
+    assert_eq!(page.body.matches("<li>").count(), 0);
+
+    let api = get(source, "/api/recommendations?category=self_help").await;
+    assert_eq!(api.status, StatusCode::NOT_FOUND);
+    let json: serde_json::Value = serde_json::from_str(&api.body).expect("json");
+    assert_eq!(json["error"]["code"], "category_not_found");
+}
+
+#[tokio::test]
+async fn unknown_routes_are_404_and_wrong_methods_405() {
+    let source = StandIn::books(&["A"]);
+    let reply = get(source.clone(), "/admin").await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    assert!(reply.body.contains("Page not found"));
+    assert_eq!(
+        send(source.clone(), "POST", "/").await.status,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+    assert_eq!(
+        send(source, "DELETE", "/api/recommendations").await.status,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+}
+
+#[tokio::test]
+async fn the_stylesheet_is_served() {
+    let reply = get(StandIn::books(&[]), "/style.css").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        reply.headers[header::CONTENT_TYPE],
+        "text/css; charset=utf-8"
+    );
+    assert!(reply.body.contains("ul.books"));
+}

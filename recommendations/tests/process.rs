@@ -1,0 +1,134 @@
+//! The recommendations binary as a real process: start-up failures and the SIGTERM drain.
+
+use std::time::{Duration, Instant};
+
+use bookstore_proto::{BookCategory, RecommendationRequest};
+use bookstore_testkit::{TestPki, process::ServiceProcess, trusted_client};
+
+fn env(pki: &TestPki) -> Vec<(&'static str, String)> {
+    vec![
+        ("LISTEN_ADDR", "127.0.0.1:0".into()),
+        ("CERTS_DIR", pki.dir().display().to_string()),
+    ]
+}
+
+/// Runs the binary expecting it to refuse to start; returns its log.
+async fn refused_start(env: &[(&str, String)]) -> Vec<String> {
+    let process = ServiceProcess::start("recommendations", env);
+    let (status, log) = process.wait(Duration::from_secs(20)).await;
+    assert!(
+        !status.success(),
+        "it started anyway; log:\n{}",
+        log.join("\n")
+    );
+    log
+}
+
+#[tokio::test]
+async fn a_missing_certificate_stops_start_up_with_one_line_naming_it() {
+    let pki = TestPki::new();
+    std::fs::remove_file(pki.dir().join("server.pem")).expect("rm");
+    let log = refused_start(&env(&pki)).await;
+    let errors: Vec<_> = log.iter().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(errors.len(), 1, "{log:?}");
+    assert!(errors[0].contains("server.pem: cannot read"), "{log:?}");
+}
+
+#[tokio::test]
+async fn a_key_that_does_not_match_stops_start_up() {
+    let pki = TestPki::new();
+    std::fs::copy(pki.dir().join("client.key"), pki.dir().join("server.key")).expect("cp");
+    let log = refused_start(&env(&pki)).await;
+    assert!(
+        log.iter()
+            .any(|l| l.contains("server.key: private key does not match the certificate")),
+        "{log:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_bad_catalog_file_stops_start_up_naming_the_file_and_problem() {
+    let pki = TestPki::new();
+    let path = pki.dir().join("books.json");
+    std::fs::write(
+        &path,
+        r#"{"books":[{"id":1,"category":"MYSTERY","title":""}]}"#,
+    )
+    .expect("write");
+    let mut env = env(&pki);
+    env.push(("CATALOG_PATH", path.display().to_string()));
+    let log = refused_start(&env).await;
+    let want = format!(
+        "catalog file {}: book id 1: title must not be empty",
+        path.display()
+    );
+    assert!(log.iter().any(|l| l.contains(&want)), "{log:?}");
+}
+
+#[tokio::test]
+async fn weak_tls_modes_and_fault_injection_are_warned_about() {
+    let pki = TestPki::new();
+    let mut env = env(&pki);
+    env.push(("TLS_MODE", "off".into()));
+    env.push(("ARTIFICIAL_DELAY_MS", "5".into()));
+    let mut process = ServiceProcess::start("recommendations", &env);
+    process.listening_addr().await;
+    process
+        .wait_for_line("TLS is off", Duration::from_secs(5))
+        .await;
+    process
+        .wait_for_line("ARTIFICIAL_DELAY_MS is set", Duration::from_secs(5))
+        .await;
+}
+
+/// SIGTERM while slow calls are in flight: every call completes, new connections are refused at
+/// once, and the process exits 0 well within the grace period.
+#[tokio::test]
+async fn sigterm_drains_in_flight_calls_then_exits_zero() {
+    let pki = TestPki::new();
+    let mut env = env(&pki);
+    env.push(("ARTIFICIAL_DELAY_MS", "2000".into()));
+    env.push(("SHUTDOWN_GRACE_SECS", "20".into()));
+    let mut process = ServiceProcess::start("recommendations", &env);
+    let addr = process.listening_addr().await;
+
+    let client = trusted_client(addr, &pki);
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let mut c = client.clone();
+            tokio::spawn(async move {
+                c.recommend(RecommendationRequest {
+                    user_id: 1,
+                    category: BookCategory::Mystery as i32,
+                    max_results: 2,
+                })
+                .await
+            })
+        })
+        .collect();
+    // The calls are now waiting out their 2 s delay on the server.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    let signalled = Instant::now();
+    process.signal("TERM");
+    process
+        .wait_for_line("Received shutdown signal", Duration::from_secs(5))
+        .await;
+    let refused = tokio::net::TcpStream::connect(addr).await;
+    assert!(
+        refused.is_err(),
+        "a new connection was accepted during the drain"
+    );
+
+    for call in calls {
+        let reply = call.await.expect("task").expect("an in-flight call failed");
+        assert_eq!(reply.into_inner().recommendations.len(), 2);
+    }
+    let (status, log) = process.wait(Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(0), "{log:?}");
+    assert!(
+        log.iter().any(|l| l.contains("Shut down gracefully")),
+        "{log:?}"
+    );
+    assert!(signalled.elapsed() < Duration::from_secs(20));
+}

@@ -1,0 +1,144 @@
+//! The services as real processes: started from their built binaries with an explicit
+//! environment, watched through their log lines, stopped with real signals.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::{ExitStatus, Stdio},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+    sync::mpsc,
+};
+
+/// Where cargo put the workspace binary `name`: next to the `deps/` folder holding this test.
+/// If it is not built yet (a single package's tests were asked for), it is built now.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target directory");
+    let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    if !path.exists() {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .args(["build", "--bin", name, "-p", name])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cargo build --bin {name} failed");
+    }
+    path
+}
+
+/// A running service process. It is killed if dropped while still running.
+#[derive(Debug)]
+pub struct ServiceProcess {
+    name: String,
+    child: Child,
+    lines: mpsc::UnboundedReceiver<String>,
+    log: Vec<String>,
+}
+
+impl ServiceProcess {
+    /// Starts binary `name` with exactly `env` (nothing inherited, so the test does not depend on
+    /// the ambient environment), plain-text logs on standard error.
+    pub fn start(name: &str, env: &[(&str, String)]) -> Self {
+        let mut child = Command::new(binary(name))
+            .env_clear()
+            .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let stderr = child.stderr.take().expect("stderr piped");
+        let (tx, lines) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        ServiceProcess {
+            name: name.to_owned(),
+            child,
+            lines,
+            log: Vec::new(),
+        }
+    }
+
+    /// Waits up to `timeout` for a log line containing `needle` and returns it.
+    pub async fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> String {
+        if let Some(line) = self.log.iter().find(|l| l.contains(needle)) {
+            return line.clone();
+        }
+        let found = tokio::time::timeout(timeout, async {
+            while let Some(line) = self.lines.recv().await {
+                self.log.push(line.clone());
+                if line.contains(needle) {
+                    return Some(line);
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Ok(Some(line)) => line,
+            _ => panic!(
+                "{} never logged {needle:?}; its log:\n{}",
+                self.name,
+                self.log.join("\n")
+            ),
+        }
+    }
+
+    /// Waits for the "listening" line and returns the address it names.
+    pub async fn listening_addr(&mut self) -> SocketAddr {
+        let line = self
+            .wait_for_line("listening", Duration::from_secs(20))
+            .await;
+        let addr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .unwrap_or_else(|| panic!("no addr= in {line:?}"));
+        addr.parse()
+            .unwrap_or_else(|e| panic!("bad addr {addr:?}: {e}"))
+    }
+
+    /// Sends a signal by name (`TERM`, `INT`) with the system `kill` command.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("process still running");
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} {pid} failed");
+    }
+
+    /// Waits up to `timeout` for the process to exit; returns its status and whole log.
+    pub async fn wait(mut self, timeout: Duration) -> (ExitStatus, Vec<String>) {
+        let status = tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{} did not exit within {timeout:?}; its log:\n{}",
+                    self.name,
+                    self.log.join("\n")
+                )
+            })
+            .expect("wait");
+        while let Some(line) = self.lines.recv().await {
+            self.log.push(line);
+        }
+        (status, self.log)
+    }
+}
