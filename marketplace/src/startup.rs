@@ -5,10 +5,10 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use anyhow::Context;
 use axum::Router;
 use bookstore_common::{
-    shutdown::{Drained, serve_until},
+    shutdown::{Drained, ListenerClosedLog, serve_until},
     tls::{self, Role, TlsMode},
 };
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
@@ -96,12 +96,39 @@ impl Application {
     ) -> anyhow::Result<Drained> {
         tracing::info!(addr = %self.local_addr(), "marketplace listening");
         let stop = CancellationToken::new();
-        let serve = axum::serve(self.listener, self.router)
+        let listener = Listener {
+            inner: self.listener,
+            _closed: ListenerClosedLog,
+        };
+        let serve = axum::serve(listener, self.router)
             .with_graceful_shutdown(stop.clone().cancelled_owned())
             .into_future();
         let drained = serve_until(serve, stop, shutdown, self.grace)
             .await
             .context("HTTP server failed")?;
         Ok(drained)
+    }
+}
+
+/// The listening socket as axum consumes it, logging when axum drops it at shutdown.
+struct Listener {
+    inner: TcpListener,
+    _closed: ListenerClosedLog,
+}
+
+impl axum::serve::Listener for Listener {
+    type Io = TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        // axum's own accept loop for a TcpListener: it retries transient errors such as EMFILE.
+        let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
+        // Pages are small request/response pairs; Nagle would only add latency.
+        let _ = io.set_nodelay(true);
+        (io, addr)
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
     }
 }

@@ -1,10 +1,17 @@
 //! Building the server (catalog, TLS, services, listener) and running it until shutdown.
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context as TaskContext, Poll},
+    time::Duration,
+};
 
 use anyhow::Context;
 use bookstore_common::{
-    shutdown::{Drained, serve_until},
+    shutdown::{Drained, ListenerClosedLog, serve_until},
     tls::{self, Role, TlsMode},
 };
 use bookstore_proto::recommendations_server::RecommendationsServer;
@@ -140,12 +147,29 @@ impl Application {
                     .await;
             }
         };
-        let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
+        let incoming = Incoming {
+            inner: TcpIncoming::from(self.listener).with_nodelay(Some(true)),
+            _closed: ListenerClosedLog,
+        };
         tracing::info!(%addr, "recommendations listening");
         let serve = self.router.serve_with_incoming_shutdown(incoming, stopping);
         let drained = serve_until(serve, stop, shutdown, self.grace)
             .await
             .context("gRPC server failed")?;
         Ok(drained)
+    }
+}
+
+/// The listening socket as tonic consumes it, logging when tonic drops it at shutdown.
+struct Incoming {
+    inner: TcpIncoming,
+    _closed: ListenerClosedLog,
+}
+
+impl tokio_stream::Stream for Incoming {
+    type Item = <TcpIncoming as tokio_stream::Stream>::Item;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        Pin::new(&mut self.inner).poll_next(cx)
     }
 }

@@ -112,12 +112,13 @@ async fn sigterm_drains_in_flight_calls_then_exits_zero() {
     let signalled = Instant::now();
     process.signal("TERM");
     process
-        .wait_for_line("Received shutdown signal", Duration::from_secs(5))
+        .wait_for_line("Stopped accepting new connections", Duration::from_secs(5))
         .await;
     let refused = tokio::net::TcpStream::connect(addr).await;
     assert!(
         refused.is_err(),
-        "a new connection was accepted during the drain"
+        "a new connection was accepted during the drain: {:?}",
+        process.log_so_far()
     );
 
     for call in calls {

@@ -100,6 +100,11 @@ impl ServiceProcess {
         }
     }
 
+    /// The log lines read so far.
+    pub fn log_so_far(&self) -> &[String] {
+        &self.log
+    }
+
     /// Waits for the "listening" line and returns the address it names.
     pub async fn listening_addr(&mut self) -> SocketAddr {
         let line = self

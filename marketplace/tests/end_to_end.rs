@@ -1,0 +1,125 @@
+//! The whole stack as real processes: both binaries, a real PKI on disk, mutual TLS between them,
+//! a real HTTP client, and real signals.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use bookstore_testkit::{TestPki, process::ServiceProcess};
+
+fn certs(pki: &TestPki) -> (&'static str, String) {
+    ("CERTS_DIR", pki.dir().display().to_string())
+}
+
+async fn start_recommendations(
+    pki: &TestPki,
+    extra: &[(&'static str, String)],
+) -> (ServiceProcess, SocketAddr) {
+    let mut env = vec![("LISTEN_ADDR", "127.0.0.1:0".to_owned()), certs(pki)];
+    env.extend_from_slice(extra);
+    let mut process = ServiceProcess::start("recommendations", &env);
+    let addr = process.listening_addr().await;
+    (process, addr)
+}
+
+async fn start_marketplace(
+    pki: &TestPki,
+    backend: SocketAddr,
+    extra: &[(&'static str, String)],
+) -> (ServiceProcess, SocketAddr) {
+    let mut env = vec![
+        ("LISTEN_ADDR", "127.0.0.1:0".to_owned()),
+        ("RECOMMENDATIONS_HOST", "localhost".to_owned()),
+        ("RECOMMENDATIONS_PORT", backend.port().to_string()),
+        certs(pki),
+    ];
+    env.extend_from_slice(extra);
+    let mut process = ServiceProcess::start("marketplace", &env);
+    let addr = process.listening_addr().await;
+    (process, addr)
+}
+
+async fn fetch(addr: SocketAddr, path: &str) -> reqwest::Result<(u16, String)> {
+    let response = reqwest::get(format!("http://{addr}{path}")).await?;
+    let status = response.status().as_u16();
+    Ok((status, response.text().await?))
+}
+
+#[tokio::test]
+async fn the_page_is_served_by_both_binaries_over_mutual_tls() {
+    let pki = TestPki::new();
+    let (_recommendations, backend) = start_recommendations(&pki, &[]).await;
+    // `localhost` resolves to ::1 and 127.0.0.1; the server certificate names all three.
+    let (_marketplace, web) = start_marketplace(&pki, backend, &[]).await;
+
+    let (status, body) = fetch(web, "/").await.expect("page");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("<title>Online Books For You</title>"));
+    assert!(body.contains("<h1>Mystery books you may like</h1>"));
+    assert_eq!(body.matches("<li>").count(), 3, "{body}");
+
+    let (status, body) = fetch(web, "/?category=self_help").await.expect("page");
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("Man&#39;s Search for Meaning") || body.contains("How to Win Friends"),
+        "{body}"
+    );
+}
+
+/// SIGTERM to the marketplace while slow pages are in flight: each page still arrives complete,
+/// new connections are refused, and the process exits 0 within the grace period. SIGINT (Ctrl+C)
+/// stops the recommendations service the same way.
+#[tokio::test]
+async fn sigterm_lets_in_flight_pages_finish_and_sigint_stops_recommendations() {
+    let pki = TestPki::new();
+    let (recommendations, backend) =
+        start_recommendations(&pki, &[("ARTIFICIAL_DELAY_MS", "2000".into())]).await;
+    let (mut marketplace, web) = start_marketplace(
+        &pki,
+        backend,
+        &[
+            ("RECOMMENDATIONS_TIMEOUT_MS", "10000".into()),
+            ("SHUTDOWN_GRACE_SECS", "20".into()),
+        ],
+    )
+    .await;
+
+    let pages: Vec<_> = (0..3).map(|_| tokio::spawn(fetch(web, "/"))).collect();
+    // The pages now wait on the backend's 2 s delay.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let signalled = Instant::now();
+    marketplace.signal("TERM");
+    marketplace
+        .wait_for_line("Stopped accepting new connections", Duration::from_secs(5))
+        .await;
+    assert!(
+        tokio::net::TcpStream::connect(web).await.is_err(),
+        "a new connection was accepted during the drain: {:?}",
+        marketplace.log_so_far()
+    );
+    for page in pages {
+        let (status, body) = page.await.expect("task").expect("an in-flight page failed");
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body.matches("<li>").count(), 3);
+    }
+    let (status, log) = marketplace.wait(Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(0), "{log:?}");
+    assert!(
+        log.iter().any(|l| l.contains("Shut down gracefully")),
+        "{log:?}"
+    );
+    assert!(signalled.elapsed() < Duration::from_secs(20));
+
+    recommendations.signal("INT");
+    let (status, log) = recommendations.wait(Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(0), "{log:?}");
+    assert!(
+        log.iter().any(|l| l.contains("Received shutdown signal")),
+        "{log:?}"
+    );
+    assert!(
+        log.iter().any(|l| l.contains("Shut down gracefully")),
+        "{log:?}"
+    );
+}
