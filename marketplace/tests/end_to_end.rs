@@ -123,3 +123,43 @@ async fn sigterm_lets_in_flight_pages_finish_and_sigint_stops_recommendations() 
         "{log:?}"
     );
 }
+
+/// The PKI from `certs/openssl-dev-pki.sh` (standard openssl, the documented alternative to
+/// `cargo xtask certs`) works for both services. Needs the `openssl` command (CI installs it).
+#[tokio::test]
+async fn certificates_made_with_openssl_work_end_to_end() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("pki");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../certs/openssl-dev-pki.sh");
+    let made = std::process::Command::new("sh")
+        .arg(&script)
+        .arg(&out)
+        .output()
+        .expect("run the openssl script (is `openssl` installed?)");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+
+    let certs = ("CERTS_DIR", out.display().to_string());
+    let mut recommendations = ServiceProcess::start(
+        "recommendations",
+        &[("LISTEN_ADDR", "127.0.0.1:0".into()), certs.clone()],
+    );
+    let backend = recommendations.listening_addr().await;
+    let mut marketplace = ServiceProcess::start(
+        "marketplace",
+        &[
+            ("LISTEN_ADDR", "127.0.0.1:0".into()),
+            ("RECOMMENDATIONS_HOST", "127.0.0.1".into()),
+            ("RECOMMENDATIONS_PORT", backend.port().to_string()),
+            certs,
+        ],
+    );
+    let web = marketplace.listening_addr().await;
+    let (status, body) = fetch(web, "/").await.expect("page");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body.matches("<li>").count(), 3, "{body}");
+}
