@@ -2,6 +2,7 @@
 # Interoperability with the original Python services, over mutual TLS, both directions:
 #   1. the original's Python client  -> our recommendations (Rust)
 #   2. our marketplace (Rust)        -> the original's Python recommendations server
+# and grpcurl (reflection, health) against our recommendations, with the README's commands.
 # Stubs are generated from protobufs/recommendations.proto with grpcio-tools, so the test also
 # proves the contract is unchanged. Needs Python 3 and PyPI; run from anywhere.
 set -euo pipefail
@@ -17,7 +18,7 @@ cleanup() {
 trap cleanup EXIT
 
 venv=target/interop-venv
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import grpc, grpc_tools" 2>/dev/null; then
+if [ ! -x "$venv/bin/grpcurl" ] || ! "$venv/bin/python" -c "import grpc, grpc_tools" 2>/dev/null; then
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q -r interop/python/requirements.txt
 fi
@@ -44,6 +45,17 @@ LISTEN_ADDR=127.0.0.1:0 CERTS_DIR="$work/pki" "$bin/recommendations" 2>"$work/re
 pids+=($!)
 addr=$(wait_for "$work/rec.log" "recommendations listening" | sed -E 's/.*addr=([^ ]+).*/\1/')
 (cd "$work" && "$py" client.py "$addr" "$work/pki")
+
+echo "--- grpcurl -> Rust recommendations (reflection, health), as in the README"
+port=${addr##*:}
+grpcurl=("$root/$venv/bin/grpcurl" -cacert "$work/pki/ca.pem" -cert "$work/pki/client.pem" -key "$work/pki/client.key")
+"${grpcurl[@]}" localhost:"$port" list | tee "$work/list"
+grep -qx "Recommendations" "$work/list"
+"${grpcurl[@]}" -d '{"user_id": 1, "category": "MYSTERY", "max_results": 3}' \
+    localhost:"$port" Recommendations/Recommend | tee "$work/reply"
+[ "$(grep -c '"title"' "$work/reply")" = 3 ] || { echo "grpcurl: expected 3 books"; exit 1; }
+"${grpcurl[@]}" localhost:"$port" grpc.health.v1.Health/Check | grep -q '"SERVING"'
+echo "grpcurl: reflection, Recommend and health OK"
 
 echo "--- 2. Rust marketplace -> Python recommendations server"
 py_port=$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
