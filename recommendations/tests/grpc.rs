@@ -11,7 +11,7 @@ use bookstore_common::{shutdown::Drained, tls::TlsMode};
 use bookstore_proto::{BookCategory, RecommendationRequest};
 use bookstore_testkit::{
     TestPki, grpc_client, identity, plaintext_client, recommendations_config,
-    spawn_recommendations, trusted_client,
+    spawn_recommendations, trusted_channel, trusted_client,
 };
 use tokio_stream::StreamExt;
 use tonic::{Code, transport::Certificate};
@@ -237,16 +237,7 @@ async fn health_reports_serving_then_not_serving_and_a_watch_cannot_hold_shutdow
     let mut config = recommendations_config(pki.dir());
     config.shutdown_grace_secs = 1;
     let mut server = spawn_recommendations(&config).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", server.addr))
-        .expect("uri")
-        .tls_config(
-            tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(pki.ca_certificate())
-                .identity(pki.client_identity())
-                .domain_name("localhost"),
-        )
-        .expect("tls")
-        .connect_lazy();
+    let channel = trusted_channel(server.addr, &pki);
     let mut health = HealthClient::new(channel);
     for service in ["", "Recommendations"] {
         let status = health
@@ -287,16 +278,7 @@ async fn reflection_lists_the_services() {
     };
     let pki = TestPki::new();
     let server = spawn_recommendations(&recommendations_config(pki.dir())).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", server.addr))
-        .expect("uri")
-        .tls_config(
-            tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(pki.ca_certificate())
-                .identity(pki.client_identity())
-                .domain_name("localhost"),
-        )
-        .expect("tls")
-        .connect_lazy();
+    let channel = trusted_channel(server.addr, &pki);
     let request = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),

@@ -126,12 +126,16 @@ impl Running {
     }
 }
 
-fn spawn<F>(addr: SocketAddr, run: impl FnOnce(oneshot::Receiver<()>) -> F) -> Running
+/// Runs a built app on a task; `run` is its `run_until_stopped`, handed the shutdown future that
+/// [`Running::stop`] (or dropping the `Running`) completes.
+fn spawn<F>(addr: SocketAddr, run: impl FnOnce(Shutdown) -> F) -> Running
 where
     F: std::future::Future<Output = anyhow::Result<Drained>> + Send + 'static,
 {
     let (stop, rx) = oneshot::channel();
-    let fut = run(rx);
+    let fut = run(Box::pin(async move {
+        let _ = rx.await;
+    }));
     let task = tokio::spawn(async move {
         match fut.await {
             Ok(drained) => drained,
@@ -145,18 +149,14 @@ where
     }
 }
 
+type Shutdown = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 /// Starts recommendations through its real `Application::build` and `run_until_stopped`.
 pub async fn spawn_recommendations(config: &recommendations::config::Config) -> Running {
     let app = recommendations::startup::Application::build(config)
         .await
         .expect("recommendations starts");
-    let addr = app.local_addr();
-    spawn(addr, move |rx| async move {
-        app.run_until_stopped(async {
-            let _ = rx.await;
-        })
-        .await
-    })
+    spawn(app.local_addr(), |shutdown| app.run_until_stopped(shutdown))
 }
 
 /// Starts the marketplace through its real `Application::build` and `run_until_stopped`.
@@ -164,13 +164,7 @@ pub async fn spawn_marketplace(config: &marketplace::config::Config) -> Running 
     let app = marketplace::startup::Application::build(config)
         .await
         .expect("marketplace starts");
-    let addr = app.local_addr();
-    spawn(addr, move |rx| async move {
-        app.run_until_stopped(async {
-            let _ = rx.await;
-        })
-        .await
-    })
+    spawn(app.local_addr(), |shutdown| app.run_until_stopped(shutdown))
 }
 
 /// A gRPC client to `addr` over TLS, checking the server's certificate for `server_name` against
@@ -181,23 +175,36 @@ pub fn grpc_client(
     identity: Option<Identity>,
     server_name: &str,
 ) -> RecommendationsClient<Channel> {
+    RecommendationsClient::new(tls_channel(addr, ca, identity, server_name))
+}
+
+fn tls_channel(
+    addr: SocketAddr,
+    ca: Certificate,
+    identity: Option<Identity>,
+    server_name: &str,
+) -> Channel {
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(ca)
         .domain_name(server_name);
     if let Some(id) = identity {
         tls = tls.identity(id);
     }
-    let channel = Endpoint::from_shared(format!("https://{addr}"))
+    Endpoint::from_shared(format!("https://{addr}"))
         .expect("uri")
         .tls_config(tls)
         .expect("tls")
-        .connect_lazy();
-    RecommendationsClient::new(channel)
+        .connect_lazy()
 }
 
 /// The marketplace's own client: the dev CA, the marketplace identity, name `localhost`.
 pub fn trusted_client(addr: SocketAddr, pki: &TestPki) -> RecommendationsClient<Channel> {
-    grpc_client(
+    RecommendationsClient::new(trusted_channel(addr, pki))
+}
+
+/// A channel with the marketplace's TLS settings, for any gRPC client (health, reflection).
+pub fn trusted_channel(addr: SocketAddr, pki: &TestPki) -> Channel {
+    tls_channel(
         addr,
         pki.ca_certificate(),
         Some(pki.client_identity()),
