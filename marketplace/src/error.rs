@@ -77,6 +77,19 @@ impl AppError {
         }
     }
 
+    /// The sentence shown under the heading of an error page.
+    fn page_text(&self) -> String {
+        match self {
+            AppError::BadRequest(reason) => reason.clone(),
+            AppError::NoBooks => "There are no books in this category yet.".into(),
+            AppError::Unavailable => {
+                "We could not fetch recommendations just now. Please try again in a moment.".into()
+            }
+            AppError::NotFound => "There is no page at this address.".into(),
+            AppError::Internal => "Something went wrong on our side. Please try again.".into(),
+        }
+    }
+
     fn with_retry_after(&self, mut response: Response) -> Response {
         if *self == AppError::Unavailable {
             response.headers_mut().insert(
@@ -103,7 +116,7 @@ impl IntoResponse for HtmlError {
         let e = self.0;
         let page = ErrorPage {
             heading: e.heading(),
-            message: e.to_string(),
+            message: e.page_text(),
             nav: NavLink::all(None),
         };
         let response = match page.render() {

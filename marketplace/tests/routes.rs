@@ -232,7 +232,11 @@ async fn an_unavailable_backend_is_a_friendly_503_without_internals() {
         assert_eq!(page.status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(page.headers[header::RETRY_AFTER], "5");
         assert!(page.body.contains("<title>Online Books For You</title>"));
-        assert!(page.body.contains("Recommendations are unavailable"));
+        assert!(
+            page.body
+                .contains("<h1>Recommendations are unavailable</h1>")
+        );
+        assert!(page.body.contains("Please try again in a moment."));
         assert!(!page.body.contains("10.1.2.3") && !page.body.contains("tcp connect"));
 
         let api = get(source, "/api/recommendations").await;
