@@ -154,10 +154,15 @@ impl Authority {
     }
 }
 
-/// An IP address becomes an IP SAN, anything else a DNS SAN.
+/// An IP address becomes an IP SAN, a name with a scheme (`spiffe://…`) a URI SAN, anything
+/// else a DNS SAN.
 fn san(name: &str) -> Result<SanType> {
     Ok(match name.parse() {
         Ok(ip) => SanType::IpAddress(ip),
+        Err(_) if name.contains("://") => SanType::URI(
+            name.try_into()
+                .with_context(|| format!("{name:?} is not a valid URI"))?,
+        ),
         Err(_) => SanType::DnsName(
             name.try_into()
                 .with_context(|| format!("{name:?} is not a valid DNS name"))?,

@@ -237,6 +237,37 @@ pub fn load_identity(cert_path: &Path, key_path: &Path) -> Result<Identity, TlsE
     Ok(Identity::from_pem(cert_pem, key_pem))
 }
 
+/// The identities a certificate claims, in the order callers are matched: URI SANs (such as
+/// SPIFFE ids `spiffe://…`), then DNS SANs; the subject common name only if it has no SANs of
+/// either kind. An unparseable certificate has none.
+pub fn identities(der: &[u8]) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, cert)) = X509Certificate::from_der(der) else {
+        return Vec::new();
+    };
+    let mut uris = Vec::new();
+    let mut dns = Vec::new();
+    if let Ok(Some(sans)) = cert.subject_alternative_name() {
+        for name in &sans.value.general_names {
+            match name {
+                GeneralName::URI(u) => uris.push((*u).to_owned()),
+                GeneralName::DNSName(d) => dns.push((*d).to_owned()),
+                _ => {}
+            }
+        }
+    }
+    uris.append(&mut dns);
+    if uris.is_empty() {
+        uris.extend(
+            cert.subject()
+                .iter_common_name()
+                .filter_map(|cn| cn.as_str().ok())
+                .map(str::to_owned),
+        );
+    }
+    uris
+}
+
 #[cfg(test)]
 mod tests {
     use std::fs;
@@ -259,6 +290,33 @@ mod tests {
         params.not_after = not_after;
         let cert = params.self_signed(&key).expect("cert");
         (cert.pem(), key.serialize_pem())
+    }
+
+    fn der(pem: &str) -> Vec<u8> {
+        CertificateDer::from_pem_slice(pem.as_bytes())
+            .expect("pem")
+            .to_vec()
+    }
+
+    #[test]
+    fn identities_come_from_uri_and_dns_sans_before_the_common_name() {
+        let ca = bookstore_certs::Authority::new("CA").expect("ca");
+        let spiffe = ca
+            .issue(
+                "ignored-cn",
+                &["spiffe://bookstore/marketplace", "marketplace"],
+                bookstore_certs::Usage::Client,
+            )
+            .expect("cert");
+        assert_eq!(
+            identities(&der(&spiffe.cert_pem)),
+            vec!["spiffe://bookstore/marketplace", "marketplace"]
+        );
+        let cn_only = ca
+            .issue("legacy-client", &[], bookstore_certs::Usage::Client)
+            .expect("cert");
+        assert_eq!(identities(&der(&cn_only.cert_pem)), vec!["legacy-client"]);
+        assert!(identities(b"not a certificate").is_empty());
     }
 
     #[test]

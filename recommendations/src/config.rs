@@ -22,6 +22,15 @@ pub struct Config {
     /// Fault injection: delay every Recommend answer by this many milliseconds (0 = off).
     #[arg(long, env = "ARTIFICIAL_DELAY_MS", default_value_t = 0)]
     pub artificial_delay_ms: u64,
+    /// Certificate identities allowed to call (comma-separated): URI SANs such as SPIFFE ids,
+    /// DNS SANs, or the common name of a certificate without SANs. Applies with `TLS_MODE=mutual`.
+    #[arg(
+        long,
+        env = "ALLOWED_CLIENTS",
+        value_delimiter = ',',
+        default_value = "marketplace"
+    )]
+    pub allowed_clients: Vec<String>,
     /// Log filter, e.g. `info` or `recommendations=debug`.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log_filter: String,

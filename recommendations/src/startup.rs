@@ -22,8 +22,14 @@ use tonic::transport::{
     server::{Router, TcpIncoming},
 };
 use tonic_health::{ServingStatus, server::HealthReporter};
+use tower::{
+    layer::util::{Identity, Stack},
+    util::Either,
+};
 
-use crate::{catalog::Catalog, config::Config, grpc::RecommendationsService};
+use crate::{
+    authz::AuthorizeLayer, catalog::Catalog, config::Config, grpc::RecommendationsService,
+};
 
 /// Requests are a few bytes; anything much larger is not a real client.
 const MAX_REQUEST_BYTES: usize = 4 * 1024;
@@ -34,10 +40,13 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The gRPC service name, as the health service reports it (the proto has no package).
 pub const SERVICE_NAME: &str = "Recommendations";
 
+/// The layers around every gRPC service: caller authorization when TLS is mutual.
+type Layers = Stack<Either<AuthorizeLayer, Identity>, Identity>;
+
 /// A bound, ready-to-run recommendations server.
 pub struct Application {
     listener: TcpListener,
-    router: Router,
+    router: Router<Layers>,
     health: HealthReporter,
     grace: Duration,
 }
@@ -72,6 +81,15 @@ impl Application {
 
         let mode = config.tls.tls_mode;
         mode.warn_if_weak();
+        let allowed: Vec<String> = config
+            .allowed_clients
+            .iter()
+            .map(|id| id.trim().to_owned())
+            .filter(|id| !id.is_empty())
+            .collect();
+        if mode == TlsMode::Mutual && allowed.is_empty() {
+            anyhow::bail!("ALLOWED_CLIENTS is empty: no caller could ever be served");
+        }
         let mut server = Server::builder();
         if mode != TlsMode::Off {
             let files = config.tls.files(Role::Server);
@@ -101,7 +119,13 @@ impl Application {
         let recommendations =
             RecommendationsServer::new(RecommendationsService::new(Arc::new(catalog), delay))
                 .max_decoding_message_size(MAX_REQUEST_BYTES);
+        // Without client certificates there is no identity to check; those modes warn instead.
+        let authorize = (mode == TlsMode::Mutual).then(|| {
+            tracing::info!(allowed_clients = ?allowed, "caller authorization on");
+            AuthorizeLayer::new(allowed)
+        });
         let router = server
+            .layer(tower::util::option_layer(authorize))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_v1alpha)

@@ -11,7 +11,7 @@ use bookstore_common::{shutdown::Drained, tls::TlsMode};
 use bookstore_proto::{BookCategory, RecommendationRequest};
 use bookstore_testkit::{
     TestPki, grpc_client, identity, plaintext_client, recommendations_config,
-    spawn_recommendations, trusted_channel, trusted_client,
+    spawn_recommendations, tls_channel, trusted_channel, trusted_client,
 };
 use tokio_stream::StreamExt;
 use tonic::{Code, transport::Certificate};
@@ -326,4 +326,78 @@ async fn concurrent_calls_overlap_while_each_is_delayed() {
         elapsed < Duration::from_millis(3000),
         "calls were serialized: {elapsed:?}"
     );
+}
+
+/// A certificate from the right CA is not enough: its identity must be in ALLOWED_CLIENTS, for
+/// every service on the port.
+#[tokio::test]
+async fn a_valid_certificate_with_an_identity_not_allowed_is_permission_denied() {
+    let pki = TestPki::new();
+    let server = spawn_recommendations(&recommendations_config(pki.dir())).await;
+    let intruder = pki
+        .pki
+        .ca
+        .issue("intruder", &["intruder"], Usage::Client)
+        .expect("cert");
+    let mut client = grpc_client(
+        server.addr,
+        pki.ca_certificate(),
+        Some(identity(&intruder)),
+        "localhost",
+    );
+    let status = client.recommend(mystery(1)).await.expect_err("not allowed");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(
+        status.message(),
+        "caller is not allowed to call this service"
+    );
+
+    let channel = tls_channel(
+        server.addr,
+        pki.ca_certificate(),
+        Some(identity(&intruder)),
+        "localhost",
+    );
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect_err("health is not an exception on the mTLS port");
+    assert_eq!(status.code(), Code::PermissionDenied);
+
+    trusted_client(server.addr, &pki)
+        .recommend(mystery(1))
+        .await
+        .expect("marketplace still served");
+}
+
+#[tokio::test]
+async fn a_spiffe_identity_can_be_allowed() {
+    let pki = TestPki::new();
+    let spiffe = "spiffe://bookstore.example/ns/shop/sa/marketplace";
+    let mut config = recommendations_config(pki.dir());
+    config.allowed_clients = vec![spiffe.into()];
+    let server = spawn_recommendations(&config).await;
+    let workload = pki
+        .pki
+        .ca
+        .issue("shop", &[spiffe], Usage::Client)
+        .expect("cert");
+
+    grpc_client(
+        server.addr,
+        pki.ca_certificate(),
+        Some(identity(&workload)),
+        "localhost",
+    )
+    .recommend(mystery(1))
+    .await
+    .expect("listed SPIFFE id");
+    // The development client identity `marketplace` is no longer listed.
+    let status = trusted_client(server.addr, &pki)
+        .recommend(mystery(1))
+        .await
+        .expect_err("unlisted");
+    assert_eq!(status.code(), Code::PermissionDenied);
 }

@@ -133,3 +133,50 @@ async fn sigterm_drains_in_flight_calls_then_exits_zero() {
     );
     assert!(signalled.elapsed() < Duration::from_secs(20));
 }
+
+#[tokio::test]
+async fn a_refused_caller_is_logged_by_identity() {
+    let pki = TestPki::new();
+    let mut process = ServiceProcess::start("recommendations", &env(&pki));
+    let addr = process.listening_addr().await;
+    let intruder = pki
+        .pki
+        .ca
+        .issue(
+            "intruder",
+            &["intruder.example"],
+            bookstore_certs::Usage::Client,
+        )
+        .expect("cert");
+    let status = bookstore_testkit::grpc_client(
+        addr,
+        pki.ca_certificate(),
+        Some(bookstore_testkit::identity(&intruder)),
+        "localhost",
+    )
+    .recommend(RecommendationRequest {
+        user_id: 1,
+        category: 0,
+        max_results: 1,
+    })
+    .await
+    .expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    let line = process
+        .wait_for_line("not in ALLOWED_CLIENTS", Duration::from_secs(5))
+        .await;
+    assert!(line.contains("intruder.example"), "{line}");
+    assert!(line.contains("/Recommendations/Recommend"), "{line}");
+}
+
+#[tokio::test]
+async fn an_empty_allow_list_stops_start_up() {
+    let pki = TestPki::new();
+    let mut env = env(&pki);
+    env.push(("ALLOWED_CLIENTS", ",".into()));
+    let log = refused_start(&env).await;
+    assert!(
+        log.iter().any(|l| l.contains("ALLOWED_CLIENTS is empty")),
+        "{log:?}"
+    );
+}

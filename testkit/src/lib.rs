@@ -74,6 +74,7 @@ pub fn recommendations_config(certs_dir: &Path) -> recommendations::config::Conf
         shutdown_grace_secs: 5,
         catalog_path: None,
         artificial_delay_ms: 0,
+        allowed_clients: vec!["marketplace".into()],
         log_filter: "info".into(),
         tls: TlsArgs::new(certs_dir, TlsMode::Mutual),
     }
@@ -178,7 +179,8 @@ pub fn grpc_client(
     RecommendationsClient::new(tls_channel(addr, ca, identity, server_name))
 }
 
-fn tls_channel(
+/// A channel to `addr` over TLS, for any gRPC client (health, reflection).
+pub fn tls_channel(
     addr: SocketAddr,
     ca: Certificate,
     identity: Option<Identity>,

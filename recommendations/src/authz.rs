@@ -1,0 +1,162 @@
+//! Caller authorization by certificate identity, as one tower layer in front of every gRPC
+//! service on the port (Recommend, health, reflection).
+//!
+//! Mutual TLS proves a caller holds a certificate from our CA; this decides whether that caller
+//! may call at all. A CA signs many things over its life, so "signed by the CA" alone is not a
+//! permission (the original accepted any CA-signed client).
+
+use std::{
+    collections::BTreeSet,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use bookstore_common::tls::identities;
+use tonic::{
+    Status,
+    codegen::{BoxFuture, http},
+    transport::server::{TcpConnectInfo, TlsConnectInfo},
+};
+use tower::{Layer, Service};
+
+/// The identity a request was allowed under, put in the request's extensions for handlers and
+/// logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallerIdentity(pub String);
+
+/// Allows only callers with one of the listed identities.
+#[derive(Debug, Clone)]
+pub struct AuthorizeLayer {
+    allowed: Arc<BTreeSet<String>>,
+}
+
+impl AuthorizeLayer {
+    pub fn new(allowed: impl IntoIterator<Item = String>) -> Self {
+        AuthorizeLayer {
+            allowed: Arc::new(allowed.into_iter().collect()),
+        }
+    }
+
+    /// The first identity of the peer's leaf certificate that is allowed, or every identity it
+    /// has (for the refusal log) if none is.
+    fn decide(&self, leaf: Option<&[u8]>) -> Result<String, Vec<String>> {
+        let claimed = leaf.map(identities).unwrap_or_default();
+        claimed
+            .iter()
+            .find(|id| self.allowed.contains(*id))
+            .cloned()
+            .ok_or(claimed)
+    }
+}
+
+impl<S> Layer<S> for AuthorizeLayer {
+    type Service = Authorize<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Authorize {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The service [`AuthorizeLayer`] wraps around the gRPC services.
+#[derive(Debug, Clone)]
+pub struct Authorize<S> {
+    inner: S,
+    layer: AuthorizeLayer,
+}
+
+impl<S, B, R> Service<http::Request<B>> for Authorize<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<R>> + Send,
+    S::Future: Send + 'static,
+    R: Default + Send + 'static,
+{
+    type Response = http::Response<R>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let chain = request
+            .extensions()
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .and_then(TlsConnectInfo::peer_certs);
+        let leaf = chain.as_deref().and_then(|c| c.first()).map(|c| c.as_ref());
+        match self.layer.decide(leaf) {
+            Ok(identity) => {
+                request.extensions_mut().insert(CallerIdentity(identity));
+                Box::pin(self.inner.call(request))
+            }
+            Err(claimed) => {
+                tracing::warn!(
+                    identities = ?claimed,
+                    method = request.uri().path(),
+                    "refused a caller whose certificate identity is not in ALLOWED_CLIENTS"
+                );
+                let refusal =
+                    Status::permission_denied("caller is not allowed to call this service");
+                Box::pin(async move { Ok(refusal.into_http()) })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bookstore_certs::{Authority, Usage};
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+
+    use super::*;
+
+    fn leaf(names: &[&str], cn: &str) -> Vec<u8> {
+        let ca = Authority::new("CA").expect("ca");
+        let issued = ca.issue(cn, names, Usage::Client).expect("cert");
+        CertificateDer::from_pem_slice(issued.cert_pem.as_bytes())
+            .expect("pem")
+            .to_vec()
+    }
+
+    #[test]
+    fn a_listed_identity_is_allowed_and_named() {
+        let layer = AuthorizeLayer::new(["marketplace".to_owned()]);
+        assert_eq!(
+            layer.decide(Some(&leaf(&["marketplace"], "marketplace"))),
+            Ok("marketplace".to_owned())
+        );
+    }
+
+    #[test]
+    fn a_spiffe_id_can_be_listed() {
+        let layer = AuthorizeLayer::new(["spiffe://bookstore/ns/shop/sa/marketplace".to_owned()]);
+        let cert = leaf(&["spiffe://bookstore/ns/shop/sa/marketplace"], "whatever");
+        assert_eq!(
+            layer.decide(Some(&cert)),
+            Ok("spiffe://bookstore/ns/shop/sa/marketplace".to_owned())
+        );
+    }
+
+    #[test]
+    fn the_common_name_counts_only_without_sans() {
+        let layer = AuthorizeLayer::new(["marketplace".to_owned()]);
+        assert_eq!(
+            layer.decide(Some(&leaf(&[], "marketplace"))),
+            Ok("marketplace".to_owned())
+        );
+        // A SAN-bearing certificate is judged by its SANs; its CN is not a second identity.
+        assert_eq!(
+            layer.decide(Some(&leaf(&["intruder"], "marketplace"))),
+            Err(vec!["intruder".to_owned()])
+        );
+    }
+
+    #[test]
+    fn no_certificate_is_refused() {
+        let layer = AuthorizeLayer::new(["marketplace".to_owned()]);
+        assert_eq!(layer.decide(None), Err(Vec::new()));
+    }
+}
