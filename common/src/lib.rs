@@ -1,7 +1,8 @@
 //! Plumbing shared by the two bookstore services, and nothing else: loading and checking TLS
-//! material, waiting for a shutdown signal and draining within a deadline, and log set-up.
+//! material, catching handler panics, waiting for a shutdown signal and draining within a deadline, and log set-up.
 //! Domain code and wire types stay in the services.
 
+pub mod panic;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;

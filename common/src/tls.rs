@@ -204,6 +204,26 @@ fn check_validity(path: &Path, der: &CertificateDer<'_>) -> Result<(), TlsError>
     Ok(())
 }
 
+/// A warning if a private key file can be read by users other than its owner.
+pub fn key_exposure(path: &Path) -> Option<String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).ok()?.permissions().mode();
+        (mode & 0o077 != 0).then(|| {
+            format!(
+                "private key file is readable by group or others (mode {:o}); chmod 600 it",
+                mode & 0o777
+            )
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
+    }
+}
+
 /// Loads the CA bundle that verifies peers.
 pub fn load_ca(path: &Path) -> Result<Certificate, TlsError> {
     let (pem, _) = load_certs(path)?;
@@ -214,6 +234,9 @@ pub fn load_ca(path: &Path) -> Result<Certificate, TlsError> {
 pub fn load_identity(cert_path: &Path, key_path: &Path) -> Result<Identity, TlsError> {
     let (cert_pem, certs) = load_certs(cert_path)?;
     let key_pem = read(key_path)?;
+    if let Some(warning) = key_exposure(key_path) {
+        tracing::warn!(path = %key_path.display(), "{warning}");
+    }
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
         rustls::pki_types::pem::Error::NoItemsFound => TlsError::NoKey {
             path: key_path.to_owned(),
@@ -328,6 +351,19 @@ mod tests {
             load_ca(&files.ca).expect("ca");
             load_identity(&files.cert, &files.key).expect("identity");
         }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_key_readable_by_others_is_reported() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        bookstore_certs::generate(dir.path(), false).expect("generate");
+        let key = dir.path().join("server.key");
+        assert_eq!(key_exposure(&key), None);
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).expect("chmod");
+        let warning = key_exposure(&key).expect("a warning");
+        assert!(warning.contains("mode 644"), "{warning}");
     }
 
     #[test]

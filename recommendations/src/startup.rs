@@ -11,12 +11,14 @@ use std::{
 
 use anyhow::Context;
 use bookstore_common::{
+    panic::CatchPanicLayer,
     shutdown::{Drained, ListenerClosedLog, serve_until},
     tls::{self, Role, TlsMode},
 };
 use bookstore_proto::recommendations_server::RecommendationsServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::codegen::http;
 use tonic::transport::{
     Server, ServerTlsConfig,
     server::{Router, TcpIncoming},
@@ -34,14 +36,37 @@ use crate::{
 /// Requests are a few bytes; anything much larger is not a real client.
 const MAX_REQUEST_BYTES: usize = 4 * 1024;
 
+/// Calls one connection may have running at once; past it new calls are shed with
+/// RESOURCE_EXHAUSTED at once rather than queued without bound.
+const MAX_CALLS_PER_CONNECTION: usize = 256;
+
+/// HTTP/2 streams a client may open per connection (above the call limit, so excess calls reach
+/// the shedder and get a clear status instead of waiting on flow control).
+const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+
+/// Requests carry a handful of small headers.
+const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+
+/// No call may run longer than this, whatever deadline (or none) the client sent.
+const MAX_CALL_DURATION: Duration = Duration::from_secs(30);
+
 /// A TLS handshake that takes longer than this is dropped, so idle sockets cannot pile up.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The gRPC service name, as the health service reports it (the proto has no package).
 pub const SERVICE_NAME: &str = "Recommendations";
 
-/// The layers around every gRPC service: caller authorization when TLS is mutual.
-type Layers = Stack<Either<AuthorizeLayer, Identity>, Identity>;
+/// The layers around every gRPC service: panics become INTERNAL, then caller authorization
+/// when TLS is mutual.
+type Layers =
+    Stack<Either<AuthorizeLayer, Identity>, Stack<CatchPanicLayer<PanicResponse>, Identity>>;
+
+type PanicResponse = fn() -> http::Response<tonic::body::Body>;
+
+/// What a caller gets when a handler panics: no detail, the panic is logged.
+fn internal_error() -> http::Response<tonic::body::Body> {
+    tonic::Status::internal("internal error").into_http()
+}
 
 /// A bound, ready-to-run recommendations server.
 pub struct Application {
@@ -90,7 +115,12 @@ impl Application {
         if mode == TlsMode::Mutual && allowed.is_empty() {
             anyhow::bail!("ALLOWED_CLIENTS is empty: no caller could ever be served");
         }
-        let mut server = Server::builder();
+        let mut server = Server::builder()
+            .concurrency_limit_per_connection(MAX_CALLS_PER_CONNECTION)
+            .load_shed(true)
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
+            .timeout(MAX_CALL_DURATION);
         if mode != TlsMode::Off {
             let files = config.tls.files(Role::Server);
             let mut tls = ServerTlsConfig::new()
@@ -125,6 +155,7 @@ impl Application {
             AuthorizeLayer::new(allowed)
         });
         let router = server
+            .layer(CatchPanicLayer::new(internal_error as PanicResponse))
             .layer(tower::util::option_layer(authorize))
             .add_service(health_service)
             .add_service(reflection)

@@ -401,3 +401,74 @@ async fn a_spiffe_identity_can_be_allowed() {
         .expect_err("unlisted");
     assert_eq!(status.code(), Code::PermissionDenied);
 }
+
+/// Past the per-connection call limit, calls are refused at once with RESOURCE_EXHAUSTED instead
+/// of queueing without bound.
+#[tokio::test]
+async fn calls_past_the_connection_limit_are_shed_not_queued() {
+    let pki = TestPki::new();
+    let mut config = recommendations_config(pki.dir());
+    config.artificial_delay_ms = 2000;
+    let server = spawn_recommendations(&config).await;
+    let client = trusted_client(server.addr, &pki);
+    let calls: Vec<_> = (0..300)
+        .map(|_| {
+            let mut c = client.clone();
+            tokio::spawn(async move { c.recommend(mystery(1)).await.map(|_| ()) })
+        })
+        .collect();
+    let (mut served, mut shed) = (0, 0);
+    for call in calls {
+        match call.await.expect("task") {
+            Ok(()) => served += 1,
+            Err(status) if status.code() == Code::ResourceExhausted => shed += 1,
+            Err(status) => panic!("unexpected {status:?}"),
+        }
+    }
+    assert_eq!((served, shed), (256, 44));
+}
+
+/// Requests are a few bytes; a large one is refused (OUT_OF_RANGE, naming the limit) before it
+/// is decoded.
+#[tokio::test]
+async fn an_oversized_request_is_refused() {
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Padded {
+        #[prost(int32, tag = "3")]
+        max_results: i32,
+        // Unknown to the server: only its size matters.
+        #[prost(bytes = "vec", tag = "99")]
+        padding: Vec<u8>,
+    }
+    let pki = TestPki::new();
+    let server = spawn_recommendations(&recommendations_config(pki.dir())).await;
+    let grpc = tonic::client::Grpc::new(trusted_channel(server.addr, &pki));
+    let call = |padding: usize| {
+        let request = tonic::Request::new(Padded {
+            max_results: 1,
+            padding: vec![b'x'; padding],
+        });
+        let codec =
+            tonic_prost::ProstCodec::<Padded, bookstore_proto::RecommendationResponse>::default();
+        let mut grpc = grpc.clone();
+        async move {
+            grpc.ready().await.expect("ready");
+            grpc.unary(
+                request,
+                tonic::codegen::http::uri::PathAndQuery::from_static("/Recommendations/Recommend"),
+                codec,
+            )
+            .await
+        }
+    };
+    call(100)
+        .await
+        .expect("a small request with an unknown field is fine");
+    let status = call(64 * 1024).await.expect_err("too large");
+    // tonic's own answer for a request over the decoding limit.
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(
+        status.message().contains("the limit is: 4096 bytes"),
+        "{status:?}"
+    );
+}

@@ -180,3 +180,27 @@ async fn an_empty_allow_list_stops_start_up() {
         "{log:?}"
     );
 }
+
+#[cfg(unix)]
+#[tokio::test]
+async fn a_private_key_readable_by_others_is_warned_about_without_its_contents() {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = TestPki::new();
+    let key = pki.dir().join("server.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let mut process = ServiceProcess::start("recommendations", &env(&pki));
+    process.listening_addr().await;
+    let line = process
+        .wait_for_line("readable by group or others", Duration::from_secs(5))
+        .await;
+    assert!(
+        line.contains("server.key") && line.contains("WARN"),
+        "{line}"
+    );
+    let key_body = std::fs::read_to_string(&key).expect("read");
+    let key_line = key_body.lines().nth(1).expect("a PEM body line");
+    assert!(
+        process.log_so_far().iter().all(|l| !l.contains(key_line)),
+        "key material reached the log"
+    );
+}
