@@ -32,6 +32,12 @@ pub enum AppError {
     /// No such page.
     #[error("there is no page at this address")]
     NotFound,
+    /// The request target is longer than any real link.
+    #[error("the address is too long")]
+    UriTooLong,
+    /// The request headers are larger than any real browser sends.
+    #[error("the request headers are too large")]
+    HeadersTooLarge,
     /// A bug on our side (a template that failed to render).
     #[error("something went wrong on our side")]
     Internal,
@@ -51,6 +57,8 @@ impl AppError {
         match self {
             AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AppError::NoBooks | AppError::NotFound => StatusCode::NOT_FOUND,
+            AppError::UriTooLong => StatusCode::URI_TOO_LONG,
+            AppError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             AppError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -63,6 +71,8 @@ impl AppError {
             AppError::NoBooks => "category_not_found",
             AppError::Unavailable => "unavailable",
             AppError::NotFound => "not_found",
+            AppError::UriTooLong => "uri_too_long",
+            AppError::HeadersTooLarge => "headers_too_large",
             AppError::Internal => "internal",
         }
     }
@@ -73,6 +83,7 @@ impl AppError {
             AppError::NoBooks => "No books here yet",
             AppError::Unavailable => "Recommendations are unavailable",
             AppError::NotFound => "Page not found",
+            AppError::UriTooLong | AppError::HeadersTooLarge => "That request was too large",
             AppError::Internal => "Something went wrong",
         }
     }
@@ -86,6 +97,8 @@ impl AppError {
                 "We could not fetch recommendations just now. Please try again in a moment.".into()
             }
             AppError::NotFound => "There is no page at this address.".into(),
+            AppError::UriTooLong => "The address is longer than any link on this site.".into(),
+            AppError::HeadersTooLarge => "The request carried more headers than we accept.".into(),
             AppError::Internal => "Something went wrong on our side. Please try again.".into(),
         }
     }

@@ -290,3 +290,100 @@ async fn the_stylesheet_is_served() {
     );
     assert!(reply.body.contains("ul.books"));
 }
+
+#[tokio::test]
+async fn every_response_carries_the_security_headers() {
+    let source = StandIn::books(&["A"]);
+    for uri in [
+        "/",
+        "/api/recommendations",
+        "/?category=bad",
+        "/nowhere",
+        "/style.css",
+    ] {
+        let reply = get(source.clone(), uri).await;
+        let h = &reply.headers;
+        let csp = h[header::CONTENT_SECURITY_POLICY].to_str().expect("ascii");
+        assert!(
+            csp.contains("default-src 'none'") && csp.contains("frame-ancestors 'none'"),
+            "{uri}: {csp}"
+        );
+        assert!(
+            csp.contains("style-src 'self'"),
+            "the stylesheet must stay allowed: {csp}"
+        );
+        assert_eq!(h[header::X_CONTENT_TYPE_OPTIONS], "nosniff", "{uri}");
+        assert_eq!(h[header::X_FRAME_OPTIONS], "DENY", "{uri}");
+        assert_eq!(h[header::REFERRER_POLICY], "no-referrer", "{uri}");
+    }
+}
+
+#[tokio::test]
+async fn oversized_uris_and_headers_are_refused_before_any_handler() {
+    let source = StandIn::books(&["A"]);
+    let long = format!("/?category=mystery&pad={}", "x".repeat(3000));
+    let reply = get(source.clone(), &long).await;
+    assert_eq!(reply.status, StatusCode::URI_TOO_LONG);
+    assert!(reply.body.contains("That request was too large"));
+
+    let mut request = Request::builder().uri("/");
+    for i in 0..20 {
+        request = request.header(format!("x-filler-{i}"), "y".repeat(1000));
+    }
+    let response = router(source.clone())
+        .oneshot(request.body(Body::empty()).expect("request"))
+        .await
+        .expect("infallible");
+    assert_eq!(
+        response.status(),
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
+    assert!(
+        source.seen().is_empty(),
+        "a refused request must not reach recommendations"
+    );
+}
+
+/// A source that panics, standing in for a bug anywhere behind a handler.
+struct Panics;
+
+#[async_trait]
+impl RecommendationSource for Panics {
+    async fn recommend(&self, _: &RecommendationQuery) -> Result<Vec<Book>, SourceError> {
+        panic!("bug behind a handler")
+    }
+}
+
+#[tokio::test]
+async fn a_panic_behind_a_handler_is_a_500_page_and_the_app_keeps_serving() {
+    let app = router(Arc::new(Panics));
+    for _ in 0..2 {
+        let response = app
+            .clone()
+            .oneshot(
+                Request::builder()
+                    .uri("/")
+                    .body(Body::empty())
+                    .expect("request"),
+            )
+            .await
+            .expect("infallible");
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            response.headers()[header::X_CONTENT_TYPE_OPTIONS],
+            "nosniff"
+        );
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        let body = String::from_utf8_lossy(&body);
+        assert!(body.contains("Something went wrong"), "{body}");
+        assert!(
+            !body.contains("bug behind a handler"),
+            "panic text leaked: {body}"
+        );
+    }
+}
