@@ -429,6 +429,47 @@ mod tests {
         assert!(err.to_string().contains("longer than 500"));
     }
 
+    proptest::proptest! {
+        /// Whatever the catalog and request: never more than asked, never more than there are,
+        /// never a repeat, never a book of another category.
+        #[test]
+        fn samples_respect_every_bound(
+            books in proptest::collection::vec((0usize..3, "[a-z ]{1,20}"), 1..60),
+            category in 0usize..3,
+            max_results in 0i32..=1000,
+            seed: u64,
+        ) {
+            let catalog = Catalog::new(books.iter().zip(1..).map(|((c, title), id)| {
+                (Category::ALL[*c], Book { id, title: format!("t{title}") })
+            }))
+            .expect("valid");
+            let category = Category::ALL[category];
+            let in_category: HashSet<i32> = books
+                .iter()
+                .zip(1..)
+                .filter(|((c, _), _)| Category::ALL[*c] == category)
+                .map(|(_, id)| id)
+                .collect();
+            let mut rng = StdRng::seed_from_u64(seed);
+            match catalog.recommend(category, max(max_results), &mut rng) {
+                Err(CategoryNotFound) => proptest::prop_assert!(in_category.is_empty()),
+                Ok(sample) => {
+                    let want = (max_results as usize).min(in_category.len());
+                    proptest::prop_assert_eq!(sample.len(), want);
+                    let ids: HashSet<i32> = sample.iter().map(|b| b.id).collect();
+                    proptest::prop_assert_eq!(ids.len(), sample.len());
+                    proptest::prop_assert!(ids.is_subset(&in_category));
+                }
+            }
+        }
+
+        /// Any text at all is either a valid catalog or an error, never a panic.
+        #[test]
+        fn catalog_parsing_never_panics(json in "\\PC{0,200}") {
+            let _ = Catalog::parse(&json);
+        }
+    }
+
     #[test]
     fn a_missing_file_is_named_in_the_error() {
         let err = Catalog::load(Path::new("/nonexistent/books.json")).expect_err("missing");

@@ -155,6 +155,34 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Any request at all: OK within bounds, NOT_FOUND or INVALID_ARGUMENT; never a panic,
+        /// never another code.
+        #[test]
+        fn every_request_gets_one_of_three_answers(
+            user_id: i32,
+            category in proptest::prop_oneof![-2i32..5, proptest::num::i32::ANY],
+            max_results: i32,
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("runtime");
+            let answer = runtime.block_on(service().recommend(request(user_id, category, max_results)));
+            match answer {
+                Ok(reply) => {
+                    let books = reply.into_inner().recommendations;
+                    proptest::prop_assert!(books.len() <= max_results as usize);
+                    let ids: std::collections::HashSet<i32> = books.iter().map(|b| b.id).collect();
+                    proptest::prop_assert_eq!(ids.len(), books.len());
+                }
+                Err(status) => proptest::prop_assert!(
+                    matches!(status.code(), Code::NotFound | Code::InvalidArgument),
+                    "unexpected {:?}", status
+                ),
+            }
+        }
+    }
+
     #[tokio::test]
     async fn zero_max_results_is_an_empty_list() {
         let reply = service()

@@ -127,6 +127,31 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Any query string: either a query within every bound, or a short message. No panic.
+        #[test]
+        fn any_query_string_is_a_valid_query_or_a_short_error(raw in "\\PC{0,120}") {
+            match parse(Some(&raw)) {
+                Ok(q) => {
+                    proptest::prop_assert!((0..=MAX_RESULTS_LIMIT).contains(&q.max_results));
+                    proptest::prop_assert!(q.user_id >= 0);
+                }
+                Err(message) => proptest::prop_assert!(message.chars().count() < 200),
+            }
+        }
+
+        #[test]
+        fn well_formed_values_always_parse(
+            category in proptest::sample::select(vec!["mystery", "science_fiction", "self_help", "SELF-HELP"]),
+            max_results in 0i32..=100,
+            user_id in 0i32..=i32::MAX,
+        ) {
+            let q = parse(Some(&format!("category={category}&max_results={max_results}&user_id={user_id}")))
+                .expect("valid");
+            proptest::prop_assert_eq!((q.max_results, q.user_id), (max_results, user_id));
+        }
+    }
+
     #[test]
     fn long_bad_values_are_cut_short() {
         let long = "x".repeat(5000);
