@@ -3,6 +3,8 @@
 //! Domain code and wire types stay in the services.
 
 pub mod panic;
+pub mod server_tls;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
+pub mod watch;

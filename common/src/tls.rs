@@ -232,7 +232,20 @@ pub fn load_ca(path: &Path) -> Result<Certificate, TlsError> {
 
 /// Loads this service's certificate chain and private key, and checks that they belong together.
 pub fn load_identity(cert_path: &Path, key_path: &Path) -> Result<Identity, TlsError> {
-    let (cert_pem, certs) = load_certs(cert_path)?;
+    let loaded = load_certified_key(cert_path, key_path)?;
+    Ok(Identity::from_pem(loaded.cert_pem, loaded.key_pem))
+}
+
+/// A certificate chain and its private key, checked to belong together, in both forms.
+pub(crate) struct LoadedKey {
+    pub(crate) cert_pem: Vec<u8>,
+    pub(crate) key_pem: Vec<u8>,
+    pub(crate) chain: Vec<CertificateDer<'static>>,
+    pub(crate) key: PrivateKeyDer<'static>,
+}
+
+pub(crate) fn load_certified_key(cert_path: &Path, key_path: &Path) -> Result<LoadedKey, TlsError> {
+    let (cert_pem, chain) = load_certs(cert_path)?;
     let key_pem = read(key_path)?;
     if let Some(warning) = key_exposure(key_path) {
         tracing::warn!(path = %key_path.display(), "{warning}");
@@ -246,18 +259,34 @@ pub fn load_identity(cert_path: &Path, key_path: &Path) -> Result<Identity, TlsE
             reason: other.to_string(),
         },
     })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    rustls::sign::CertifiedKey::from_der(certs, key, &provider).map_err(|e| match e {
-        rustls::Error::InconsistentKeys(_) => TlsError::KeyMismatch {
-            key: key_path.to_owned(),
-            cert: cert_path.to_owned(),
+    rustls::sign::CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider()).map_err(
+        |e| match e {
+            rustls::Error::InconsistentKeys(_) => TlsError::KeyMismatch {
+                key: key_path.to_owned(),
+                cert: cert_path.to_owned(),
+            },
+            other => TlsError::BadKey {
+                path: key_path.to_owned(),
+                reason: other.to_string(),
+            },
         },
-        other => TlsError::BadKey {
-            path: key_path.to_owned(),
-            reason: other.to_string(),
-        },
-    })?;
-    Ok(Identity::from_pem(cert_pem, key_pem))
+    )?;
+    Ok(LoadedKey {
+        cert_pem,
+        key_pem,
+        chain,
+        key,
+    })
+}
+
+/// The CA certificates of a PEM bundle, checked as [`load_ca`] checks them.
+pub(crate) fn load_ca_ders(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    load_certs(path).map(|(_, ders)| ders)
+}
+
+/// The one crypto provider both services use (ring: no C toolchain beyond gcc needed).
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 /// The identities a certificate claims, in the order callers are matched: URI SANs (such as

@@ -12,15 +12,17 @@ use std::{
 use anyhow::Context;
 use bookstore_common::{
     panic::CatchPanicLayer,
+    server_tls::{ServerTls, TlsIncoming},
     shutdown::{Drained, ListenerClosedLog, serve_until},
-    tls::{self, Role, TlsMode},
+    tls::{Role, TlsMode},
+    watch::watch_files,
 };
 use bookstore_proto::recommendations_server::RecommendationsServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::codegen::http;
 use tonic::transport::{
-    Server, ServerTlsConfig,
+    Server,
     server::{Router, TcpIncoming},
 };
 use tonic_health::{ServingStatus, server::HealthReporter};
@@ -50,9 +52,6 @@ const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 /// No call may run longer than this, whatever deadline (or none) the client sent.
 const MAX_CALL_DURATION: Duration = Duration::from_secs(30);
 
-/// A TLS handshake that takes longer than this is dropped, so idle sockets cannot pile up.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// The gRPC service name, as the health service reports it (the proto has no package).
 pub const SERVICE_NAME: &str = "Recommendations";
 
@@ -73,6 +72,9 @@ pub struct Application {
     listener: TcpListener,
     router: Router<Layers>,
     health: HealthReporter,
+    /// Our own TLS (None with `TLS_MODE=off`): reloadable, and logging every refused handshake.
+    tls: Option<Arc<ServerTls>>,
+    tls_reload: Duration,
     grace: Duration,
 }
 
@@ -115,23 +117,19 @@ impl Application {
         if mode == TlsMode::Mutual && allowed.is_empty() {
             anyhow::bail!("ALLOWED_CLIENTS is empty: no caller could ever be served");
         }
-        let mut server = Server::builder()
+        let tls = match mode {
+            TlsMode::Off => None,
+            _ => Some(Arc::new(ServerTls::load(
+                config.tls.files(Role::Server),
+                mode,
+            )?)),
+        };
+        let server = Server::builder()
             .concurrency_limit_per_connection(MAX_CALLS_PER_CONNECTION)
             .load_shed(true)
             .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
             .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
             .timeout(MAX_CALL_DURATION);
-        if mode != TlsMode::Off {
-            let files = config.tls.files(Role::Server);
-            let mut tls = ServerTlsConfig::new()
-                .identity(tls::load_identity(&files.cert, &files.key)?)
-                .timeout(TLS_HANDSHAKE_TIMEOUT);
-            if mode == TlsMode::Mutual {
-                tls = tls.client_ca_root(tls::load_ca(&files.ca)?);
-            }
-            server = server.tls_config(tls).context("cannot configure TLS")?;
-        }
-
         let (health, health_service) = tonic_health::server::health_reporter();
         health
             .set_service_status(SERVICE_NAME, ServingStatus::Serving)
@@ -169,6 +167,8 @@ impl Application {
             listener,
             router,
             health,
+            tls,
+            tls_reload: Duration::from_secs(config.tls_reload_secs),
             grace: config.shutdown_grace(),
         })
     }
@@ -202,12 +202,31 @@ impl Application {
                     .await;
             }
         };
-        let incoming = Incoming {
-            inner: TcpIncoming::from(self.listener).with_nodelay(Some(true)),
-            _closed: ListenerClosedLog,
-        };
         tracing::info!(%addr, "recommendations listening");
-        let serve = self.router.serve_with_incoming_shutdown(incoming, stopping);
+        let serve: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+            match self.tls {
+                Some(tls) => {
+                    tokio::spawn(watch_files(self.tls_reload, stop.clone(), {
+                        let tls = tls.clone();
+                        move |forced| {
+                            if forced {
+                                tls.reload();
+                            } else {
+                                tls.reload_if_changed();
+                            }
+                        }
+                    }));
+                    let incoming = TlsIncoming::new(self.listener, tls);
+                    Box::pin(self.router.serve_with_incoming_shutdown(incoming, stopping))
+                }
+                None => {
+                    let incoming = Incoming {
+                        inner: TcpIncoming::from(self.listener).with_nodelay(Some(true)),
+                        _closed: ListenerClosedLog,
+                    };
+                    Box::pin(self.router.serve_with_incoming_shutdown(incoming, stopping))
+                }
+            };
         let drained = serve_until(serve, stop, shutdown, self.grace)
             .await
             .context("gRPC server failed")?;
@@ -215,7 +234,7 @@ impl Application {
     }
 }
 
-/// The listening socket as tonic consumes it, logging when tonic drops it at shutdown.
+/// The plaintext listening socket as tonic consumes it, logging when tonic drops it at shutdown.
 struct Incoming {
     inner: TcpIncoming,
     _closed: ListenerClosedLog,

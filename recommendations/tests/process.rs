@@ -204,3 +204,41 @@ async fn a_private_key_readable_by_others_is_warned_about_without_its_contents()
         "key material reached the log"
     );
 }
+
+#[tokio::test]
+async fn sighup_reloads_the_certificates_at_once() {
+    let pki = TestPki::new();
+    let mut env = env(&pki);
+    env.push(("TLS_RELOAD_SECS", "3600".into())); // polling out of the picture
+    let mut process = ServiceProcess::start("recommendations", &env);
+    let addr = process.listening_addr().await;
+    let renewed = pki
+        .pki
+        .ca
+        .issue(
+            "recommendations",
+            &["localhost"],
+            bookstore_certs::Usage::Server,
+        )
+        .expect("cert");
+    pki.write("server", &renewed);
+    process.signal("HUP");
+    process
+        .wait_for_line("TLS certificates reloaded", Duration::from_secs(5))
+        .await;
+    trusted_client(addr, &pki)
+        .recommend(RecommendationRequest {
+            user_id: 1,
+            category: 0,
+            max_results: 1,
+        })
+        .await
+        .expect("served with the new certificate");
+    assert!(
+        process
+            .log_so_far()
+            .iter()
+            .all(|l| !l.contains("Received shutdown signal")),
+        "SIGHUP must not stop the service"
+    );
+}

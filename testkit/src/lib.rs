@@ -75,6 +75,7 @@ pub fn recommendations_config(certs_dir: &Path) -> recommendations::config::Conf
         catalog_path: None,
         artificial_delay_ms: 0,
         allowed_clients: vec!["marketplace".into()],
+        tls_reload_secs: 1,
         log_filter: "info".into(),
         tls: TlsArgs::new(certs_dir, TlsMode::Mutual),
     }

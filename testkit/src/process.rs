@@ -100,6 +100,32 @@ impl ServiceProcess {
         }
     }
 
+    /// Waits until at least `n` log lines contain `needle`; returns the `n`th.
+    pub async fn wait_for_nth(&mut self, needle: &str, n: usize, timeout: Duration) -> String {
+        let found = tokio::time::timeout(timeout, async {
+            loop {
+                let matching: Vec<&String> =
+                    self.log.iter().filter(|l| l.contains(needle)).collect();
+                if matching.len() >= n {
+                    return Some(matching[n - 1].clone());
+                }
+                match self.lines.recv().await {
+                    Some(line) => self.log.push(line),
+                    None => return None,
+                }
+            }
+        })
+        .await;
+        match found {
+            Ok(Some(line)) => line,
+            _ => panic!(
+                "{} never logged {needle:?} {n} times; its log:\n{}",
+                self.name,
+                self.log.join("\n")
+            ),
+        }
+    }
+
     /// The log lines read so far.
     pub fn log_so_far(&self) -> &[String] {
         &self.log

@@ -1,0 +1,104 @@
+//! Noticing that TLS files changed: by polling their modification times and sizes (what a
+//! Kubernetes Secret update, cert-manager or a plain `cp` changes), and on SIGHUP.
+
+use std::{
+    path::PathBuf,
+    sync::Mutex,
+    time::{Duration, SystemTime},
+};
+
+type Stamp = Vec<Option<(SystemTime, u64)>>;
+
+/// Remembers a set of files' modification times and sizes, to tell when any of them changed.
+#[derive(Debug)]
+pub struct FileStamps {
+    paths: Vec<PathBuf>,
+    last: Mutex<Stamp>,
+}
+
+impl FileStamps {
+    /// Takes the files' current state as the starting point.
+    pub fn new(paths: impl IntoIterator<Item = PathBuf>) -> Self {
+        let paths: Vec<PathBuf> = paths.into_iter().collect();
+        let last = Mutex::new(stamp(&paths));
+        FileStamps { paths, last }
+    }
+
+    /// Whether any file changed since the last call (or creation). The new state is remembered
+    /// even if the caller then refuses the files, so a broken set is reported once and the next
+    /// change (the writer finishing) is tried again.
+    pub fn changed(&self) -> bool {
+        let now = stamp(&self.paths);
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if *last == now {
+            return false;
+        }
+        *last = now;
+        true
+    }
+}
+
+fn stamp(paths: &[PathBuf]) -> Stamp {
+    paths
+        .iter()
+        .map(|p| {
+            std::fs::metadata(p)
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, m.len())))
+        })
+        .collect()
+}
+
+/// Calls `check(false)` every `interval` and `check(true)` on SIGHUP, until `stop` is cancelled.
+/// `check(forced)` reloads TLS material: if changed, or unconditionally when forced.
+pub async fn watch_files(
+    interval: Duration,
+    stop: tokio_util::sync::CancellationToken,
+    check: impl Fn(bool) + Send,
+) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await; // the first tick is immediate; the files were just loaded
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let sighup = async {
+            match hangup.as_mut() {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let sighup = std::future::pending::<()>();
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => check(false),
+            () = sighup => {
+                tracing::info!("SIGHUP: reloading TLS certificates");
+                check(true);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_change_is_reported_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("server.pem");
+        std::fs::write(&file, "one").expect("write");
+        let stamps = FileStamps::new([file.clone()]);
+        assert!(!stamps.changed());
+        std::fs::write(&file, "two, longer").expect("write");
+        assert!(stamps.changed());
+        assert!(!stamps.changed());
+        std::fs::remove_file(&file).expect("rm");
+        assert!(stamps.changed(), "a file going away is a change too");
+    }
+}
