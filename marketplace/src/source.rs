@@ -1,7 +1,7 @@
 //! Where recommendations come from: a trait the routes depend on, and its gRPC implementation
 //! over one long-lived, lazily connected channel.
 
-use std::time::Duration;
+use std::{sync::RwLock, time::Duration};
 
 use async_trait::async_trait;
 use bookstore_proto::{
@@ -33,9 +33,9 @@ pub trait RecommendationSource: Send + Sync + 'static {
 }
 
 /// The recommendations service over gRPC.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct GrpcSource {
-    client: RecommendationsClient<Channel>,
+    client: RwLock<RecommendationsClient<Channel>>,
     timeout: Duration,
 }
 
@@ -44,9 +44,24 @@ impl GrpcSource {
     /// enforces the `timeout` deadline.
     pub fn new(channel: Channel, timeout: Duration) -> Self {
         GrpcSource {
-            client: RecommendationsClient::new(channel),
+            client: RwLock::new(RecommendationsClient::new(channel)),
             timeout,
         }
+    }
+
+    /// Sends new calls through `channel` from now on (after a certificate rotation). Calls in
+    /// flight finish on the old connection, which closes once the last of them is done.
+    pub fn replace_channel(&self, channel: Channel) {
+        *self.client.write().unwrap_or_else(|p| p.into_inner()) =
+            RecommendationsClient::new(channel);
+    }
+
+    fn client(&self) -> RecommendationsClient<Channel> {
+        // Cloned out, so the lock is never held across an await.
+        self.client
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -69,7 +84,7 @@ impl RecommendationSource for GrpcSource {
         // Sent as `grpc-timeout`, so the server can give up too; the local timeout below is the
         // guarantee, covering connection set-up as well.
         request.set_timeout(self.timeout);
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let reply = tokio::time::timeout(self.timeout, client.recommend(request)).await;
         let result = match reply {
             Err(_) => Err(SourceError::Timeout(self.timeout)),

@@ -7,6 +7,7 @@ use axum::Router;
 use bookstore_common::{
     shutdown::{Drained, ListenerClosedLog, serve_until},
     tls::{self, Role, TlsMode},
+    watch::{FileStamps, watch_files},
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -24,6 +25,8 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Application {
     listener: TcpListener,
     router: Router,
+    source: Arc<GrpcSource>,
+    config: Config,
     grace: Duration,
 }
 
@@ -63,20 +66,44 @@ pub fn recommendations_channel(config: &Config) -> anyhow::Result<Channel> {
     Ok(endpoint.connect_lazy())
 }
 
+/// What the file watcher does: on a change (or when forced), a new channel with the new files;
+/// files that fail the start-up checks are refused and the current channel stays.
+fn reload_channel(config: Config, source: Arc<GrpcSource>) -> impl Fn(bool) + Send {
+    let files = config.tls.files(Role::Client);
+    let stamps = FileStamps::new([files.ca, files.cert, files.key]);
+    move |forced| {
+        if !stamps.changed() && !forced {
+            return;
+        }
+        match recommendations_channel(&config) {
+            Ok(channel) => {
+                source.replace_channel(channel);
+                tracing::info!("TLS certificates reloaded; new calls use a new connection");
+            }
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                "new TLS files refused; keeping the certificates in use"
+            ),
+        }
+    }
+}
+
 impl Application {
     /// Loads TLS material, prepares the channel and binds the listener. Every problem is
     /// reported here, before anything is served.
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
         config.tls.tls_mode.warn_if_weak();
         let channel = recommendations_channel(config)?;
-        let source = GrpcSource::new(channel, config.recommendations_timeout());
-        let router = routes::router(Arc::new(source));
+        let source = Arc::new(GrpcSource::new(channel, config.recommendations_timeout()));
+        let router = routes::router(source.clone());
         let listener = TcpListener::bind(config.listen_addr)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
         Ok(Application {
             listener,
             router,
+            source,
+            config: config.clone(),
             grace: config.shutdown_grace(),
         })
     }
@@ -96,6 +123,13 @@ impl Application {
     ) -> anyhow::Result<Drained> {
         tracing::info!(addr = %self.local_addr(), "marketplace listening");
         let stop = CancellationToken::new();
+        if self.config.tls.tls_mode != TlsMode::Off {
+            tokio::spawn(watch_files(
+                Duration::from_secs(self.config.tls_reload_secs),
+                stop.clone(),
+                reload_channel(self.config.clone(), self.source.clone()),
+            ));
+        }
         let listener = Listener {
             inner: self.listener,
             _closed: ListenerClosedLog,

@@ -163,3 +163,22 @@ async fn certificates_made_with_openssl_work_end_to_end() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body.matches("<li>").count(), 3, "{body}");
 }
+
+/// A broken client file set (here a key that is not a key) is refused by the marketplace's
+/// reload, which says so in its log, and pages keep working with the certificates in use.
+#[tokio::test]
+async fn the_marketplace_ignores_a_broken_certificate_rotation() {
+    let pki = TestPki::new();
+    let (_recommendations, backend) = start_recommendations(&pki, &[]).await;
+    let (mut marketplace, web) =
+        start_marketplace(&pki, backend, &[("TLS_RELOAD_SECS", "1".into())]).await;
+    assert_eq!(fetch(web, "/").await.expect("page").0, 200);
+
+    std::fs::write(pki.dir().join("client.key"), "not a key\n").expect("write");
+    let line = marketplace
+        .wait_for_line("new TLS files refused", Duration::from_secs(10))
+        .await;
+    assert!(line.contains("client.key"), "{line}");
+    let (status, body) = fetch(web, "/").await.expect("page");
+    assert_eq!(status, 200, "{body}");
+}

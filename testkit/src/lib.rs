@@ -92,6 +92,7 @@ pub fn marketplace_config(
         recommendations_port: recommendations.port(),
         recommendations_tls_name: Some("localhost".into()),
         recommendations_timeout_ms: 1000,
+        tls_reload_secs: 1,
         shutdown_grace_secs: 5,
         log_filter: "info".into(),
         tls: TlsArgs::new(certs_dir, TlsMode::Mutual),
