@@ -21,8 +21,8 @@ pub fn parse(raw: Option<&str>) -> Result<RecommendationQuery, String> {
             "category" => {
                 query.category = Category::from_slug(&value).ok_or_else(|| {
                     format!(
-                        "unknown category {:?}; expected one of {}",
-                        shorten(&value),
+                        "unknown category {}; expected one of {}",
+                        quoted(&value),
                         Category::ALL.map(Category::slug).join(", ")
                     )
                 })?;
@@ -45,18 +45,22 @@ fn parse_int(value: &str, name: &str, min: i32, max: i32) -> Result<i32, String>
         .and_then(|v| i32::try_from(v).ok())
         .ok_or_else(|| {
             format!(
-                "{name} must be a whole number from {min} to {max}, got {:?}",
-                shorten(value)
+                "{name} must be a whole number from {min} to {max}, got {}",
+                quoted(value)
             )
         })
 }
 
-/// Echoes at most 40 characters of a bad value back, so an error stays readable.
-fn shorten(value: &str) -> String {
-    match value.char_indices().nth(40) {
-        Some((cut, _)) => format!("{}…", &value[..cut]),
-        None => value.to_owned(),
-    }
+/// A bad value as echoed in an error: quoted, control characters escaped, and cut to at most
+/// 40 characters *after* escaping (each control character escapes to several), so an error
+/// stays short and readable whatever the input. Found by fuzzing: cutting first let 40 control
+/// characters grow to some 240.
+fn quoted(value: &str) -> String {
+    const MAX_CHARS: usize = 40;
+    let mut escaped = value.escape_debug();
+    let shown: String = escaped.by_ref().take(MAX_CHARS).collect();
+    let more = if escaped.next().is_some() { "…" } else { "" };
+    format!("\"{shown}{more}\"")
 }
 
 #[cfg(test)]
@@ -127,10 +131,19 @@ mod tests {
         }
     }
 
+    use proptest::strategy::Strategy;
+
     proptest::proptest! {
         /// Any query string: either a query within every bound, or a short message. No panic.
         #[test]
-        fn any_query_string_is_a_valid_query_or_a_short_error(raw in "\\PC{0,120}") {
+        fn any_query_string_is_a_valid_query_or_a_short_error(
+            key in proptest::sample::select(vec!["category", "max_results", "user_id", "other", ""]),
+            value in proptest::collection::vec(proptest::char::any(), 0..120)
+                .prop_map(|chars| chars.into_iter().collect::<String>()),
+            tail in proptest::collection::vec(proptest::char::any(), 0..40)
+                .prop_map(|chars| chars.into_iter().collect::<String>()),
+        ) {
+            let raw = format!("{key}={value}&{tail}");
             match parse(Some(&raw)) {
                 Ok(q) => {
                     proptest::prop_assert!((0..=MAX_RESULTS_LIMIT).contains(&q.max_results));
@@ -150,6 +163,15 @@ mod tests {
                 .expect("valid");
             proptest::prop_assert_eq!((q.max_results, q.user_id), (max_results, user_id));
         }
+    }
+
+    /// The input the fuzzer found: control characters that grow when escaped.
+    #[test]
+    fn escaped_control_characters_still_make_a_short_error() {
+        let raw = format!("category={}my\0\0\0.\0steWid=1", "\u{e}".repeat(25));
+        let err = parse(Some(&raw)).expect_err("bad category");
+        assert!(err.chars().count() < 200, "{err}");
+        assert!(err.starts_with("unknown category \"\\u{e}"), "{err}");
     }
 
     #[test]
