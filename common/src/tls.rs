@@ -103,6 +103,11 @@ pub struct TlsArgs {
     /// This service's private key, instead of the one in `CERTS_DIR`.
     #[arg(long, env = "TLS_KEY_FILE")]
     pub key_file: Option<PathBuf>,
+    /// Seconds between checks of the TLS files for changes (they are also reloaded at once on
+    /// SIGHUP). New connections use new files; open ones keep theirs.
+    #[arg(long, env = "TLS_RELOAD_SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub tls_reload_secs: u64,
 }
 
 impl TlsArgs {
@@ -114,7 +119,13 @@ impl TlsArgs {
             ca_file: None,
             cert_file: None,
             key_file: None,
+            tls_reload_secs: 5,
         }
+    }
+
+    /// How often to check the files for changes.
+    pub fn reload_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.tls_reload_secs)
     }
 
     /// The files to use: each override, or else the original's name in `certs_dir`.

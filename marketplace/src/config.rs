@@ -30,11 +30,6 @@ pub struct Config {
     /// Seconds in-flight requests get to finish after SIGTERM or Ctrl+C before they are cancelled.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
-    /// Seconds between checks of the TLS files for changes (also reloaded at once on SIGHUP);
-    /// on a change the channel to recommendations is rebuilt with the new identity.
-    #[arg(long, env = "TLS_RELOAD_SECS", default_value_t = 5,
-          value_parser = clap::value_parser!(u64).range(1..))]
-    pub tls_reload_secs: u64,
     /// Log filter, e.g. `info` or `marketplace=debug`.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log_filter: String,

@@ -125,7 +125,7 @@ impl Application {
         let stop = CancellationToken::new();
         if self.config.tls.tls_mode != TlsMode::Off {
             tokio::spawn(watch_files(
-                Duration::from_secs(self.config.tls_reload_secs),
+                self.config.tls.reload_interval(),
                 stop.clone(),
                 reload_channel(self.config.clone(), self.source.clone()),
             ));

@@ -31,11 +31,6 @@ pub struct Config {
         default_value = "marketplace"
     )]
     pub allowed_clients: Vec<String>,
-    /// Seconds between checks of the TLS files for changes (they are also reloaded at once on
-    /// SIGHUP). New connections use new files; open ones keep theirs.
-    #[arg(long, env = "TLS_RELOAD_SECS", default_value_t = 5,
-          value_parser = clap::value_parser!(u64).range(1..))]
-    pub tls_reload_secs: u64,
     /// Log filter, e.g. `info` or `recommendations=debug`.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log_filter: String,

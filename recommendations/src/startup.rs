@@ -168,7 +168,7 @@ impl Application {
             router,
             health,
             tls,
-            tls_reload: Duration::from_secs(config.tls_reload_secs),
+            tls_reload: config.tls.reload_interval(),
             grace: config.shutdown_grace(),
         })
     }

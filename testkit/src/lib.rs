@@ -75,9 +75,11 @@ pub fn recommendations_config(certs_dir: &Path) -> recommendations::config::Conf
         catalog_path: None,
         artificial_delay_ms: 0,
         allowed_clients: vec!["marketplace".into()],
-        tls_reload_secs: 1,
         log_filter: "info".into(),
-        tls: TlsArgs::new(certs_dir, TlsMode::Mutual),
+        tls: TlsArgs {
+            tls_reload_secs: 1,
+            ..TlsArgs::new(certs_dir, TlsMode::Mutual)
+        },
     }
 }
 
@@ -92,10 +94,12 @@ pub fn marketplace_config(
         recommendations_port: recommendations.port(),
         recommendations_tls_name: Some("localhost".into()),
         recommendations_timeout_ms: 1000,
-        tls_reload_secs: 1,
         shutdown_grace_secs: 5,
         log_filter: "info".into(),
-        tls: TlsArgs::new(certs_dir, TlsMode::Mutual),
+        tls: TlsArgs {
+            tls_reload_secs: 1,
+            ..TlsArgs::new(certs_dir, TlsMode::Mutual)
+        },
     }
 }
 
