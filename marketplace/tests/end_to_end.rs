@@ -182,3 +182,51 @@ async fn the_marketplace_ignores_a_broken_certificate_rotation() {
     let (status, body) = fetch(web, "/").await.expect("page");
     assert_eq!(status, 200, "{body}");
 }
+
+#[tokio::test]
+async fn sighup_makes_the_marketplace_reload_its_certificates_at_once() {
+    let pki = TestPki::new();
+    let (_recommendations, backend) = start_recommendations(&pki, &[]).await;
+    let (mut marketplace, web) =
+        start_marketplace(&pki, backend, &[("TLS_RELOAD_SECS", "3600".into())]).await;
+    let renewed = pki
+        .pki
+        .ca
+        .issue(
+            "marketplace",
+            &["marketplace"],
+            bookstore_certs::Usage::Client,
+        )
+        .expect("cert");
+    pki.write("client", &renewed);
+    marketplace.signal("HUP");
+    marketplace
+        .wait_for_line("TLS certificates reloaded", Duration::from_secs(5))
+        .await;
+    let (status, body) = fetch(web, "/").await.expect("page");
+    assert_eq!(status, 200, "{body}");
+}
+
+/// Markup in a catalog title reaches the browser as text, through the real services.
+#[tokio::test]
+async fn a_catalog_title_with_markup_is_shown_as_text() {
+    let pki = TestPki::new();
+    let catalog = pki.dir().join("books.json");
+    std::fs::write(
+        &catalog,
+        r#"{"books":[{"id":1,"category":"MYSTERY","title":"<img src=x onerror=alert(1)> & <b>Co</b>"}]}"#,
+    )
+    .expect("write");
+    let (_recommendations, backend) =
+        start_recommendations(&pki, &[("CATALOG_PATH", catalog.display().to_string())]).await;
+    let (_marketplace, web) = start_marketplace(&pki, backend, &[]).await;
+    let (status, body) = fetch(web, "/").await.expect("page");
+    assert_eq!(status, 200, "{body}");
+    assert!(!body.contains("<img") && !body.contains("<b>"), "{body}");
+    assert!(
+        body.contains(
+            "<li>&#60;img src=x onerror=alert(1)&#62; &#38; &#60;b&#62;Co&#60;/b&#62;</li>"
+        ),
+        "{body}"
+    );
+}
