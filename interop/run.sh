@@ -41,7 +41,7 @@ wait_for() {
 }
 
 echo "--- 1. Python client -> Rust recommendations"
-LISTEN_ADDR=127.0.0.1:0 CERTS_DIR="$work/pki" "$bin/recommendations" 2>"$work/rec.log" &
+LISTEN_ADDR=127.0.0.1:0 ADMIN_ADDR=127.0.0.1:0 CERTS_DIR="$work/pki" "$bin/recommendations" 2>"$work/rec.log" &
 pids+=($!)
 addr=$(wait_for "$work/rec.log" "recommendations listening" | sed -E 's/.*addr=([^ ]+).*/\1/')
 (cd "$work" && "$py" client.py "$addr" "$work/pki")
@@ -62,7 +62,7 @@ py_port=$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); 
 (cd "$work" && exec "$py" server.py "$py_port" "$work/pki") >"$work/py.log" 2>&1 &
 pids+=($!)
 wait_for "$work/py.log" "python server listening" >/dev/null
-LISTEN_ADDR=127.0.0.1:0 RECOMMENDATIONS_HOST=127.0.0.1 RECOMMENDATIONS_PORT="$py_port" \
+LISTEN_ADDR=127.0.0.1:0 ADMIN_ADDR=127.0.0.1:0 RECOMMENDATIONS_HOST=127.0.0.1 RECOMMENDATIONS_PORT="$py_port" \
     RECOMMENDATIONS_TLS_NAME=localhost CERTS_DIR="$work/pki" "$bin/marketplace" 2>"$work/mkt.log" &
 pids+=($!)
 web=$(wait_for "$work/mkt.log" "marketplace listening" | sed -E 's/.*addr=([^ ]+).*/\1/')

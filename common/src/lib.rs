@@ -2,6 +2,7 @@
 //! material, catching handler panics, waiting for a shutdown signal and draining within a deadline, and log set-up.
 //! Domain code and wire types stay in the services.
 
+pub mod admin;
 pub mod panic;
 pub mod server_tls;
 pub mod shutdown;

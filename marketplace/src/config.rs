@@ -30,6 +30,9 @@ pub struct Config {
     /// Seconds in-flight requests get to finish after SIGTERM or Ctrl+C before they are cancelled.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
+    /// Plaintext admin address: `GET /healthz` (liveness) and `GET /readyz` (readiness).
+    #[arg(long, env = "ADMIN_ADDR", default_value = "[::]:9091")]
+    pub admin_addr: SocketAddr,
     /// Log filter, e.g. `info` or `marketplace=debug`.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log_filter: String,

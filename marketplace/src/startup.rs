@@ -5,6 +5,7 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use anyhow::Context;
 use axum::Router;
 use bookstore_common::{
+    admin::{self, Admin},
     shutdown::{Drained, ListenerClosedLog, serve_until},
     tls::{self, Role, TlsMode},
     watch::{FileStamps, watch_files},
@@ -27,6 +28,8 @@ pub struct Application {
     router: Router,
     source: Arc<GrpcSource>,
     config: Config,
+    /// Bound last, so being reachable there means everything else is loaded and bound.
+    admin: TcpListener,
     grace: Duration,
 }
 
@@ -99,13 +102,24 @@ impl Application {
         let listener = TcpListener::bind(config.listen_addr)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
+        let admin = admin::bind(config.admin_addr)
+            .await
+            .map_err(anyhow::Error::msg)?;
         Ok(Application {
             listener,
             router,
             source,
             config: config.clone(),
+            admin,
             grace: config.shutdown_grace(),
         })
+    }
+
+    /// The admin address actually bound.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
     /// The address actually bound (useful with port 0).
@@ -137,10 +151,10 @@ impl Application {
         let serve = axum::serve(listener, self.router)
             .with_graceful_shutdown(stop.clone().cancelled_owned())
             .into_future();
-        let drained = serve_until(serve, stop, shutdown, self.grace)
-            .await
-            .context("HTTP server failed")?;
-        Ok(drained)
+        let admin = Admin::spawn(self.admin, stop.clone());
+        let drained = serve_until(serve, stop, shutdown, self.grace).await;
+        admin.stop().await;
+        drained.context("HTTP server failed")
     }
 }
 

@@ -112,3 +112,38 @@ async fn a_marketplace_without_a_client_certificate_is_refused_and_says_unavaila
     let (status, body) = fetch(marketplace.addr, "/").await;
     assert_eq!(status, 503, "{body}");
 }
+
+#[tokio::test]
+async fn readiness_turns_off_at_the_signal_while_a_slow_page_finishes() {
+    let pki = TestPki::new();
+    let mut slow = recommendations_config(pki.dir());
+    slow.artificial_delay_ms = 1500;
+    let recommendations = spawn_recommendations(&slow).await;
+    let mut config = marketplace_config(pki.dir(), recommendations.addr);
+    config.recommendations_timeout_ms = 5000;
+    let mut marketplace = spawn_marketplace(&config).await;
+    let (web, admin) = (marketplace.addr, marketplace.admin_addr);
+    let ready = || async move {
+        reqwest::get(format!("http://{admin}/readyz"))
+            .await
+            .map(|r| r.status().as_u16())
+            .ok()
+    };
+    assert_eq!(ready().await, Some(200));
+
+    let page = tokio::spawn(fetch(web, "/"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    marketplace.signal();
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while ready().await != Some(503) {
+        assert!(
+            Instant::now() < deadline,
+            "/readyz still ready after the signal"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, body) = page.await.expect("task");
+    assert_eq!(status, 200, "{body}");
+    marketplace.finished().await;
+    assert_eq!(ready().await, None, "admin port closed after the drain");
+}

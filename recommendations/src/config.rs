@@ -31,6 +31,9 @@ pub struct Config {
         default_value = "marketplace"
     )]
     pub allowed_clients: Vec<String>,
+    /// Plaintext admin address: `GET /healthz` (liveness) and `GET /readyz` (readiness).
+    #[arg(long, env = "ADMIN_ADDR", default_value = "[::]:9090")]
+    pub admin_addr: SocketAddr,
     /// Log filter, e.g. `info` or `recommendations=debug`.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log_filter: String,

@@ -11,6 +11,7 @@ use std::{
 
 use anyhow::Context;
 use bookstore_common::{
+    admin::{self, Admin},
     panic::CatchPanicLayer,
     server_tls::{ServerTls, TlsIncoming},
     shutdown::{Drained, ListenerClosedLog, serve_until},
@@ -75,6 +76,8 @@ pub struct Application {
     /// Our own TLS (None with `TLS_MODE=off`): reloadable, and logging every refused handshake.
     tls: Option<Arc<ServerTls>>,
     tls_reload: Duration,
+    /// Bound last, so being reachable there means everything else is loaded and bound.
+    admin: TcpListener,
     grace: Duration,
 }
 
@@ -163,14 +166,25 @@ impl Application {
         let listener = TcpListener::bind(config.listen_addr)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
+        let admin = admin::bind(config.admin_addr)
+            .await
+            .map_err(anyhow::Error::msg)?;
         Ok(Application {
             listener,
             router,
             health,
             tls,
             tls_reload: config.tls.reload_interval(),
+            admin,
             grace: config.shutdown_grace(),
         })
+    }
+
+    /// The admin address actually bound.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
     /// The address actually bound (useful with port 0).
@@ -227,10 +241,10 @@ impl Application {
                     Box::pin(self.router.serve_with_incoming_shutdown(incoming, stopping))
                 }
             };
-        let drained = serve_until(serve, stop, shutdown, self.grace)
-            .await
-            .context("gRPC server failed")?;
-        Ok(drained)
+        let admin = Admin::spawn(self.admin, stop.clone());
+        let drained = serve_until(serve, stop, shutdown, self.grace).await;
+        admin.stop().await;
+        drained.context("gRPC server failed")
     }
 }
 

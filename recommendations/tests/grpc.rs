@@ -472,3 +472,57 @@ async fn an_oversized_request_is_refused() {
         "{status:?}"
     );
 }
+
+async fn admin_status(admin: std::net::SocketAddr, path: &str) -> Option<u16> {
+    reqwest::get(format!("http://{admin}{path}"))
+        .await
+        .ok()
+        .map(|r| r.status().as_u16())
+}
+
+/// The plaintext admin port: live and ready while serving; not ready (but still live and
+/// answering) from the shutdown signal through the drain; gone once the drain is over.
+#[tokio::test]
+async fn readiness_turns_off_at_the_signal_and_the_admin_port_answers_through_the_drain() {
+    let pki = TestPki::new();
+    let mut config = recommendations_config(pki.dir());
+    config.artificial_delay_ms = 1500;
+    let mut server = spawn_recommendations(&config).await;
+    let admin = server.admin_addr;
+    assert_eq!(admin_status(admin, "/healthz").await, Some(200));
+    assert_eq!(admin_status(admin, "/readyz").await, Some(200));
+
+    let mut client = trusted_client(server.addr, &pki);
+    client
+        .clone()
+        .recommend(mystery(0))
+        .await
+        .expect("connected");
+    let slow = tokio::spawn(async move { client.recommend(mystery(1)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await; // the call is now in its delay
+    server.signal();
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while admin_status(admin, "/readyz").await != Some(503) {
+        assert!(
+            Instant::now() < deadline,
+            "/readyz still ready after the signal"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        admin_status(admin, "/healthz").await,
+        Some(200),
+        "live during the drain"
+    );
+    assert!(!slow.is_finished(), "the drain must still be going on");
+
+    slow.await
+        .expect("task")
+        .expect("the in-flight call completes");
+    assert_eq!(server.finished().await, Drained::Gracefully);
+    assert_eq!(
+        admin_status(admin, "/healthz").await,
+        None,
+        "admin port closed after the drain"
+    );
+}

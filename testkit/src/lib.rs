@@ -75,6 +75,7 @@ pub fn recommendations_config(certs_dir: &Path) -> recommendations::config::Conf
         catalog_path: None,
         artificial_delay_ms: 0,
         allowed_clients: vec!["marketplace".into()],
+        admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         log_filter: "info".into(),
         tls: TlsArgs {
             tls_reload_secs: 1,
@@ -94,6 +95,7 @@ pub fn marketplace_config(
         recommendations_port: recommendations.port(),
         recommendations_tls_name: Some("localhost".into()),
         recommendations_timeout_ms: 1000,
+        admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         shutdown_grace_secs: 5,
         log_filter: "info".into(),
         tls: TlsArgs {
@@ -107,6 +109,8 @@ pub fn marketplace_config(
 #[derive(Debug)]
 pub struct Running {
     pub addr: SocketAddr,
+    /// The plaintext admin address (`/healthz`, `/readyz`).
+    pub admin_addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Drained>,
 }
@@ -135,7 +139,7 @@ impl Running {
 
 /// Runs a built app on a task; `run` is its `run_until_stopped`, handed the shutdown future that
 /// [`Running::stop`] (or dropping the `Running`) completes.
-fn spawn<F>(addr: SocketAddr, run: impl FnOnce(Shutdown) -> F) -> Running
+fn spawn<F>(addr: SocketAddr, admin_addr: SocketAddr, run: impl FnOnce(Shutdown) -> F) -> Running
 where
     F: std::future::Future<Output = anyhow::Result<Drained>> + Send + 'static,
 {
@@ -151,6 +155,7 @@ where
     });
     Running {
         addr,
+        admin_addr,
         stop: Some(stop),
         task,
     }
@@ -163,7 +168,9 @@ pub async fn spawn_recommendations(config: &recommendations::config::Config) -> 
     let app = recommendations::startup::Application::build(config)
         .await
         .expect("recommendations starts");
-    spawn(app.local_addr(), |shutdown| app.run_until_stopped(shutdown))
+    spawn(app.local_addr(), app.admin_addr(), |shutdown| {
+        app.run_until_stopped(shutdown)
+    })
 }
 
 /// Starts the marketplace through its real `Application::build` and `run_until_stopped`.
@@ -171,7 +178,9 @@ pub async fn spawn_marketplace(config: &marketplace::config::Config) -> Running 
     let app = marketplace::startup::Application::build(config)
         .await
         .expect("marketplace starts");
-    spawn(app.local_addr(), |shutdown| app.run_until_stopped(shutdown))
+    spawn(app.local_addr(), app.admin_addr(), |shutdown| {
+        app.run_until_stopped(shutdown)
+    })
 }
 
 /// A gRPC client to `addr` over TLS, checking the server's certificate for `server_name` against

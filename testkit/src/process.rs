@@ -50,6 +50,8 @@ impl ServiceProcess {
         let mut child = Command::new(binary(name))
             .env_clear()
             .env("RUST_LOG", "info")
+            // Many tests run at once: the admin port must not collide unless a test picks one.
+            .env("ADMIN_ADDR", "127.0.0.1:0")
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -1,0 +1,102 @@
+//! The plaintext admin port: liveness and readiness for orchestrators and load balancers, so
+//! the business ports can stay mutual-TLS only.
+//!
+//! Readiness is honest: the admin port is bound only once everything else is loaded and bound,
+//! and `/readyz` turns to 503 the moment a shutdown signal arrives, while the admin port keeps
+//! answering through the drain so the orchestrator sees it.
+
+use std::net::SocketAddr;
+
+use axum::{Router, extract::State, http::StatusCode, routing::get};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+/// The admin router. `draining` is cancelled when the service starts shutting down.
+pub fn router(draining: CancellationToken) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(draining)
+}
+
+async fn readyz(State(draining): State<CancellationToken>) -> (StatusCode, &'static str) {
+    if draining.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+    } else {
+        (StatusCode::OK, "ready\n")
+    }
+}
+
+/// A running admin server.
+#[derive(Debug)]
+pub struct Admin {
+    stop: CancellationToken,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl Admin {
+    /// Serves the admin endpoints on `listener` until [`Admin::stop`].
+    pub fn spawn(listener: TcpListener, draining: CancellationToken) -> Self {
+        let addr = listener.local_addr().ok();
+        tracing::info!(admin_addr = ?addr, "admin endpoints up: /healthz, /readyz");
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(
+            axum::serve(listener, router(draining))
+                .with_graceful_shutdown(stop.clone().cancelled_owned())
+                .into_future(),
+        );
+        Admin { stop, task }
+    }
+
+    /// Stops the admin server (after the service's own drain).
+    pub async fn stop(self) {
+        self.stop.cancel();
+        match self.task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "admin server failed"),
+            Err(e) => tracing::warn!(error = %e, "admin server task failed"),
+        }
+    }
+}
+
+/// Binds the admin address, naming it in the error.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on the admin address {addr}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    async fn status(app: &Router, path: &str) -> StatusCode {
+        app.clone()
+            .oneshot(
+                axum::http::Request::get(path)
+                    .body(Body::empty())
+                    .expect("request"),
+            )
+            .await
+            .expect("infallible")
+            .status()
+    }
+
+    #[tokio::test]
+    async fn ready_until_draining_and_alive_throughout() {
+        let draining = CancellationToken::new();
+        let app = router(draining.clone());
+        assert_eq!(status(&app, "/healthz").await, StatusCode::OK);
+        assert_eq!(status(&app, "/readyz").await, StatusCode::OK);
+        draining.cancel();
+        assert_eq!(
+            status(&app, "/readyz").await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(status(&app, "/healthz").await, StatusCode::OK);
+        assert_eq!(status(&app, "/metrics").await, StatusCode::NOT_FOUND);
+    }
+}
