@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use bookstore_common::tls::TlsArgs;
+use bookstore_common::{telemetry::LogArgs, tls::TlsArgs};
 use clap::Parser;
 
 /// The bookstore's web front end.
@@ -33,9 +33,9 @@ pub struct Config {
     /// Plaintext admin address: `GET /healthz` (liveness) and `GET /readyz` (readiness).
     #[arg(long, env = "ADMIN_ADDR", default_value = "[::]:9091")]
     pub admin_addr: SocketAddr,
-    /// Log filter, e.g. `info` or `marketplace=debug`.
-    #[arg(long, env = "RUST_LOG", default_value = "info")]
-    pub log_filter: String,
+    /// Logging.
+    #[command(flatten, next_help_heading = "Logging")]
+    pub log: LogArgs,
     /// TLS files and mode.
     #[command(flatten, next_help_heading = "TLS")]
     pub tls: TlsArgs,

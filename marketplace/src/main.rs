@@ -6,7 +6,7 @@ use marketplace::{config::Config, startup::Application};
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
-    bookstore_common::telemetry::init(&config.log_filter);
+    bookstore_common::telemetry::init(&config.log);
     let app = match Application::build(&config).await {
         Ok(app) => app,
         Err(e) => {

@@ -242,3 +242,45 @@ async fn sighup_reloads_the_certificates_at_once() {
         "SIGHUP must not stop the service"
     );
 }
+
+#[tokio::test]
+async fn log_format_json_writes_one_json_object_per_line() {
+    let pki = TestPki::new();
+    let mut env = env(&pki);
+    env.push(("LOG_FORMAT", "json".into()));
+    let mut process = ServiceProcess::start("recommendations", &env);
+    let line = process
+        .wait_for_line("recommendations listening", Duration::from_secs(20))
+        .await;
+    let event: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+    assert_eq!(event["level"], "INFO", "{event}");
+    assert_eq!(event["message"], "recommendations listening", "{event}");
+    let addr: std::net::SocketAddr = event["addr"]
+        .as_str()
+        .expect("addr field")
+        .parse()
+        .expect("an address");
+    trusted_client(addr, &pki)
+        .recommend(RecommendationRequest {
+            user_id: 1,
+            category: 0,
+            max_results: 1,
+        })
+        .await
+        .expect("served");
+    process.signal("TERM");
+    let (status, log) = process.wait(Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(0));
+    for line in &log {
+        let event: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            event["timestamp"].is_string() && event["message"].is_string(),
+            "{line}"
+        );
+    }
+    assert!(
+        log.iter().any(|l| l.contains("\"Shut down gracefully\"")),
+        "{log:?}"
+    );
+}

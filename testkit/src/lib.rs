@@ -76,7 +76,7 @@ pub fn recommendations_config(certs_dir: &Path) -> recommendations::config::Conf
         artificial_delay_ms: 0,
         allowed_clients: vec!["marketplace".into()],
         admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        log_filter: "info".into(),
+        log: Default::default(),
         tls: TlsArgs {
             tls_reload_secs: 1,
             ..TlsArgs::new(certs_dir, TlsMode::Mutual)
@@ -97,7 +97,7 @@ pub fn marketplace_config(
         recommendations_timeout_ms: 1000,
         admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         shutdown_grace_secs: 5,
-        log_filter: "info".into(),
+        log: Default::default(),
         tls: TlsArgs {
             tls_reload_secs: 1,
             ..TlsArgs::new(certs_dir, TlsMode::Mutual)
