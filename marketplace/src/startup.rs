@@ -30,6 +30,8 @@ pub struct Application {
     config: Config,
     /// Bound last, so being reachable there means everything else is loaded and bound.
     admin: TcpListener,
+    local_addr: SocketAddr,
+    admin_addr: SocketAddr,
     grace: Duration,
 }
 
@@ -105,28 +107,32 @@ impl Application {
         let admin = admin::bind(config.admin_addr)
             .await
             .map_err(anyhow::Error::msg)?;
+        let local_addr = listener
+            .local_addr()
+            .context("bound listener has no address")?;
+        let admin_addr = admin
+            .local_addr()
+            .context("bound admin listener has no address")?;
         Ok(Application {
             listener,
             router,
             source,
             config: config.clone(),
             admin,
+            local_addr,
+            admin_addr,
             grace: config.shutdown_grace(),
         })
     }
 
     /// The admin address actually bound.
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        self.admin_addr
     }
 
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        self.local_addr
     }
 
     /// Serves until `shutdown` completes, then stops accepting connections and gives in-flight

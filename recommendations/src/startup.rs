@@ -78,13 +78,15 @@ pub struct Application {
     tls_reload: Duration,
     /// Bound last, so being reachable there means everything else is loaded and bound.
     admin: TcpListener,
+    local_addr: SocketAddr,
+    admin_addr: SocketAddr,
     grace: Duration,
 }
 
 impl std::fmt::Debug for Application {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Application")
-            .field("local_addr", &self.listener.local_addr().ok())
+            .field("local_addr", &self.local_addr)
             .finish_non_exhaustive()
     }
 }
@@ -169,6 +171,12 @@ impl Application {
         let admin = admin::bind(config.admin_addr)
             .await
             .map_err(anyhow::Error::msg)?;
+        let local_addr = listener
+            .local_addr()
+            .context("bound listener has no address")?;
+        let admin_addr = admin
+            .local_addr()
+            .context("bound admin listener has no address")?;
         Ok(Application {
             listener,
             router,
@@ -176,23 +184,20 @@ impl Application {
             tls,
             tls_reload: config.tls.reload_interval(),
             admin,
+            local_addr,
+            admin_addr,
             grace: config.shutdown_grace(),
         })
     }
 
     /// The admin address actually bound.
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        self.admin_addr
     }
 
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        // A bound TcpListener always has a local address.
-        self.listener
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        self.local_addr
     }
 
     /// Serves until `shutdown` completes, then reports NOT_SERVING, stops accepting connections
