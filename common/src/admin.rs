@@ -5,7 +5,7 @@
 //! and `/readyz` turns to 503 the moment a shutdown signal arrives, while the admin port keeps
 //! answering through the drain so the orchestrator sees it.
 
-use std::net::SocketAddr;
+use std::{future::Future, net::SocketAddr};
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -27,16 +27,29 @@ async fn readyz(State(draining): State<CancellationToken>) -> (StatusCode, &'sta
     }
 }
 
+/// Serves the admin endpoints on `listener` while `run` runs, its drain included, and closes
+/// them only after: readiness stays observable until the very end of the service's life.
+pub async fn alongside<T>(
+    listener: TcpListener,
+    draining: CancellationToken,
+    run: impl Future<Output = T>,
+) -> T {
+    let admin = Admin::spawn(listener, draining);
+    let outcome = run.await;
+    admin.stop().await;
+    outcome
+}
+
 /// A running admin server.
 #[derive(Debug)]
-pub struct Admin {
+struct Admin {
     stop: CancellationToken,
     task: JoinHandle<std::io::Result<()>>,
 }
 
 impl Admin {
     /// Serves the admin endpoints on `listener` until [`Admin::stop`].
-    pub fn spawn(listener: TcpListener, draining: CancellationToken) -> Self {
+    fn spawn(listener: TcpListener, draining: CancellationToken) -> Self {
         let addr = listener.local_addr().ok();
         tracing::info!(admin_addr = ?addr, "admin endpoints up: /healthz, /readyz");
         let stop = CancellationToken::new();
@@ -49,7 +62,7 @@ impl Admin {
     }
 
     /// Stops the admin server (after the service's own drain).
-    pub async fn stop(self) {
+    async fn stop(self) {
         self.stop.cancel();
         match self.task.await {
             Ok(Ok(())) => {}

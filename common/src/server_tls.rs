@@ -1,7 +1,7 @@
 //! Server-side TLS owned by the service rather than by the gRPC library, for two reasons:
 //!
 //! - **Rotation without restart.** The rustls configuration lives behind a lock and is rebuilt
-//!   when the files change; each new connection takes the configuration current at that moment,
+//!   when the files change (see [`crate::watch`]); each new connection takes the configuration current at that moment,
 //!   connections already open keep theirs. A file set that does not load (half-written, key of
 //!   another certificate, expired…) is refused with a log line and the old one stays in use.
 //! - **Refusals that say why.** Every failed handshake is logged with the peer address and the
@@ -22,22 +22,10 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use crate::{
     shutdown::ListenerClosedLog,
     tls::{TlsError, TlsFiles, TlsMode, load_ca_ders, load_certified_key, provider},
-    watch::FileStamps,
 };
 
 /// A TLS handshake that takes longer than this is dropped, so idle sockets cannot pile up.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// What a reload did.
-#[derive(Debug)]
-pub enum Reload {
-    /// The files have not changed since the last load.
-    Unchanged,
-    /// New certificates are in use for new connections.
-    Reloaded,
-    /// The new files were refused; the previous ones stay in use.
-    Refused(TlsError),
-}
 
 /// The server's TLS configuration, reloadable from its files.
 #[derive(Debug)]
@@ -45,19 +33,16 @@ pub struct ServerTls {
     files: TlsFiles,
     mode: TlsMode,
     current: RwLock<Arc<ServerConfig>>,
-    stamps: FileStamps,
 }
 
 impl ServerTls {
     /// Loads and checks the files. `mode` must be `Mutual` or `Server`.
     pub fn load(files: TlsFiles, mode: TlsMode) -> Result<Self, TlsError> {
-        let stamps = FileStamps::new([files.ca.clone(), files.cert.clone(), files.key.clone()]);
         let config = build(&files, mode)?;
         Ok(ServerTls {
             files,
             mode,
             current: RwLock::new(config),
-            stamps,
         })
     }
 
@@ -69,29 +54,12 @@ impl ServerTls {
         }
     }
 
-    /// Reloads if any file's modification time or size changed since the last attempt (what a
-    /// Kubernetes Secret update, cert-manager or a `cp` does). Logs the outcome.
-    pub fn reload_if_changed(&self) -> Reload {
-        if self.stamps.changed() {
-            self.reload()
-        } else {
-            Reload::Unchanged
-        }
-    }
-
-    /// Reloads unconditionally (SIGHUP). Logs the outcome.
-    pub fn reload(&self) -> Reload {
-        match build(&self.files, self.mode) {
-            Ok(config) => {
-                *self.current.write().unwrap_or_else(|p| p.into_inner()) = config;
-                tracing::info!(cert = %self.files.cert.display(), "TLS certificates reloaded; new connections use them");
-                Reload::Reloaded
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "new TLS files refused; keeping the certificates in use");
-                Reload::Refused(e)
-            }
-        }
+    /// Loads the files again; new connections use them from now on. On error the
+    /// configuration in use stays (see [`crate::watch::watch_files`], which logs both outcomes).
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let config = build(&self.files, self.mode)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = config;
+        Ok(())
     }
 }
 

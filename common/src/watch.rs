@@ -24,6 +24,12 @@ impl FileStamps {
         FileStamps { paths, last }
     }
 
+    /// The stamps of a service's TLS files. Take them before loading the files, so a change
+    /// made while they load is seen by the first check.
+    pub fn of(files: &crate::tls::TlsFiles) -> Self {
+        FileStamps::new([files.ca.clone(), files.cert.clone(), files.key.clone()])
+    }
+
     /// Whether any file changed since the last call (or creation). The new state is remembered
     /// even if the caller then refuses the files, so a broken set is reported once and the next
     /// change (the writer finishing) is tried again.
@@ -49,13 +55,25 @@ fn stamp(paths: &[PathBuf]) -> Stamp {
         .collect()
 }
 
-/// Calls `check(false)` every `interval` and `check(true)` on SIGHUP, until `stop` is cancelled.
-/// `check(forced)` reloads TLS material: if changed, or unconditionally when forced.
-pub async fn watch_files(
+/// Until `stop` is cancelled: every `interval`, if any of the files in `stamps` changed, calls
+/// `reload`; on SIGHUP, calls it whatever. Logs the outcome either way: reloaded, or refused
+/// with the reason, in which case `reload` must have left the material in use untouched.
+pub async fn watch_files<E: std::fmt::Display>(
     interval: Duration,
     stop: tokio_util::sync::CancellationToken,
-    check: impl Fn(bool) + Send,
+    stamps: FileStamps,
+    reload: impl Fn() -> Result<(), E> + Send,
 ) {
+    let attempt = || match reload() {
+        Ok(()) => tracing::info!(
+            files = ?stamps.paths,
+            "TLS certificates reloaded; new connections use them"
+        ),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "new TLS files refused; keeping the certificates in use"
+        ),
+    };
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await; // the first tick is immediate; the files were just loaded
@@ -75,10 +93,16 @@ pub async fn watch_files(
         let sighup = std::future::pending::<()>();
         tokio::select! {
             () = stop.cancelled() => return,
-            _ = ticks.tick() => check(false),
+            _ = ticks.tick() => {
+                if stamps.changed() {
+                    attempt();
+                }
+            }
             () = sighup => {
                 tracing::info!("SIGHUP: reloading TLS certificates");
-                check(true);
+                // Take the new state as seen, so the next tick does not reload it again.
+                stamps.changed();
+                attempt();
             }
         }
     }

@@ -5,7 +5,7 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use anyhow::Context;
 use axum::Router;
 use bookstore_common::{
-    admin::{self, Admin},
+    admin,
     shutdown::{Drained, ListenerClosedLog, serve_until},
     tls::{self, Role, TlsMode},
     watch::{FileStamps, watch_files},
@@ -28,6 +28,8 @@ pub struct Application {
     router: Router,
     source: Arc<GrpcSource>,
     config: Config,
+    /// The state of the TLS files when they were loaded (None with `TLS_MODE=off`).
+    tls_stamps: Option<FileStamps>,
     /// Bound last, so being reachable there means everything else is loaded and bound.
     admin: TcpListener,
     local_addr: SocketAddr,
@@ -71,33 +73,13 @@ pub fn recommendations_channel(config: &Config) -> anyhow::Result<Channel> {
     Ok(endpoint.connect_lazy())
 }
 
-/// What the file watcher does: on a change (or when forced), a new channel with the new files;
-/// files that fail the start-up checks are refused and the current channel stays.
-fn reload_channel(config: Config, source: Arc<GrpcSource>) -> impl Fn(bool) + Send {
-    let files = config.tls.files(Role::Client);
-    let stamps = FileStamps::new([files.ca, files.cert, files.key]);
-    move |forced| {
-        if !stamps.changed() && !forced {
-            return;
-        }
-        match recommendations_channel(&config) {
-            Ok(channel) => {
-                source.replace_channel(channel);
-                tracing::info!("TLS certificates reloaded; new calls use a new connection");
-            }
-            Err(e) => tracing::warn!(
-                error = format!("{e:#}"),
-                "new TLS files refused; keeping the certificates in use"
-            ),
-        }
-    }
-}
-
 impl Application {
     /// Loads TLS material, prepares the channel and binds the listener. Every problem is
     /// reported here, before anything is served.
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
         config.tls.tls_mode.warn_if_weak();
+        let tls_stamps = (config.tls.tls_mode != TlsMode::Off)
+            .then(|| FileStamps::of(&config.tls.files(Role::Client)));
         let channel = recommendations_channel(config)?;
         let source = Arc::new(GrpcSource::new(channel, config.recommendations_timeout()));
         let router = routes::router(source.clone());
@@ -118,6 +100,7 @@ impl Application {
             router,
             source,
             config: config.clone(),
+            tls_stamps,
             admin,
             local_addr,
             admin_addr,
@@ -143,11 +126,19 @@ impl Application {
     ) -> anyhow::Result<Drained> {
         tracing::info!(addr = %self.local_addr(), "marketplace listening");
         let stop = CancellationToken::new();
-        if self.config.tls.tls_mode != TlsMode::Off {
+        if let Some(stamps) = self.tls_stamps {
+            // New files mean a new channel with the new identity; calls in flight finish on
+            // the old one. Files that fail the start-up checks leave the current channel alone.
+            let (config, source) = (self.config.clone(), self.source.clone());
             tokio::spawn(watch_files(
-                self.config.tls.reload_interval(),
+                config.tls.reload_interval(),
                 stop.clone(),
-                reload_channel(self.config.clone(), self.source.clone()),
+                stamps,
+                move || {
+                    recommendations_channel(&config)
+                        .map(|channel| source.replace_channel(channel))
+                        .map_err(|e| format!("{e:#}"))
+                },
             ));
         }
         let listener = Listener {
@@ -157,10 +148,10 @@ impl Application {
         let serve = axum::serve(listener, self.router)
             .with_graceful_shutdown(stop.clone().cancelled_owned())
             .into_future();
-        let admin = Admin::spawn(self.admin, stop.clone());
-        let drained = serve_until(serve, stop, shutdown, self.grace).await;
-        admin.stop().await;
-        drained.context("HTTP server failed")
+        let drained = serve_until(serve, stop.clone(), shutdown, self.grace);
+        admin::alongside(self.admin, stop, drained)
+            .await
+            .context("HTTP server failed")
     }
 }
 

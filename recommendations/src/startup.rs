@@ -11,12 +11,12 @@ use std::{
 
 use anyhow::Context;
 use bookstore_common::{
-    admin::{self, Admin},
+    admin,
     panic::CatchPanicLayer,
     server_tls::{ServerTls, TlsIncoming},
     shutdown::{Drained, ListenerClosedLog, serve_until},
     tls::{Role, TlsMode},
-    watch::watch_files,
+    watch::{FileStamps, watch_files},
 };
 use bookstore_proto::recommendations_server::RecommendationsServer;
 use tokio::net::TcpListener;
@@ -73,8 +73,9 @@ pub struct Application {
     listener: TcpListener,
     router: Router<Layers>,
     health: HealthReporter,
-    /// Our own TLS (None with `TLS_MODE=off`): reloadable, and logging every refused handshake.
-    tls: Option<Arc<ServerTls>>,
+    /// Our own TLS (None with `TLS_MODE=off`): reloadable, and logging every refused handshake;
+    /// with the state of its files when they were loaded.
+    tls: Option<(Arc<ServerTls>, FileStamps)>,
     tls_reload: Duration,
     /// Bound last, so being reachable there means everything else is loaded and bound.
     admin: TcpListener,
@@ -124,10 +125,11 @@ impl Application {
         }
         let tls = match mode {
             TlsMode::Off => None,
-            _ => Some(Arc::new(ServerTls::load(
-                config.tls.files(Role::Server),
-                mode,
-            )?)),
+            _ => {
+                let files = config.tls.files(Role::Server);
+                let stamps = FileStamps::of(&files);
+                Some((Arc::new(ServerTls::load(files, mode)?), stamps))
+            }
         };
         let server = Server::builder()
             .concurrency_limit_per_connection(MAX_CALLS_PER_CONNECTION)
@@ -224,16 +226,10 @@ impl Application {
         tracing::info!(%addr, "recommendations listening");
         let serve: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
             match self.tls {
-                Some(tls) => {
-                    tokio::spawn(watch_files(self.tls_reload, stop.clone(), {
+                Some((tls, stamps)) => {
+                    tokio::spawn(watch_files(self.tls_reload, stop.clone(), stamps, {
                         let tls = tls.clone();
-                        move |forced| {
-                            if forced {
-                                tls.reload();
-                            } else {
-                                tls.reload_if_changed();
-                            }
-                        }
+                        move || tls.reload()
                     }));
                     let incoming = TlsIncoming::new(self.listener, tls);
                     Box::pin(self.router.serve_with_incoming_shutdown(incoming, stopping))
@@ -246,10 +242,10 @@ impl Application {
                     Box::pin(self.router.serve_with_incoming_shutdown(incoming, stopping))
                 }
             };
-        let admin = Admin::spawn(self.admin, stop.clone());
-        let drained = serve_until(serve, stop, shutdown, self.grace).await;
-        admin.stop().await;
-        drained.context("gRPC server failed")
+        let drained = serve_until(serve, stop.clone(), shutdown, self.grace);
+        admin::alongside(self.admin, stop, drained)
+            .await
+            .context("gRPC server failed")
     }
 }
 
