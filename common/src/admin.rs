@@ -1,5 +1,5 @@
-//! The plaintext admin port: liveness and readiness for orchestrators and load balancers, so
-//! the business ports can stay mutual-TLS only.
+//! The plaintext admin port: liveness, readiness and Prometheus metrics for orchestrators and
+//! scrapers, so the business ports can stay mutual-TLS only.
 //!
 //! Readiness is honest: the admin port is bound only once everything else is loaded and bound,
 //! and `/readyz` turns to 503 the moment a shutdown signal arrives, while the admin port keeps
@@ -7,20 +7,35 @@
 
 use std::{future::Future, net::SocketAddr};
 
-use axum::{Router, extract::State, http::StatusCode, routing::get};
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Metrics;
+
+#[derive(Debug, Clone)]
+struct AdminState {
+    draining: CancellationToken,
+    metrics: Metrics,
+}
+
 /// The admin router. `draining` is cancelled when the service starts shutting down.
-pub fn router(draining: CancellationToken) -> Router {
+pub fn router(draining: CancellationToken, metrics: Metrics) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(draining)
+        .route("/metrics", get(render_metrics))
+        .with_state(AdminState { draining, metrics })
 }
 
-async fn readyz(State(draining): State<CancellationToken>) -> (StatusCode, &'static str) {
-    if draining.is_cancelled() {
+async fn readyz(State(state): State<AdminState>) -> (StatusCode, &'static str) {
+    if state.draining.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
     } else {
         (StatusCode::OK, "ready\n")
@@ -32,9 +47,10 @@ async fn readyz(State(draining): State<CancellationToken>) -> (StatusCode, &'sta
 pub async fn alongside<T>(
     listener: TcpListener,
     draining: CancellationToken,
+    metrics: Metrics,
     run: impl Future<Output = T>,
 ) -> T {
-    let admin = Admin::spawn(listener, draining);
+    let admin = Admin::spawn(listener, draining, metrics);
     let outcome = run.await;
     admin.stop().await;
     outcome
@@ -49,12 +65,13 @@ struct Admin {
 
 impl Admin {
     /// Serves the admin endpoints on `listener` until [`Admin::stop`].
-    fn spawn(listener: TcpListener, draining: CancellationToken) -> Self {
+    fn spawn(listener: TcpListener, draining: CancellationToken, metrics: Metrics) -> Self {
         let addr = listener.local_addr().ok();
-        tracing::info!(admin_addr = ?addr, "admin endpoints up: /healthz, /readyz");
+        tracing::info!(admin_addr = ?addr, "admin endpoints up: /healthz, /readyz, /metrics");
         let stop = CancellationToken::new();
+        tokio::spawn(metrics.clone().upkeep(stop.clone()));
         let task = tokio::spawn(
-            axum::serve(listener, router(draining))
+            axum::serve(listener, router(draining, metrics))
                 .with_graceful_shutdown(stop.clone().cancelled_owned())
                 .into_future(),
         );
@@ -70,6 +87,14 @@ impl Admin {
             Err(e) => tracing::warn!(error = %e, "admin server task failed"),
         }
     }
+}
+
+/// The Prometheus text exposition format, version 0.0.4.
+async fn render_metrics(State(state): State<AdminState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        state.metrics.render(),
+    )
 }
 
 /// Binds the admin address, naming it in the error.
@@ -101,7 +126,7 @@ mod tests {
     #[tokio::test]
     async fn ready_until_draining_and_alive_throughout() {
         let draining = CancellationToken::new();
-        let app = router(draining.clone());
+        let app = router(draining.clone(), Metrics::new("test", "0"));
         assert_eq!(status(&app, "/healthz").await, StatusCode::OK);
         assert_eq!(status(&app, "/readyz").await, StatusCode::OK);
         draining.cancel();
@@ -110,6 +135,7 @@ mod tests {
             StatusCode::SERVICE_UNAVAILABLE
         );
         assert_eq!(status(&app, "/healthz").await, StatusCode::OK);
-        assert_eq!(status(&app, "/metrics").await, StatusCode::NOT_FOUND);
+        assert_eq!(status(&app, "/metrics").await, StatusCode::OK);
+        assert_eq!(status(&app, "/other").await, StatusCode::NOT_FOUND);
     }
 }

@@ -3,6 +3,9 @@
 //! Domain code and wire types stay in the services.
 
 pub mod admin;
+pub mod context;
+pub mod grpc_call;
+pub mod metrics;
 pub mod panic;
 pub mod server_tls;
 pub mod shutdown;

@@ -27,10 +27,16 @@ pub struct Config {
     #[arg(long, env = "RECOMMENDATIONS_TIMEOUT_MS", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub recommendations_timeout_ms: u64,
+    /// Seconds between lookups of RECOMMENDATIONS_HOST, so calls follow instances as they come
+    /// and go (a headless Service name gives one address per pod).
+    #[arg(long, env = "RECOMMENDATIONS_RESOLVE_SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub recommendations_resolve_secs: u64,
     /// Seconds in-flight requests get to finish after SIGTERM or Ctrl+C before they are cancelled.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
-    /// Plaintext admin address: `GET /healthz` (liveness) and `GET /readyz` (readiness).
+    /// Plaintext admin address: `GET /healthz` (liveness), `GET /readyz` (readiness) and
+    /// `GET /metrics` (Prometheus).
     #[arg(long, env = "ADMIN_ADDR", default_value = "[::]:9091")]
     pub admin_addr: SocketAddr,
     /// Logging.
@@ -44,6 +50,10 @@ pub struct Config {
 impl Config {
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
+    }
+
+    pub fn recommendations_resolve_interval(&self) -> Duration {
+        Duration::from_secs(self.recommendations_resolve_secs)
     }
 
     pub fn recommendations_timeout(&self) -> Duration {

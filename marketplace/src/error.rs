@@ -47,7 +47,10 @@ impl From<SourceError> for AppError {
     fn from(e: SourceError) -> Self {
         match e {
             SourceError::NoBooks => AppError::NoBooks,
-            SourceError::Timeout(_) | SourceError::Unavailable(_) => AppError::Unavailable,
+            SourceError::Timeout(_) | SourceError::Unavailable(_) => {
+                tracing::warn!(error = %e, "no recommendations; answering 503");
+                AppError::Unavailable
+            }
         }
     }
 }

@@ -1,9 +1,10 @@
 //! The marketplace: a web page and a JSON API of book recommendations, fetched from the
 //! recommendations service over mutual-TLS gRPC.
 //!
-//! `books` is the domain, `source` the gRPC client adapter behind a trait, `routes` the HTTP
-//! surface, `error` where errors meet HTTP, `config` the settings and `startup` the wiring.
+//! `books` is the domain, `source` the gRPC client adapter behind a trait (`backends` balances
+//! it over every address of the service), `routes` the HTTP surface, `error` where errors meet HTTP, `config` the settings and `startup` the wiring.
 
+pub mod backends;
 pub mod books;
 pub mod config;
 pub mod error;

@@ -6,27 +6,29 @@ use anyhow::Context;
 use axum::Router;
 use bookstore_common::{
     admin,
+    metrics::Metrics,
     shutdown::{Drained, ListenerClosedLog, serve_until},
     tls::{self, Role, TlsMode},
     watch::{FileStamps, watch_files},
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::ClientTlsConfig;
 
-use crate::{config::Config, routes, source::GrpcSource};
-
-/// How often an idle connection to recommendations is checked, so a dead peer is noticed
-/// before a request needs it.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::{
+    backends::{Backends, ChannelSettings, DnsResolver, Resolve},
+    config::Config,
+    routes,
+    source::GrpcSource,
+};
 
 /// A bound, ready-to-run marketplace.
 #[derive(Debug)]
 pub struct Application {
     listener: TcpListener,
     router: Router,
-    source: Arc<GrpcSource>,
+    backends: Arc<Backends>,
+    metrics: Metrics,
     config: Config,
     /// The state of the TLS files when they were loaded (None with `TLS_MODE=off`).
     tls_stamps: Option<FileStamps>,
@@ -37,52 +39,68 @@ pub struct Application {
     grace: Duration,
 }
 
-/// The one channel to recommendations, shared by every request. It connects on first use, so
-/// the marketplace starts even while recommendations is still down, and reconnects by itself.
-pub fn recommendations_channel(config: &Config) -> anyhow::Result<Channel> {
+/// How to connect to each recommendations address: the TLS files are read and checked here, so
+/// a bad set is refused before anything uses it.
+pub fn channel_settings(config: &Config) -> anyhow::Result<ChannelSettings> {
     let mode = config.tls.tls_mode;
-    let scheme = if mode == TlsMode::Off {
-        "http"
-    } else {
-        "https"
-    };
-    let host = &config.recommendations_host;
-    let host = if host.contains(':') {
-        format!("[{host}]") // an IPv6 literal
-    } else {
-        host.clone()
-    };
-    let uri = format!("{scheme}://{host}:{}", config.recommendations_port);
-    let mut endpoint = Endpoint::from_shared(uri.clone())
-        .with_context(|| format!("invalid recommendations address {uri}"))?
-        .connect_timeout(config.recommendations_timeout())
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT);
-    if mode != TlsMode::Off {
-        let files = config.tls.files(Role::Client);
-        let mut tls = ClientTlsConfig::new()
-            .ca_certificate(tls::load_ca(&files.ca)?)
-            .domain_name(config.recommendations_tls_name());
-        if mode == TlsMode::Mutual {
-            tls = tls.identity(tls::load_identity(&files.cert, &files.key)?);
+    let tls = match mode {
+        TlsMode::Off => None,
+        TlsMode::Server | TlsMode::Mutual => {
+            let files = config.tls.files(Role::Client);
+            // Addresses are IPs; the certificate is checked against the service's name.
+            let mut tls = ClientTlsConfig::new()
+                .ca_certificate(tls::load_ca(&files.ca)?)
+                .domain_name(config.recommendations_tls_name());
+            if mode == TlsMode::Mutual {
+                tls = tls.identity(tls::load_identity(&files.cert, &files.key)?);
+            }
+            Some(tls)
         }
-        endpoint = endpoint.tls_config(tls).context("cannot configure TLS")?;
-    }
-    tracing::info!(%uri, tls_mode = %mode, tls_name = config.recommendations_tls_name(), "recommendations endpoint");
-    Ok(endpoint.connect_lazy())
+    };
+    Ok(ChannelSettings {
+        tls,
+        connect_timeout: config.recommendations_timeout(),
+    })
 }
 
 impl Application {
-    /// Loads TLS material, prepares the channel and binds the listener. Every problem is
-    /// reported here, before anything is served.
+    /// Loads TLS material, resolves the recommendations service and binds the listener. Every
+    /// problem is reported here, before anything is served; recommendations being down (or not
+    /// yet in DNS) is not a problem: it is looked up again until it appears.
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
+        let resolver = DnsResolver::new(
+            config.recommendations_host.clone(),
+            config.recommendations_port,
+        );
+        Self::build_with_resolver(config, Arc::new(resolver)).await
+    }
+
+    /// [`Application::build`] with addresses from `resolver` instead of the system's.
+    pub async fn build_with_resolver(
+        config: &Config,
+        resolver: Arc<dyn Resolve>,
+    ) -> anyhow::Result<Self> {
         config.tls.tls_mode.warn_if_weak();
         let tls_stamps = (config.tls.tls_mode != TlsMode::Off)
             .then(|| FileStamps::of(&config.tls.files(Role::Client)));
-        let channel = recommendations_channel(config)?;
-        let source = Arc::new(GrpcSource::new(channel, config.recommendations_timeout()));
-        let router = routes::router(source.clone());
+        let metrics = Metrics::new("marketplace", env!("CARGO_PKG_VERSION"));
+        let settings = channel_settings(config)?;
+        tracing::info!(
+            recommendations = %resolver.target(),
+            tls_mode = %config.tls.tls_mode,
+            tls_name = config.recommendations_tls_name(),
+            "recommendations endpoint"
+        );
+        let backends = Arc::new(Backends::new(resolver, settings, metrics.clone()));
+        if let Err(e) = backends.refresh().await {
+            tracing::warn!(error = %e, "recommendations not found yet; looking again every second");
+        }
+        let source = Arc::new(GrpcSource::new(
+            backends.clone(),
+            config.recommendations_timeout(),
+            metrics.clone(),
+        ));
+        let router = routes::router(source, metrics.clone());
         let listener = TcpListener::bind(config.listen_addr)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
@@ -98,7 +116,8 @@ impl Application {
         Ok(Application {
             listener,
             router,
-            source,
+            backends,
+            metrics,
             config: config.clone(),
             tls_stamps,
             admin,
@@ -126,18 +145,23 @@ impl Application {
     ) -> anyhow::Result<Drained> {
         tracing::info!(addr = %self.local_addr(), "marketplace listening");
         let stop = CancellationToken::new();
+        tokio::spawn(
+            self.backends
+                .clone()
+                .keep_resolving(self.config.recommendations_resolve_interval(), stop.clone()),
+        );
         if let Some(stamps) = self.tls_stamps {
-            // New files mean a new channel with the new identity; calls in flight finish on
-            // the old one. Files that fail the start-up checks leave the current channel alone.
-            let (config, source) = (self.config.clone(), self.source.clone());
+            // New files mean new connections with the new identity; calls in flight finish on
+            // the old ones. Files that fail the start-up checks leave the connections alone.
+            let (config, backends) = (self.config.clone(), self.backends.clone());
             tokio::spawn(watch_files(
                 config.tls.reload_interval(),
                 stop.clone(),
                 stamps,
                 move || {
-                    recommendations_channel(&config)
-                        .map(|channel| source.replace_channel(channel))
+                    channel_settings(&config)
                         .map_err(|e| format!("{e:#}"))
+                        .and_then(|settings| backends.reconfigure(settings))
                 },
             ));
         }
@@ -149,7 +173,7 @@ impl Application {
             .with_graceful_shutdown(stop.clone().cancelled_owned())
             .into_future();
         let drained = serve_until(serve, stop.clone(), shutdown, self.grace);
-        admin::alongside(self.admin, stop, drained)
+        admin::alongside(self.admin, stop, self.metrics, drained)
             .await
             .context("HTTP server failed")
     }

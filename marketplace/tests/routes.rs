@@ -8,6 +8,7 @@ use axum::{
     body::Body,
     http::{Request, StatusCode, header},
 };
+use bookstore_common::{context::RequestContext, metrics::Metrics};
 use http_body_util::BodyExt;
 use marketplace::{
     books::{Book, Category, RecommendationQuery},
@@ -20,6 +21,7 @@ use tower::ServiceExt;
 struct StandIn {
     reply: Result<Vec<Book>, SourceError>,
     seen: Mutex<Vec<RecommendationQuery>>,
+    contexts: Mutex<Vec<RequestContext>>,
 }
 
 impl StandIn {
@@ -27,6 +29,7 @@ impl StandIn {
         Arc::new(StandIn {
             reply,
             seen: Mutex::new(Vec::new()),
+            contexts: Mutex::new(Vec::new()),
         })
     }
 
@@ -48,8 +51,13 @@ impl StandIn {
 
 #[async_trait]
 impl RecommendationSource for StandIn {
-    async fn recommend(&self, query: &RecommendationQuery) -> Result<Vec<Book>, SourceError> {
+    async fn recommend(
+        &self,
+        query: &RecommendationQuery,
+        context: &RequestContext,
+    ) -> Result<Vec<Book>, SourceError> {
         self.seen.lock().expect("lock").push(*query);
+        self.contexts.lock().expect("lock").push(context.clone());
         self.reply.clone()
     }
 }
@@ -61,7 +69,7 @@ struct Reply {
 }
 
 async fn send(source: Arc<StandIn>, method: &str, uri: &str) -> Reply {
-    let response = router(source)
+    let response = router(source, Metrics::new("test", "0"))
         .oneshot(
             Request::builder()
                 .method(method)
@@ -330,7 +338,7 @@ async fn oversized_uris_and_headers_are_refused_before_any_handler() {
     for i in 0..20 {
         request = request.header(format!("x-filler-{i}"), "y".repeat(1000));
     }
-    let response = router(source.clone())
+    let response = router(source.clone(), Metrics::new("test", "0"))
         .oneshot(request.body(Body::empty()).expect("request"))
         .await
         .expect("infallible");
@@ -349,14 +357,18 @@ struct Panics;
 
 #[async_trait]
 impl RecommendationSource for Panics {
-    async fn recommend(&self, _: &RecommendationQuery) -> Result<Vec<Book>, SourceError> {
+    async fn recommend(
+        &self,
+        _: &RecommendationQuery,
+        _: &RequestContext,
+    ) -> Result<Vec<Book>, SourceError> {
         panic!("bug behind a handler")
     }
 }
 
 #[tokio::test]
 async fn a_panic_behind_a_handler_is_a_500_page_and_the_app_keeps_serving() {
-    let app = router(Arc::new(Panics));
+    let app = router(Arc::new(Panics), Metrics::new("test", "0"));
     for _ in 0..2 {
         let response = app
             .clone()
@@ -386,4 +398,76 @@ async fn a_panic_behind_a_handler_is_a_500_page_and_the_app_keeps_serving() {
             "panic text leaked: {body}"
         );
     }
+}
+
+async fn get_with(app: &axum::Router, uri: &str, headers: &[(&str, &str)]) -> axum::response::Response {
+    let mut request = Request::builder().uri(uri);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    app.clone()
+        .oneshot(request.body(Body::empty()).expect("request"))
+        .await
+        .expect("infallible")
+}
+
+#[tokio::test]
+async fn the_callers_request_id_and_trace_reach_the_source_and_the_id_comes_back() {
+    let source = StandIn::books(&["A"]);
+    let app = router(source.clone(), Metrics::new("test", "0"));
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let response = get_with(
+        &app,
+        "/",
+        &[("x-request-id", "req-123"), ("traceparent", parent)],
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["x-request-id"], "req-123");
+    let seen = source.contexts.lock().expect("lock").clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].request_id.as_str(), "req-123");
+    assert_eq!(seen[0].trace.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_ne!(seen[0].trace.span_id(), "00f067aa0ba902b7", "our own span, a child");
+}
+
+#[tokio::test]
+async fn a_missing_or_unfit_request_id_is_replaced_with_a_fresh_one() {
+    let source = StandIn::books(&["A"]);
+    let app = router(source.clone(), Metrics::new("test", "0"));
+    let mut ids = Vec::new();
+    for headers in [&[][..], &[("x-request-id", "has space")][..]] {
+        let response = get_with(&app, "/api/recommendations", headers).await;
+        let id = response.headers()["x-request-id"]
+            .to_str()
+            .expect("ascii")
+            .to_owned();
+        assert_eq!(id.len(), 32, "{id}");
+        ids.push(id);
+    }
+    assert_ne!(ids[0], ids[1]);
+    let seen = source.contexts.lock().expect("lock").clone();
+    assert_eq!(seen[0].request_id.as_str(), ids[0]);
+    assert_eq!(seen[1].request_id.as_str(), ids[1]);
+    assert_ne!(seen[0].trace.trace_id(), seen[1].trace.trace_id(), "new traces");
+}
+
+#[tokio::test]
+async fn http_metrics_count_requests_by_route_and_status() {
+    let metrics = Metrics::new("marketplace", "9.9.9");
+    let app = router(StandIn::books(&["A"]), metrics.clone());
+    for uri in ["/", "/", "/api/recommendations?category=nope", "/wp-admin.php", "/x"] {
+        get_with(&app, uri, &[]).await;
+    }
+    let text = metrics.render();
+    for line in [
+        r#"http_requests_total{method="GET",route="/",status="200"} 2"#,
+        r#"http_requests_total{method="GET",route="/api/recommendations",status="400"} 1"#,
+        r#"http_requests_total{method="GET",route="unmatched",status="404"} 2"#,
+        r#"http_request_duration_seconds_count{method="GET",route="/",status="200"} 2"#,
+        r#"bookstore_build_info{service="marketplace",version="9.9.9"} 1"#,
+    ] {
+        assert!(text.contains(line), "missing {line} in:\n{text}");
+    }
+    assert!(text.contains(r#"http_request_duration_seconds_bucket{method="GET",route="/",status="200",le="0.005"}"#));
 }

@@ -11,7 +11,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use bookstore_common::tls::identities;
+use bookstore_common::{grpc_call::PeerIdentity, tls::identities};
 use tonic::{
     Status,
     codegen::{BoxFuture, http},
@@ -89,8 +89,16 @@ where
         let leaf = chain.as_deref().and_then(|c| c.first()).map(|c| c.as_ref());
         match self.layer.decide(leaf) {
             Ok(identity) => {
-                request.extensions_mut().insert(CallerIdentity(identity));
-                Box::pin(self.inner.call(request))
+                request
+                    .extensions_mut()
+                    .insert(CallerIdentity(identity.clone()));
+                let call = self.inner.call(request);
+                Box::pin(async move {
+                    let mut response = call.await?;
+                    // For the call's log line, written outside this layer.
+                    response.extensions_mut().insert(PeerIdentity(identity));
+                    Ok(response)
+                })
             }
             Err(claimed) => {
                 tracing::warn!(
@@ -98,9 +106,13 @@ where
                     method = request.uri().path(),
                     "refused a caller whose certificate identity is not in ALLOWED_CLIENTS"
                 );
-                let refusal =
-                    Status::permission_denied("caller is not allowed to call this service");
-                Box::pin(async move { Ok(refusal.into_http()) })
+                let mut refusal: http::Response<R> =
+                    Status::permission_denied("caller is not allowed to call this service")
+                        .into_http();
+                refusal
+                    .extensions_mut()
+                    .insert(PeerIdentity(claimed.join(",")));
+                Box::pin(async move { Ok(refusal) })
             }
         }
     }

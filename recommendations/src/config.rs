@@ -22,6 +22,9 @@ pub struct Config {
     /// Fault injection: delay every Recommend answer by this many milliseconds (0 = off).
     #[arg(long, env = "ARTIFICIAL_DELAY_MS", default_value_t = 0)]
     pub artificial_delay_ms: u64,
+    /// Fault injection: the fraction of Recommend calls answered UNAVAILABLE, from 0 (off) to 1.
+    #[arg(long, env = "FAILURE_RATE", default_value = "0")]
+    pub failure_rate: FailureRate,
     /// Certificate identities allowed to call (comma-separated): URI SANs such as SPIFFE ids,
     /// DNS SANs, or the common name of a certificate without SANs. Applies with `TLS_MODE=mutual`.
     #[arg(
@@ -31,7 +34,8 @@ pub struct Config {
         default_value = "marketplace"
     )]
     pub allowed_clients: Vec<String>,
-    /// Plaintext admin address: `GET /healthz` (liveness) and `GET /readyz` (readiness).
+    /// Plaintext admin address: `GET /healthz` (liveness), `GET /readyz` (readiness) and
+    /// `GET /metrics` (Prometheus).
     #[arg(long, env = "ADMIN_ADDR", default_value = "[::]:9090")]
     pub admin_addr: SocketAddr,
     /// Logging.
@@ -49,5 +53,76 @@ impl Config {
 
     pub fn artificial_delay(&self) -> Duration {
         Duration::from_millis(self.artificial_delay_ms)
+    }
+}
+
+/// A fraction of calls, from 0 to 1, kept in millionths so the settings stay comparable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FailureRate {
+    millionths: u32,
+}
+
+impl FailureRate {
+    const SCALE: u32 = 1_000_000;
+
+    pub fn is_off(self) -> bool {
+        self.millionths == 0
+    }
+
+    /// Whether this call should fail, given a uniform draw.
+    pub fn strikes(self, rng: &mut impl rand::Rng) -> bool {
+        !self.is_off() && rng.random_range(0..Self::SCALE) < self.millionths
+    }
+}
+
+impl std::fmt::Display for FailureRate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", f64::from(self.millionths) / f64::from(Self::SCALE))
+    }
+}
+
+impl std::str::FromStr for FailureRate {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let rate: f64 = s
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not a number; use a fraction such as 0.2"))?;
+        if !(0.0..=1.0).contains(&rate) {
+            return Err(format!("{rate} is outside 0 to 1"));
+        }
+        // In range, so the product fits a u32 exactly enough.
+        let millionths = (rate * f64::from(Self::SCALE)).round() as u32;
+        Ok(FailureRate { millionths })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{SeedableRng, rngs::StdRng};
+
+    use super::*;
+
+    #[test]
+    fn failure_rates_parse_only_between_zero_and_one() {
+        assert!("0".parse::<FailureRate>().expect("0").is_off());
+        assert_eq!("0.25".parse::<FailureRate>().expect("0.25").to_string(), "0.25");
+        assert_eq!("1".parse::<FailureRate>().expect("1").to_string(), "1");
+        for bad in ["-0.1", "1.5", "NaN", "half", ""] {
+            assert!(bad.parse::<FailureRate>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_failure_rate_strikes_about_that_often() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let rate: FailureRate = "0.3".parse().expect("rate");
+        let strikes = (0..10_000).filter(|_| rate.strikes(&mut rng)).count();
+        assert!((2_700..3_300).contains(&strikes), "{strikes}");
+        let never = FailureRate::default();
+        assert!(!(0..1000).any(|_| never.strikes(&mut rng)));
+        let always: FailureRate = "1".parse().expect("rate");
+        assert!((0..1000).all(|_| always.strikes(&mut rng)));
     }
 }

@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     catalog::{Catalog, Category, CategoryNotFound, MaxResults},
+    config::FailureRate,
     error::Error,
 };
 
@@ -18,13 +19,22 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct RecommendationsService {
     catalog: Arc<Catalog>,
-    delay: Duration,
+    faults: Faults,
+}
+
+/// Faults to inject, for demonstrating deadlines, retries and degradation. None by default.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Faults {
+    /// Every answer waits this long first.
+    pub delay: Duration,
+    /// This fraction of calls is answered UNAVAILABLE.
+    pub failure_rate: FailureRate,
 }
 
 impl RecommendationsService {
-    /// Serves `catalog`; every answer waits `delay` first (fault injection; zero in production).
-    pub fn new(catalog: Arc<Catalog>, delay: Duration) -> Self {
-        RecommendationsService { catalog, delay }
+    /// Serves `catalog`, with `faults` injected (none in production).
+    pub fn new(catalog: Arc<Catalog>, faults: Faults) -> Self {
+        RecommendationsService { catalog, faults }
     }
 }
 
@@ -80,9 +90,12 @@ impl Recommendations for RecommendationsService {
         request: Request<RecommendationRequest>,
     ) -> Result<Response<RecommendationResponse>, Status> {
         let query = Query::try_from(request.get_ref())?;
-        if !self.delay.is_zero() {
+        if !self.faults.delay.is_zero() {
             // A timer, not a blocking sleep: other calls keep running meanwhile.
-            tokio::time::sleep(self.delay).await;
+            tokio::time::sleep(self.faults.delay).await;
+        }
+        if self.faults.failure_rate.strikes(&mut rand::rng()) {
+            return Err(Status::unavailable("injected failure (FAILURE_RATE)"));
         }
         let books = self
             .catalog
@@ -114,7 +127,7 @@ mod tests {
     }
 
     fn service() -> RecommendationsService {
-        RecommendationsService::new(Arc::new(Catalog::builtin()), Duration::ZERO)
+        RecommendationsService::new(Arc::new(Catalog::builtin()), Faults::default())
     }
 
     #[tokio::test]

@@ -12,6 +12,8 @@ use std::{
 use anyhow::Context;
 use bookstore_common::{
     admin,
+    grpc_call::{CallLayer, KnownMethod},
+    metrics::Metrics,
     panic::CatchPanicLayer,
     server_tls::{ServerTls, TlsIncoming},
     shutdown::{Drained, ListenerClosedLog, serve_until},
@@ -33,7 +35,10 @@ use tower::{
 };
 
 use crate::{
-    authz::AuthorizeLayer, catalog::Catalog, config::Config, grpc::RecommendationsService,
+    authz::AuthorizeLayer,
+    catalog::Catalog,
+    config::Config,
+    grpc::{Faults, RecommendationsService},
 };
 
 /// Requests are a few bytes; anything much larger is not a real client.
@@ -56,10 +61,37 @@ const MAX_CALL_DURATION: Duration = Duration::from_secs(30);
 /// The gRPC service name, as the health service reports it (the proto has no package).
 pub const SERVICE_NAME: &str = "Recommendations";
 
-/// The layers around every gRPC service: panics become INTERNAL, then caller authorization
-/// when TLS is mutual.
-type Layers =
-    Stack<Either<AuthorizeLayer, Identity>, Stack<CatchPanicLayer<PanicResponse>, Identity>>;
+/// Every method served, as metrics and logs name them; calls to any other path are counted
+/// under `unknown`.
+pub const METHODS: &[KnownMethod] = &[
+    KnownMethod {
+        path: "/Recommendations/Recommend",
+        kind: "unary",
+    },
+    KnownMethod {
+        path: "/grpc.health.v1.Health/Check",
+        kind: "unary",
+    },
+    KnownMethod {
+        path: "/grpc.health.v1.Health/Watch",
+        kind: "server_stream",
+    },
+    KnownMethod {
+        path: "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        kind: "bidi_stream",
+    },
+    KnownMethod {
+        path: "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        kind: "bidi_stream",
+    },
+];
+
+/// The layers around every gRPC service, outermost first: metrics, the call's log line and the
+/// deadline; panics become INTERNAL; caller authorization when TLS is mutual.
+type Layers = Stack<
+    Either<AuthorizeLayer, Identity>,
+    Stack<CatchPanicLayer<PanicResponse>, Stack<CallLayer, Identity>>,
+>;
 
 type PanicResponse = fn() -> http::Response<tonic::body::Body>;
 
@@ -73,6 +105,7 @@ pub struct Application {
     listener: TcpListener,
     router: Router<Layers>,
     health: HealthReporter,
+    metrics: Metrics,
     /// Our own TLS (None with `TLS_MODE=off`): reloadable, and logging every refused handshake;
     /// with the state of its files when they were loaded.
     tls: Option<(Arc<ServerTls>, FileStamps)>,
@@ -104,13 +137,23 @@ impl Application {
             }
             None => Catalog::builtin(),
         };
-        let delay = config.artificial_delay();
-        if !delay.is_zero() {
+        let faults = Faults {
+            delay: config.artificial_delay(),
+            failure_rate: config.failure_rate,
+        };
+        if !faults.delay.is_zero() {
             tracing::warn!(
                 delay_ms = config.artificial_delay_ms,
                 "ARTIFICIAL_DELAY_MS is set: every Recommend answer is delayed (fault injection)"
             );
         }
+        if !faults.failure_rate.is_off() {
+            tracing::warn!(
+                failure_rate = %faults.failure_rate,
+                "FAILURE_RATE is set: that fraction of Recommend calls fails UNAVAILABLE (fault injection)"
+            );
+        }
+        let metrics = Metrics::new("recommendations", env!("CARGO_PKG_VERSION"));
 
         let mode = config.tls.tls_mode;
         mode.warn_if_weak();
@@ -135,8 +178,7 @@ impl Application {
             .concurrency_limit_per_connection(MAX_CALLS_PER_CONNECTION)
             .load_shed(true)
             .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
-            .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
-            .timeout(MAX_CALL_DURATION);
+            .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES));
         let (health, health_service) = tonic_health::server::health_reporter();
         health
             .set_service_status(SERVICE_NAME, ServingStatus::Serving)
@@ -152,7 +194,7 @@ impl Application {
             .build_v1alpha()
             .context("cannot build the reflection service")?;
         let recommendations =
-            RecommendationsServer::new(RecommendationsService::new(Arc::new(catalog), delay))
+            RecommendationsServer::new(RecommendationsService::new(Arc::new(catalog), faults))
                 .max_decoding_message_size(MAX_REQUEST_BYTES);
         // Without client certificates there is no identity to check; those modes warn instead.
         let authorize = (mode == TlsMode::Mutual).then(|| {
@@ -160,6 +202,11 @@ impl Application {
             AuthorizeLayer::new(allowed)
         });
         let router = server
+            .layer(CallLayer::server(
+                metrics.clone(),
+                METHODS,
+                MAX_CALL_DURATION,
+            ))
             .layer(CatchPanicLayer::new(internal_error as PanicResponse))
             .layer(tower::util::option_layer(authorize))
             .add_service(health_service)
@@ -183,6 +230,7 @@ impl Application {
             listener,
             router,
             health,
+            metrics,
             tls,
             tls_reload: config.tls.reload_interval(),
             admin,
@@ -243,7 +291,7 @@ impl Application {
                 }
             };
         let drained = serve_until(serve, stop.clone(), shutdown, self.grace);
-        admin::alongside(self.admin, stop, drained)
+        admin::alongside(self.admin, stop, self.metrics, drained)
             .await
             .context("gRPC server failed")
     }

@@ -6,6 +6,7 @@ pub mod process;
 
 use std::{
     net::SocketAddr,
+    sync::Arc,
     path::{Path, PathBuf},
 };
 
@@ -74,6 +75,7 @@ pub fn recommendations_config(certs_dir: &Path) -> recommendations::config::Conf
         shutdown_grace_secs: 5,
         catalog_path: None,
         artificial_delay_ms: 0,
+        failure_rate: Default::default(),
         allowed_clients: vec!["marketplace".into()],
         admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         log: Default::default(),
@@ -95,6 +97,7 @@ pub fn marketplace_config(
         recommendations_port: recommendations.port(),
         recommendations_tls_name: Some("localhost".into()),
         recommendations_timeout_ms: 1000,
+        recommendations_resolve_secs: 1,
         admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         shutdown_grace_secs: 5,
         log: Default::default(),
@@ -176,6 +179,19 @@ pub async fn spawn_recommendations(config: &recommendations::config::Config) -> 
 /// Starts the marketplace through its real `Application::build` and `run_until_stopped`.
 pub async fn spawn_marketplace(config: &marketplace::config::Config) -> Running {
     let app = marketplace::startup::Application::build(config)
+        .await
+        .expect("marketplace starts");
+    spawn(app.local_addr(), app.admin_addr(), |shutdown| {
+        app.run_until_stopped(shutdown)
+    })
+}
+
+/// Starts the marketplace with recommendations addresses from `resolver`.
+pub async fn spawn_marketplace_resolving(
+    config: &marketplace::config::Config,
+    resolver: Arc<dyn marketplace::backends::Resolve>,
+) -> Running {
+    let app = marketplace::startup::Application::build_with_resolver(config, resolver)
         .await
         .expect("marketplace starts");
     spawn(app.local_addr(), app.admin_addr(), |shutdown| {

@@ -1,9 +1,10 @@
 //! `GET /api/recommendations`: the same recommendations as JSON.
 
 use axum::{
-    Json,
+    Extension, Json,
     extract::{RawQuery, State},
 };
+use bookstore_common::context::RequestContext;
 use serde::Serialize;
 
 use super::{AppState, query};
@@ -22,10 +23,11 @@ pub struct RecommendationsBody {
 
 pub async fn recommendations(
     State(state): State<AppState>,
+    Extension(context): Extension<RequestContext>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<RecommendationsBody>, JsonError> {
     let query = query::parse(raw.as_deref()).map_err(AppError::BadRequest)?;
-    let recommendations = state.source.recommend(&query).await?;
+    let recommendations = state.source.recommend(&query, &context).await?;
     Ok(Json(RecommendationsBody {
         category: query.category,
         user_id: query.user_id,

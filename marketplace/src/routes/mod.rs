@@ -5,17 +5,22 @@ mod page;
 pub mod query;
 pub mod templates;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Instant};
 
 use axum::{
     Router,
-    extract::Request,
-    http::{HeaderName, HeaderValue, header},
+    extract::{Request, State},
+    http::{HeaderName, HeaderValue, Method, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::get,
 };
-use bookstore_common::panic::CatchPanicLayer;
+use bookstore_common::{
+    context::{REQUEST_ID_HEADER, RequestContext, RequestId, TRACEPARENT_HEADER, TraceContext},
+    metrics::Metrics,
+    panic::CatchPanicLayer,
+};
+use tracing::Instrument;
 
 use crate::{
     error::{AppError, HtmlError},
@@ -53,9 +58,9 @@ impl std::fmt::Debug for AppState {
     }
 }
 
-/// The whole app, with recommendations from `source`. Tests call this with a fake source and
-/// drive it without a socket.
-pub fn router(source: Arc<dyn RecommendationSource>) -> Router {
+/// The whole app, with recommendations from `source`, counted in `metrics`. Tests call this
+/// with a fake source and drive it without a socket.
+pub fn router(source: Arc<dyn RecommendationSource>, metrics: Metrics) -> Router {
     Router::new()
         .route("/", get(page::recommendations))
         .route("/api/recommendations", get(api::recommendations))
@@ -65,6 +70,74 @@ pub fn router(source: Arc<dyn RecommendationSource>) -> Router {
         .layer(CatchPanicLayer::new(internal_error as fn() -> Response))
         .layer(middleware::from_fn(limit_request_size))
         .layer(middleware::from_fn(security_headers))
+        .layer(middleware::from_fn_with_state(metrics, observe))
+}
+
+/// Every request: its request id and trace context (the caller's when well formed, else new),
+/// a span carrying both around everything logged for it, the `x-request-id` response header,
+/// HTTP metrics by route and status, and one log line when it is answered.
+async fn observe(State(metrics): State<Metrics>, mut request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let headers = request.headers();
+    let context = RequestContext {
+        request_id: RequestId::from_header(headers.get(REQUEST_ID_HEADER).map(|v| v.as_bytes())),
+        // Our own span in the caller's trace (or the first span of a new one).
+        trace: TraceContext::from_header(headers.get(TRACEPARENT_HEADER).map(|v| v.as_bytes()))
+            .child(),
+    };
+    let method = method_label(request.method());
+    let route = route_label(request.uri().path());
+    request.extensions_mut().insert(context.clone());
+    let span = tracing::info_span!(
+        "http",
+        request_id = %context.request_id,
+        trace_id = %context.trace.trace_id(),
+    );
+    let mut response = next.run(request).instrument(span.clone()).await;
+    if let Ok(id) = HeaderValue::from_str(context.request_id.as_str()) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, id);
+    }
+    let elapsed = started.elapsed();
+    let status = response.status();
+    let labels = [
+        ("method", method),
+        ("route", route),
+        ("status", status.as_str()),
+    ];
+    metrics.counter("http_requests_total", &labels).increment(1);
+    metrics
+        .histogram("http_request_duration_seconds", &labels)
+        .record(elapsed.as_secs_f64());
+    span.in_scope(|| {
+        tracing::info!(
+            target: "bookstore::http",
+            method,
+            route,
+            status = status.as_u16(),
+            latency_ms = elapsed.as_secs_f64() * 1e3,
+            "HTTP request"
+        )
+    });
+    response
+}
+
+/// The route a path belongs to; anything else is one label, so scanners cannot create series.
+fn route_label(path: &str) -> &'static str {
+    match path {
+        "/" => "/",
+        "/api/recommendations" => "/api/recommendations",
+        "/style.css" => "/style.css",
+        _ => "unmatched",
+    }
+}
+
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        _ => "other",
+    }
 }
 
 fn internal_error() -> Response {

@@ -2,9 +2,11 @@
 
 use askama::Template;
 use axum::{
+    Extension,
     extract::{RawQuery, State},
     response::Html,
 };
+use bookstore_common::context::RequestContext;
 
 use super::{
     AppState, query,
@@ -19,10 +21,11 @@ use crate::{
 /// original). A category with no books is an ordinary page saying so, not an error.
 pub async fn recommendations(
     State(state): State<AppState>,
+    Extension(context): Extension<RequestContext>,
     RawQuery(raw): RawQuery,
 ) -> Result<Html<String>, HtmlError> {
     let query = query::parse(raw.as_deref()).map_err(AppError::BadRequest)?;
-    let books = match state.source.recommend(&query).await {
+    let books = match state.source.recommend(&query, &context).await {
         Ok(books) => books,
         Err(SourceError::NoBooks) => Vec::new(),
         Err(e) => return Err(e.into()),
