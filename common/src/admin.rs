@@ -66,8 +66,9 @@ struct Admin {
 impl Admin {
     /// Serves the admin endpoints on `listener` until [`Admin::stop`].
     fn spawn(listener: TcpListener, draining: CancellationToken, metrics: Metrics) -> Self {
-        let addr = listener.local_addr().ok();
-        tracing::info!(admin_addr = ?addr, "admin endpoints up: /healthz, /readyz, /metrics");
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(admin_addr = %addr, "admin endpoints up: /healthz, /readyz, /metrics");
+        }
         let stop = CancellationToken::new();
         tokio::spawn(metrics.clone().upkeep(stop.clone()));
         let task = tokio::spawn(
@@ -92,7 +93,10 @@ impl Admin {
 /// The Prometheus text exposition format, version 0.0.4.
 async fn render_metrics(State(state): State<AdminState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.metrics.render(),
     )
 }

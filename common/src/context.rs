@@ -110,9 +110,7 @@ impl TraceContext {
 
     /// The caller's context when well formed, else the start of a new trace.
     pub fn from_header(value: Option<&[u8]>) -> Self {
-        value
-            .and_then(Self::parse)
-            .unwrap_or_else(Self::new_root)
+        value.and_then(Self::parse).unwrap_or_else(Self::new_root)
     }
 
     /// The start of a new, sampled trace.
@@ -165,10 +163,12 @@ fn nonzero<const N: usize>(rng: &mut impl Rng) -> [u8; N] {
 
 fn hex(bytes: &[u8]) -> String {
     use fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// Exactly `N` bytes from `2 * N` lowercase hex digits (the spec forbids uppercase).
@@ -257,7 +257,10 @@ mod tests {
             assert_ne!(replaced.as_str().as_bytes(), bad);
             assert_eq!(replaced.as_str().len(), 32, "a fresh id");
         }
-        assert_eq!(RequestId::from_header(Some(&[b'a'; 128])).as_str().len(), 128);
+        assert_eq!(
+            RequestId::from_header(Some(&[b'a'; 128])).as_str().len(),
+            128
+        );
         assert_ne!(RequestId::generate(), RequestId::generate());
     }
 }

@@ -45,6 +45,9 @@ const GRPC_TIMEOUT_HEADER: &str = "grpc-timeout";
 /// answer, not tonic's own timer (which says `CANCELLED`), is what the caller gets.
 const SERVER_DEADLINE_MARGIN: Duration = Duration::from_millis(1);
 
+/// A call abandoned this close to its deadline is counted as past it.
+const DEADLINE_SLACK: Duration = Duration::from_millis(5);
+
 /// Which end of a call this layer sits on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -172,9 +175,10 @@ where
         let trace = TraceContext::from_header(header(headers, TRACEPARENT_HEADER));
         let timeout = parse_grpc_timeout(headers.get(GRPC_TIMEOUT_HEADER));
         let budget = match (side, timeout, shared.max_duration) {
-            (Side::Server, t, Some(max)) => {
-                Some(t.map_or(max, |t| t.min(max)).saturating_sub(SERVER_DEADLINE_MARGIN))
-            }
+            (Side::Server, t, Some(max)) => Some(
+                t.map_or(max, |t| t.min(max))
+                    .saturating_sub(SERVER_DEADLINE_MARGIN),
+            ),
             (_, t, _) => t,
         };
         let peer_addr = match side {
@@ -220,6 +224,9 @@ where
         };
         Box::pin(
             async move {
+                // Recorded as CANCELLED if this future is dropped before an answer: the caller
+                // went away, or an outer timer gave up first.
+                let mut pending = Unanswered(Some(finish), budget);
                 let call = inner.call(request);
                 let outcome = match budget {
                     Some(budget) => tokio::time::timeout(budget, call).await.ok(),
@@ -238,11 +245,16 @@ where
                         }
                     }
                     Some(Err(error)) => {
-                        finish.done(&Status::unknown(error.to_string()), None);
+                        if let Some(finish) = pending.0.take() {
+                            finish.done(&Status::unknown(error.to_string()), None);
+                        }
                         return Err(error);
                     }
                 };
-                Ok(finish.watch(response))
+                Ok(match pending.0.take() {
+                    Some(finish) => finish.watch(response),
+                    None => response,
+                })
             }
             .instrument(span),
         )
@@ -445,6 +457,26 @@ impl Finish {
     }
 }
 
+/// A call whose answer has not arrived yet, and its time budget.
+struct Unanswered(Option<Finish>, Option<Duration>);
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        let Some(finish) = self.0.take() else { return };
+        // The caller's clock started before ours, so a caller giving up at its deadline
+        // reaches us just before our own timer: that is the deadline, not a change of mind.
+        let at_deadline = self
+            .1
+            .is_some_and(|budget| finish.started.elapsed() + DEADLINE_SLACK >= budget);
+        let status = if at_deadline {
+            Status::deadline_exceeded("the caller gave up at its deadline")
+        } else {
+            Status::cancelled("the caller went away before the answer")
+        };
+        finish.done(&status, None);
+    }
+}
+
 /// A response body that records its call when the trailers pass, or when it is dropped first.
 struct WatchedBody {
     inner: Body,
@@ -497,7 +529,9 @@ impl HttpBody for WatchedBody {
 
 impl Drop for WatchedBody {
     fn drop(&mut self) {
-        self.finish(Status::cancelled("the caller went away before the answer was complete"));
+        self.finish(Status::cancelled(
+            "the caller went away before the answer was complete",
+        ));
     }
 }
 

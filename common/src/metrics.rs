@@ -8,13 +8,16 @@
 use std::{sync::Arc, time::Duration};
 
 use metrics::{Counter, Histogram, Key, Label, Metadata, Recorder};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 use tokio_util::sync::CancellationToken;
 
 /// Latency buckets in seconds. Our calls take well under a millisecond when healthy, so the
 /// lower end is finer than Prometheus' defaults; the upper end reaches past the longest deadline.
 const LATENCY_BUCKETS: [f64; 15] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    10.0,
 ];
 
 /// How often histogram samples are folded into their buckets when nobody scrapes, so memory
@@ -58,10 +61,7 @@ impl Metrics {
                 Label::new("version", version),
             ],
         );
-        metrics
-            .recorder
-            .register_gauge(&key, &METADATA)
-            .set(1.0);
+        metrics.recorder.register_gauge(&key, &METADATA).set(1.0);
         metrics
     }
 

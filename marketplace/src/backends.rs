@@ -153,7 +153,11 @@ impl Backends {
     /// The next address in turn, skipping those sitting out unless all are. None when no
     /// address is known.
     pub fn pick(&self) -> Option<Arc<Backend>> {
-        let current = self.current.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let current = self
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         if current.is_empty() {
             return None;
         }
@@ -186,9 +190,12 @@ impl Backends {
         }
         found.sort();
         found.dedup();
-        let settings = self.settings.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let old: BTreeMap<SocketAddr, Arc<Backend>> =
-            self.current_map();
+        let settings = self
+            .settings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let old: BTreeMap<SocketAddr, Arc<Backend>> = self.current_map();
         if old.keys().eq(found.iter()) {
             return Ok(());
         }
@@ -240,11 +247,19 @@ impl Backends {
         current.iter().map(|b| (b.addr, b.clone())).collect()
     }
 
-    fn backend(&self, addr: SocketAddr, settings: &ChannelSettings) -> Result<Arc<Backend>, String> {
+    fn backend(
+        &self,
+        addr: SocketAddr,
+        settings: &ChannelSettings,
+    ) -> Result<Arc<Backend>, String> {
         let channel = settings
             .channel(addr)
             .map_err(|e| format!("cannot configure a channel to {addr}: {e}"))?;
-        let layer = CallLayer::client(self.metrics.clone(), crate::source::METHODS, addr.to_string());
+        let layer = CallLayer::client(
+            self.metrics.clone(),
+            crate::source::METHODS,
+            addr.to_string(),
+        );
         Ok(Arc::new(Backend {
             addr,
             client: RecommendationsClient::new(tower::Layer::layer(&layer, channel)),
@@ -302,7 +317,10 @@ mod tests {
         for backend in [addr(1), addr(2), addr(3)] {
             b.current_map()[&backend].eject();
         }
-        assert!(b.pick().is_some(), "with everything ejected, still try something");
+        assert!(
+            b.pick().is_some(),
+            "with everything ejected, still try something"
+        );
     }
 
     #[tokio::test]
@@ -313,12 +331,19 @@ mod tests {
         *fixed.0.lock().expect("lock") = Ok(vec![addr(2), addr(3)]);
         b.refresh().await.expect("refresh");
         assert_eq!(b.addrs(), vec![addr(2), addr(3)]);
-        assert!(Arc::ptr_eq(&kept, &b.current_map()[&addr(2)]), "connection kept");
+        assert!(
+            Arc::ptr_eq(&kept, &b.current_map()[&addr(2)]),
+            "connection kept"
+        );
         *fixed.0.lock().expect("lock") = Err(std::io::ErrorKind::NotFound.into());
         assert!(b.refresh().await.is_err());
         *fixed.0.lock().expect("lock") = Ok(vec![]);
         assert!(b.refresh().await.is_err());
-        assert_eq!(b.addrs(), vec![addr(2), addr(3)], "kept through failed lookups");
+        assert_eq!(
+            b.addrs(),
+            vec![addr(2), addr(3)],
+            "kept through failed lookups"
+        );
     }
 
     #[tokio::test]
@@ -327,9 +352,18 @@ mod tests {
             .resolve()
             .await
             .expect("resolve");
-        assert!(found.iter().all(|a| a.ip().is_loopback() && a.port() == 7), "{found:?}");
+        assert!(
+            found.iter().all(|a| a.ip().is_loopback() && a.port() == 7),
+            "{found:?}"
+        );
         assert!(!found.is_empty());
-        let literal = DnsResolver::new("[::1]".into(), 7).resolve().await.expect("literal");
-        assert_eq!(literal, vec![SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 7))]);
+        let literal = DnsResolver::new("[::1]".into(), 7)
+            .resolve()
+            .await
+            .expect("literal");
+        assert_eq!(
+            literal,
+            vec![SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 7))]
+        );
     }
 }

@@ -400,7 +400,11 @@ async fn a_panic_behind_a_handler_is_a_500_page_and_the_app_keeps_serving() {
     }
 }
 
-async fn get_with(app: &axum::Router, uri: &str, headers: &[(&str, &str)]) -> axum::response::Response {
+async fn get_with(
+    app: &axum::Router,
+    uri: &str,
+    headers: &[(&str, &str)],
+) -> axum::response::Response {
     let mut request = Request::builder().uri(uri);
     for (name, value) in headers {
         request = request.header(*name, *value);
@@ -428,7 +432,11 @@ async fn the_callers_request_id_and_trace_reach_the_source_and_the_id_comes_back
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].request_id.as_str(), "req-123");
     assert_eq!(seen[0].trace.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
-    assert_ne!(seen[0].trace.span_id(), "00f067aa0ba902b7", "our own span, a child");
+    assert_ne!(
+        seen[0].trace.span_id(),
+        "00f067aa0ba902b7",
+        "our own span, a child"
+    );
 }
 
 #[tokio::test]
@@ -449,14 +457,24 @@ async fn a_missing_or_unfit_request_id_is_replaced_with_a_fresh_one() {
     let seen = source.contexts.lock().expect("lock").clone();
     assert_eq!(seen[0].request_id.as_str(), ids[0]);
     assert_eq!(seen[1].request_id.as_str(), ids[1]);
-    assert_ne!(seen[0].trace.trace_id(), seen[1].trace.trace_id(), "new traces");
+    assert_ne!(
+        seen[0].trace.trace_id(),
+        seen[1].trace.trace_id(),
+        "new traces"
+    );
 }
 
 #[tokio::test]
 async fn http_metrics_count_requests_by_route_and_status() {
     let metrics = Metrics::new("marketplace", "9.9.9");
     let app = router(StandIn::books(&["A"]), metrics.clone());
-    for uri in ["/", "/", "/api/recommendations?category=nope", "/wp-admin.php", "/x"] {
+    for uri in [
+        "/",
+        "/",
+        "/api/recommendations?category=nope",
+        "/wp-admin.php",
+        "/x",
+    ] {
         get_with(&app, uri, &[]).await;
     }
     let text = metrics.render();
@@ -469,5 +487,7 @@ async fn http_metrics_count_requests_by_route_and_status() {
     ] {
         assert!(text.contains(line), "missing {line} in:\n{text}");
     }
-    assert!(text.contains(r#"http_request_duration_seconds_bucket{method="GET",route="/",status="200",le="0.005"}"#));
+    assert!(text.contains(
+        r#"http_request_duration_seconds_bucket{method="GET",route="/",status="200",le="0.005"}"#
+    ));
 }

@@ -107,7 +107,10 @@ mod tests {
     #[test]
     fn failure_rates_parse_only_between_zero_and_one() {
         assert!("0".parse::<FailureRate>().expect("0").is_off());
-        assert_eq!("0.25".parse::<FailureRate>().expect("0.25").to_string(), "0.25");
+        assert_eq!(
+            "0.25".parse::<FailureRate>().expect("0.25").to_string(),
+            "0.25"
+        );
         assert_eq!("1".parse::<FailureRate>().expect("1").to_string(), "1");
         for bad in ["-0.1", "1.5", "NaN", "half", ""] {
             assert!(bad.parse::<FailureRate>().is_err(), "{bad:?}");

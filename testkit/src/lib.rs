@@ -6,8 +6,8 @@ pub mod process;
 
 use std::{
     net::SocketAddr,
-    sync::Arc,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use bookstore_certs::{DevPki, Issued};

@@ -146,6 +146,19 @@ impl ServiceProcess {
             .unwrap_or_else(|e| panic!("bad addr {addr:?}: {e}"))
     }
 
+    /// The admin address, from the service's own start-up log line.
+    pub async fn admin_addr(&mut self) -> SocketAddr {
+        let line = self
+            .wait_for_line("admin endpoints up", Duration::from_secs(60))
+            .await;
+        let addr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("admin_addr="))
+            .unwrap_or_else(|| panic!("no admin_addr= in {line:?}"));
+        addr.parse()
+            .unwrap_or_else(|e| panic!("bad admin_addr {addr:?}: {e}"))
+    }
+
     /// Sends a signal by name (`TERM`, `INT`) with the system `kill` command.
     pub fn signal(&self, signal: &str) {
         let pid = self.child.id().expect("process still running");

@@ -1,0 +1,170 @@
+//! Client-side load balancing across several real recommendations processes behind one name.
+//!
+//! The marketplace runs in this process so the test can play DNS: its resolver answers with a
+//! list the test changes, as a headless Service's records change when pods come and go. (The
+//! system resolver cannot be pointed at a test's own records here; the DNS path itself is
+//! covered by the unit test resolving `localhost`.) Everything else is real: separate processes,
+//! mutual TLS, HTTP page loads, SIGKILL.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use bookstore_testkit::{
+    TestPki, marketplace_config, process::ServiceProcess, spawn_marketplace_resolving,
+};
+use marketplace::backends::Resolve;
+
+/// The records the test publishes.
+#[derive(Default)]
+struct Records(Mutex<Vec<SocketAddr>>);
+
+impl Records {
+    fn set(&self, addrs: Vec<SocketAddr>) {
+        *self.0.lock().expect("lock") = addrs;
+    }
+}
+
+#[async_trait]
+impl Resolve for Records {
+    async fn resolve(&self) -> std::io::Result<Vec<SocketAddr>> {
+        Ok(self.0.lock().expect("lock").clone())
+    }
+    fn target(&self) -> String {
+        "recommendations.test".into()
+    }
+}
+
+struct Instance {
+    process: ServiceProcess,
+    addr: SocketAddr,
+    admin: SocketAddr,
+}
+
+async fn start_instance(pki: &TestPki) -> Instance {
+    let env = [
+        ("LISTEN_ADDR", "127.0.0.1:0".to_owned()),
+        ("CERTS_DIR", pki.dir().display().to_string()),
+    ];
+    let mut process = ServiceProcess::start("recommendations", &env);
+    let addr = process.listening_addr().await;
+    let admin = process.admin_addr().await;
+    Instance {
+        process,
+        addr,
+        admin,
+    }
+}
+
+/// Recommend calls this instance answered OK, from its own metrics.
+async fn served(instance: &Instance) -> u64 {
+    let text = reqwest::get(format!("http://{}/metrics", instance.admin))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("body");
+    text.lines()
+        .find(|l| {
+            l.starts_with("grpc_server_handled_total{")
+                && l.contains(r#"grpc_method="Recommend""#)
+                && l.contains(r#"grpc_code="OK""#)
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn page(addr: SocketAddr) -> u16 {
+    match reqwest::get(format!("http://{addr}/")).await {
+        Ok(response) => response.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+#[tokio::test]
+async fn calls_spread_over_instances_survive_a_kill_and_reach_a_new_one() {
+    let pki = TestPki::new();
+    let mut instances = Vec::new();
+    for _ in 0..3 {
+        instances.push(start_instance(&pki).await);
+    }
+    let records = Arc::new(Records::default());
+    records.set(instances.iter().map(|i| i.addr).collect());
+    // Any address of the service must present a certificate for the service's name.
+    let config = marketplace_config(pki.dir(), instances[0].addr);
+    let web = spawn_marketplace_resolving(&config, records.clone()).await;
+
+    // Spread: 60 pages over three instances.
+    for _ in 0..60 {
+        assert_eq!(page(web.addr).await, 200);
+    }
+    for instance in &instances {
+        let n = served(instance).await;
+        assert!(
+            (12..=28).contains(&n),
+            "uneven spread: {n} of 60 calls on one instance"
+        );
+    }
+
+    // Kill one instance outright while pages keep loading from four clients; its address stays
+    // published (DNS lags), so the marketplace must route around it by itself.
+    let failures = Arc::new(AtomicUsize::new(0));
+    let loaded = Arc::new(AtomicUsize::new(0));
+    let load_until = Instant::now() + Duration::from_secs(3);
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (failures, loaded) = (failures.clone(), loaded.clone());
+            let addr = web.addr;
+            tokio::spawn(async move {
+                while Instant::now() < load_until {
+                    let status = page(addr).await;
+                    loaded.fetch_add(1, Ordering::Relaxed);
+                    if status != 200 {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let killed = instances.remove(0);
+    killed.process.signal("KILL");
+    for client in clients {
+        client.await.expect("load task");
+    }
+    let loaded = loaded.load(Ordering::Relaxed);
+    assert!(loaded > 50, "only {loaded} pages loaded");
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "pages failed after an instance was killed ({loaded} loaded)"
+    );
+
+    // A new instance appears in the records: it gets traffic within a few resolve intervals.
+    let newcomer = start_instance(&pki).await;
+    records.set(
+        instances
+            .iter()
+            .map(|i| i.addr)
+            .chain([newcomer.addr])
+            .collect(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert_eq!(page(web.addr).await, 200);
+        if served(&newcomer).await > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new instance never got a call"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

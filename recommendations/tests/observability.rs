@@ -1,0 +1,219 @@
+//! What an operator sees of the recommendations service: Prometheus metrics under the
+//! grpc-ecosystem names, deadlines answered as DEADLINE_EXCEEDED, and injected failures. Real
+//! server, real mutual TLS, metrics fetched over HTTP from the admin port.
+
+use std::{net::SocketAddr, time::Duration};
+
+use bookstore_certs::Usage;
+use bookstore_common::{grpc_call::CallLayer, metrics::Metrics};
+use bookstore_proto::{
+    BookCategory, RecommendationRequest, recommendations_client::RecommendationsClient,
+};
+use bookstore_testkit::{
+    TestPki, grpc_client, identity, recommendations_config, spawn_recommendations, trusted_client,
+};
+use recommendations::startup::METHODS;
+use tonic::Code;
+
+fn request(category: i32, max_results: i32) -> RecommendationRequest {
+    RecommendationRequest {
+        user_id: 1,
+        category,
+        max_results,
+    }
+}
+
+async fn metrics(admin: SocketAddr) -> String {
+    let response = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .expect("scrape");
+    assert_eq!(response.status(), 200);
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "{content_type}"
+    );
+    response.text().await.expect("body")
+}
+
+/// The value of the series that is exactly `series` (name and labels), if present.
+fn value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// The labels of Recommend, in the order they are rendered.
+const RECOMMEND: &str =
+    r#"grpc_type="unary",grpc_service="Recommendations",grpc_method="Recommend""#;
+
+#[tokio::test]
+async fn calls_are_counted_under_the_grpc_ecosystem_names_by_code() {
+    let pki = TestPki::new();
+    let server = spawn_recommendations(&recommendations_config(pki.dir())).await;
+    let mut client = trusted_client(server.addr, &pki);
+    let mystery = BookCategory::Mystery as i32;
+    for _ in 0..3 {
+        client.recommend(request(mystery, 1)).await.expect("ok");
+    }
+    let status = client
+        .recommend(request(mystery, -1))
+        .await
+        .expect_err("bad");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let status = client.recommend(request(99, 1)).await.expect_err("unknown");
+    assert_eq!(status.code(), Code::NotFound);
+
+    // A caller with a CA-signed certificate whose identity is not allowed.
+    let stranger = pki
+        .pki
+        .ca
+        .issue("stranger", &["stranger"], Usage::Client)
+        .expect("cert");
+    let mut refused = grpc_client(
+        server.addr,
+        pki.ca_certificate(),
+        Some(identity(&stranger)),
+        "localhost",
+    );
+    let status = refused
+        .recommend(request(mystery, 1))
+        .await
+        .expect_err("denied");
+    assert_eq!(status.code(), Code::PermissionDenied);
+
+    let text = metrics(server.admin_addr).await;
+    let expect = [
+        (format!("grpc_server_started_total{{{RECOMMEND}}}"), 6.0),
+        (
+            format!(r#"grpc_server_handled_total{{{RECOMMEND},grpc_code="OK"}}"#),
+            3.0,
+        ),
+        (
+            format!(r#"grpc_server_handled_total{{{RECOMMEND},grpc_code="InvalidArgument"}}"#),
+            1.0,
+        ),
+        (
+            format!(r#"grpc_server_handled_total{{{RECOMMEND},grpc_code="NotFound"}}"#),
+            1.0,
+        ),
+        (
+            format!(r#"grpc_server_handled_total{{{RECOMMEND},grpc_code="PermissionDenied"}}"#),
+            1.0,
+        ),
+        (
+            format!("grpc_server_handling_seconds_count{{{RECOMMEND}}}"),
+            6.0,
+        ),
+    ];
+    for (series, expected) in expect {
+        assert_eq!(
+            value(&text, &series),
+            Some(expected),
+            "{series} in:\n{text}"
+        );
+    }
+    assert!(
+        text.contains(&format!(
+            r#"grpc_server_handling_seconds_bucket{{{RECOMMEND},le="0.001"}}"#
+        )),
+        "a histogram with fine buckets:\n{text}"
+    );
+    assert!(text.contains(r#"bookstore_build_info{service="recommendations",version=""#));
+}
+
+#[tokio::test]
+async fn unknown_methods_are_counted_without_their_path_as_a_label() {
+    let pki = TestPki::new();
+    let server = spawn_recommendations(&recommendations_config(pki.dir())).await;
+    let channel = bookstore_testkit::trusted_channel(server.addr, &pki);
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    let codec = tonic_prost::ProstCodec::<RecommendationRequest, RecommendationRequest>::default();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/Scanner/Probe123");
+    let status = grpc
+        .unary(tonic::Request::new(request(1, 1)), path, codec)
+        .await
+        .expect_err("no such method");
+    assert_eq!(status.code(), Code::Unimplemented);
+    let text = metrics(server.admin_addr).await;
+    assert!(
+        !text.contains("Probe123") && !text.contains("Scanner"),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"grpc_server_handled_total{grpc_type="unknown",grpc_service="unknown",grpc_method="unknown",grpc_code="Unimplemented"} 1"#),
+        "{text}"
+    );
+}
+
+/// The server gives up at the caller's deadline and records DEADLINE_EXCEEDED (tonic alone
+/// would record CANCELLED), having stopped the work rather than finishing it. The caller's own
+/// timer fires at the same moment, so what the caller sees is decided by its client: through
+/// the project's client layer (as the marketplace calls) it is DEADLINE_EXCEEDED too.
+#[tokio::test]
+async fn a_call_past_its_deadline_is_deadline_exceeded_on_both_ends() {
+    let pki = TestPki::new();
+    let mut config = recommendations_config(pki.dir());
+    config.artificial_delay_ms = 2_000;
+    let server = spawn_recommendations(&config).await;
+    let client_metrics = Metrics::new("test-client", "0");
+    let layer = CallLayer::client(client_metrics.clone(), METHODS, server.addr.to_string());
+    let channel = bookstore_testkit::trusted_channel(server.addr, &pki);
+    let mut client = RecommendationsClient::new(tower::Layer::layer(&layer, channel));
+    for timeout_ms in [50, 200] {
+        let mut call = tonic::Request::new(request(BookCategory::Mystery as i32, 1));
+        call.set_timeout(Duration::from_millis(timeout_ms));
+        let started = std::time::Instant::now();
+        let status = client.recommend(call).await.expect_err("too slow");
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        assert!(
+            started.elapsed() < Duration::from_millis(1_000),
+            "gave up in time"
+        );
+    }
+    // The server records its side as the calls end; give its response bodies a moment.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let text = metrics(server.admin_addr).await;
+    let series =
+        format!(r#"grpc_server_handled_total{{{RECOMMEND},grpc_code="DeadlineExceeded"}}"#);
+    assert_eq!(value(&text, &series), Some(2.0), "{text}");
+    // 50 ms + 200 ms of waiting, not 2 × 2 s of delay: the work was stopped.
+    let spent = value(
+        &text,
+        &format!("grpc_server_handling_seconds_sum{{{RECOMMEND}}}"),
+    )
+    .expect("sum");
+    assert!(spent < 1.0, "server kept working: {spent} s");
+    let client_text = client_metrics.render();
+    let series =
+        format!(r#"grpc_client_handled_total{{{RECOMMEND},grpc_code="DeadlineExceeded"}}"#);
+    assert_eq!(value(&client_text, &series), Some(2.0), "{client_text}");
+}
+
+#[tokio::test]
+async fn failure_rate_answers_that_share_of_calls_unavailable() {
+    let pki = TestPki::new();
+    let mut config = recommendations_config(pki.dir());
+    config.failure_rate = "0.5".parse().expect("rate");
+    let server = spawn_recommendations(&config).await;
+    let mut client = trusted_client(server.addr, &pki);
+    let mut failed = 0;
+    for _ in 0..200 {
+        match client
+            .recommend(request(BookCategory::Mystery as i32, 1))
+            .await
+        {
+            Ok(_) => {}
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable);
+                assert!(status.message().contains("FAILURE_RATE"));
+                failed += 1;
+            }
+        }
+    }
+    // Binomial(200, 0.5): outside 60..140 has odds far below one in a million.
+    assert!((60..140).contains(&failed), "{failed} of 200 failed");
+}
