@@ -1,0 +1,263 @@
+//! What operators rely on, checked on both real binaries: a request id and trace followed from
+//! the browser through both services' logs, degradation and recovery without a restart, and
+//! retries that mask injected failures without hammering a failing backend.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use bookstore_testkit::{TestPki, process::ServiceProcess};
+
+fn certs(pki: &TestPki) -> (&'static str, String) {
+    ("CERTS_DIR", pki.dir().display().to_string())
+}
+
+async fn start_recommendations(
+    pki: &TestPki,
+    listen: &str,
+    extra: &[(&'static str, String)],
+) -> (ServiceProcess, SocketAddr) {
+    let mut env = vec![("LISTEN_ADDR", listen.to_owned()), certs(pki)];
+    env.extend_from_slice(extra);
+    let mut process = ServiceProcess::start("recommendations", &env);
+    let addr = process.listening_addr().await;
+    (process, addr)
+}
+
+struct Web {
+    process: ServiceProcess,
+    addr: SocketAddr,
+    admin: SocketAddr,
+}
+
+async fn start_marketplace(
+    pki: &TestPki,
+    backend: SocketAddr,
+    extra: &[(&'static str, String)],
+) -> Web {
+    let mut env = vec![
+        ("LISTEN_ADDR", "127.0.0.1:0".to_owned()),
+        ("RECOMMENDATIONS_HOST", "localhost".to_owned()),
+        ("RECOMMENDATIONS_PORT", backend.port().to_string()),
+        certs(pki),
+    ];
+    env.extend_from_slice(extra);
+    let mut process = ServiceProcess::start("marketplace", &env);
+    let addr = process.listening_addr().await;
+    let admin = process.admin_addr().await;
+    Web {
+        process,
+        addr,
+        admin,
+    }
+}
+
+async fn get(url: String, headers: &[(&str, &str)]) -> reqwest::Response {
+    let client = reqwest::Client::new();
+    let mut request = client.get(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request.send().await.expect("HTTP request")
+}
+
+/// The value of the first series whose line contains every one of `parts`.
+fn value(text: &str, parts: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| parts.iter().all(|p| l.contains(p)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn metrics(admin: SocketAddr) -> String {
+    get(format!("http://{admin}/metrics"), &[])
+        .await
+        .text()
+        .await
+        .expect("body")
+}
+
+#[tokio::test]
+async fn a_request_id_and_trace_are_followed_through_both_services() {
+    let pki = TestPki::new();
+    let (mut recommendations, backend) = start_recommendations(&pki, "127.0.0.1:0", &[]).await;
+    let mut web = start_marketplace(&pki, backend, &[]).await;
+
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let response = get(
+        format!("http://{}/", web.addr),
+        &[
+            ("x-request-id", "order-7f3a"),
+            ("traceparent", &format!("00-{trace}-00f067aa0ba902b7-01")),
+        ],
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-request-id"], "order-7f3a");
+
+    let timeout = Duration::from_secs(5);
+    let http_line = web.process.wait_for_line("order-7f3a", timeout).await;
+    assert!(http_line.contains(trace), "{http_line}");
+    let grpc_line = recommendations
+        .wait_for_line("request_id=order-7f3a", timeout)
+        .await;
+    for field in [
+        "gRPC call",
+        &format!("trace_id={trace}"),
+        "code=\"OK\"",
+        "method=Recommendations/Recommend",
+        "peer=\"marketplace\"",
+        "latency_ms=",
+    ] {
+        assert!(
+            grpc_line.contains(field),
+            "{field} missing from: {grpc_line}"
+        );
+    }
+
+    // Without an id, the marketplace makes one and recommendations logs that one.
+    let response = get(format!("http://{}/", web.addr), &[]).await;
+    let made = response.headers()["x-request-id"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    recommendations
+        .wait_for_line(&format!("request_id={made}"), timeout)
+        .await;
+
+    // The client side is counted under the grpc-ecosystem names too.
+    let text = metrics(web.admin).await;
+    assert_eq!(
+        value(
+            &text,
+            &[
+                "grpc_client_handled_total{",
+                r#"grpc_method="Recommend""#,
+                r#"grpc_code="OK""#
+            ]
+        ),
+        2.0,
+        "{text}"
+    );
+    assert_eq!(
+        value(
+            &text,
+            &[
+                "grpc_client_started_total{",
+                r#"grpc_service="Recommendations""#
+            ]
+        ),
+        2.0
+    );
+    assert!(text.contains("grpc_client_handling_seconds_bucket{"));
+    assert!(text.contains(r#"http_requests_total{method="GET",route="/",status="200"} 2"#));
+}
+
+#[tokio::test]
+async fn with_the_backend_down_pages_say_so_quickly_and_recover_without_a_restart() {
+    let pki = TestPki::new();
+    // A free port for the backend that is not there yet.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let backend = SocketAddr::from(([127, 0, 0, 1], port));
+    let web = start_marketplace(
+        &pki,
+        backend,
+        &[("RECOMMENDATIONS_TIMEOUT_MS", "500".to_owned())],
+    )
+    .await;
+
+    for path in ["/", "/api/recommendations"] {
+        let started = Instant::now();
+        let response = get(format!("http://{}{path}", web.addr), &[]).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "answered in time"
+        );
+        assert_eq!(response.status(), 503);
+        let body = response.text().await.expect("body");
+        if path == "/" {
+            assert!(body.contains("Recommendations are unavailable"), "{body}");
+        } else {
+            let json: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+            assert_eq!(json["error"]["code"], "unavailable", "{json}");
+        }
+    }
+
+    let (_recommendations, _) = start_recommendations(&pki, &backend.to_string(), &[]).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = get(format!("http://{}/", web.addr), &[]).await.status();
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not recovered: {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn retries_mask_injected_failures_within_a_budget() {
+    let pki = TestPki::new();
+    let (mut flaky, backend) =
+        start_recommendations(&pki, "127.0.0.1:0", &[("FAILURE_RATE", "0.3".to_owned())]).await;
+    flaky
+        .wait_for_line("FAILURE_RATE is set", Duration::from_secs(5))
+        .await;
+    let web = start_marketplace(&pki, backend, &[]).await;
+    let mut ok = 0;
+    for _ in 0..100 {
+        if get(format!("http://{}/", web.addr), &[]).await.status() == 200 {
+            ok += 1;
+        }
+    }
+    // Without retries about 70 would succeed; with up to two retries about 97.
+    assert!(ok >= 88, "only {ok} of 100 pages with retries");
+    let text = metrics(web.admin).await;
+    let retried = value(
+        &text,
+        &["bookstore_client_retries_total{", r#"outcome="attempted""#],
+    );
+    let unavailable = value(
+        &text,
+        &["grpc_client_handled_total{", r#"grpc_code="Unavailable""#],
+    );
+    assert!(retried >= 15.0, "{text}");
+    assert!(unavailable >= 15.0, "{text}");
+}
+
+#[tokio::test]
+async fn a_backend_failing_every_call_is_not_hammered_by_retries() {
+    let pki = TestPki::new();
+    let (_broken, backend) =
+        start_recommendations(&pki, "127.0.0.1:0", &[("FAILURE_RATE", "1".to_owned())]).await;
+    let web = start_marketplace(&pki, backend, &[]).await;
+    let pages = 200;
+    for _ in 0..pages {
+        let status = get(format!("http://{}/", web.addr), &[]).await.status();
+        assert_eq!(status, 503);
+    }
+    let text = metrics(web.admin).await;
+    let calls = value(&text, &["grpc_client_started_total{"]);
+    // Two retries each would be 600 calls. The budget allows 20 % more calls than pages, plus
+    // a reserve of 5 a second over its 10 s window.
+    assert!(calls >= f64::from(pages), "{text}");
+    assert!(
+        calls <= f64::from(pages) * 1.2 + 50.0 + 5.0,
+        "{calls} calls for {pages} pages"
+    );
+    assert!(
+        value(
+            &text,
+            &[
+                "bookstore_client_retries_total{",
+                r#"outcome="budget_exhausted""#
+            ]
+        ) > 0.0,
+        "{text}"
+    );
+}
