@@ -5,7 +5,12 @@
 //! and `/readyz` turns to 503 the moment a shutdown signal arrives, while the admin port keeps
 //! answering through the drain so the orchestrator sees it.
 
-use std::{future::Future, net::SocketAddr};
+use std::{
+    future::Future,
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
+    time::Duration,
+};
 
 use axum::{
     Router,
@@ -101,6 +106,75 @@ async fn render_metrics(State(state): State<AdminState>) -> impl IntoResponse {
     )
 }
 
+/// Subcommands both services take besides serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Subcommand)]
+pub enum Command {
+    /// Exit 0 if this service's admin port answers `/readyz` with 200, 1 otherwise: a health
+    /// check for images without a shell or curl.
+    Healthcheck,
+}
+
+/// How long the health check waits for the whole exchange.
+const HEALTHCHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Asks the admin port at `addr` (a wildcard address means this host) for `/readyz`.
+pub fn healthcheck(addr: SocketAddr) -> Result<(), String> {
+    let target = match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port()))
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((Ipv6Addr::LOCALHOST, addr.port()))
+        }
+        _ => addr,
+    };
+    let fail = |e: std::io::Error| format!("admin port {target}: {e}");
+    let mut stream = TcpStream::connect_timeout(&target, HEALTHCHECK_TIMEOUT)
+        .or_else(|e| {
+            // A `[::]` listener also takes IPv4; a host without IPv6 loopback still reaches it so.
+            if target.is_ipv6() {
+                TcpStream::connect_timeout(
+                    &SocketAddr::from((Ipv4Addr::LOCALHOST, target.port())),
+                    HEALTHCHECK_TIMEOUT,
+                )
+            } else {
+                Err(e)
+            }
+        })
+        .map_err(fail)?;
+    stream
+        .set_read_timeout(Some(HEALTHCHECK_TIMEOUT))
+        .map_err(fail)?;
+    stream
+        .set_write_timeout(Some(HEALTHCHECK_TIMEOUT))
+        .map_err(fail)?;
+    stream
+        .write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .map_err(fail)?;
+    let mut answer = Vec::new();
+    stream.take(4096).read_to_end(&mut answer).map_err(fail)?;
+    let answer = String::from_utf8_lossy(&answer);
+    let status = answer.lines().next().unwrap_or("");
+    if status.starts_with("HTTP/1.1 200") {
+        Ok(())
+    } else {
+        Err(format!("admin port {target}: not ready: {status:?}"))
+    }
+}
+
+/// Runs the subcommand and returns the exit code.
+pub fn run(command: Command, admin_addr: SocketAddr) -> std::process::ExitCode {
+    match command {
+        Command::Healthcheck => match healthcheck(admin_addr) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("unhealthy: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        },
+    }
+}
+
 /// Binds the admin address, naming it in the error.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
     TcpListener::bind(addr)
@@ -125,6 +199,25 @@ mod tests {
             .await
             .expect("infallible")
             .status()
+    }
+
+    #[tokio::test]
+    async fn the_healthcheck_follows_readiness() {
+        let listener = bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let draining = CancellationToken::new();
+        let admin = Admin::spawn(listener, draining.clone(), Metrics::new("test", "0"));
+        let wildcard = SocketAddr::from((Ipv4Addr::UNSPECIFIED, addr.port()));
+        let check = move || tokio::task::spawn_blocking(move || healthcheck(wildcard));
+        assert_eq!(check().await.expect("join"), Ok(()));
+        draining.cancel();
+        let refused = check().await.expect("join").expect_err("draining");
+        assert!(refused.contains("503"), "{refused}");
+        admin.stop().await;
+        let down = check().await.expect("join").expect_err("closed");
+        assert!(down.contains(&addr.port().to_string()), "{down}");
     }
 
     #[tokio::test]

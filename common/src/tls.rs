@@ -221,9 +221,10 @@ pub fn key_exposure(path: &Path) -> Option<String> {
     {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(path).ok()?.permissions().mode();
-        (mode & 0o077 != 0).then(|| {
+        // Group read is how Kubernetes hands a Secret to a pod's fsGroup: deliberate sharing.
+        (mode & 0o007 != 0).then(|| {
             format!(
-                "private key file is readable by group or others (mode {:o}); chmod 600 it",
+                "private key file is readable by others (mode {:o}); chmod 600 or 640 it",
                 mode & 0o777
             )
         })
@@ -400,6 +401,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         bookstore_certs::generate(dir.path(), false).expect("generate");
         let key = dir.path().join("server.key");
+        assert_eq!(key_exposure(&key), None);
+        // Shared with the group, as Kubernetes does for a pod's fsGroup: fine.
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o640)).expect("chmod");
         assert_eq!(key_exposure(&key), None);
         fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).expect("chmod");
         let warning = key_exposure(&key).expect("a warning");

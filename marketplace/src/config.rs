@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use bookstore_common::{telemetry::LogArgs, tls::TlsArgs};
+use bookstore_common::{admin::Command, telemetry::LogArgs, tls::TlsArgs};
 use clap::Parser;
 
 /// The bookstore's web front end.
@@ -45,6 +45,9 @@ pub struct Config {
     /// TLS files and mode.
     #[command(flatten, next_help_heading = "TLS")]
     pub tls: TlsArgs,
+    /// Instead of serving.
+    #[command(subcommand)]
+    pub command: Option<Command>,
 }
 
 impl Config {

@@ -6,6 +6,9 @@ use recommendations::{config::Config, startup::Application};
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
+    if let Some(command) = config.command {
+        return bookstore_common::admin::run(command, config.admin_addr);
+    }
     bookstore_common::telemetry::init(&config.log);
     let app = match Application::build(&config).await {
         Ok(app) => app,

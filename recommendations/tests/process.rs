@@ -196,7 +196,7 @@ async fn a_private_key_readable_by_others_is_warned_about_without_its_contents()
     let mut process = ServiceProcess::start("recommendations", &env(&pki));
     process.listening_addr().await;
     let line = process
-        .wait_for_line("readable by group or others", Duration::from_secs(5))
+        .wait_for_line("readable by others", Duration::from_secs(5))
         .await;
     assert!(
         line.contains("server.key") && line.contains("WARN"),

@@ -83,6 +83,7 @@ pub fn recommendations_config(certs_dir: &Path) -> recommendations::config::Conf
             tls_reload_secs: 1,
             ..TlsArgs::new(certs_dir, TlsMode::Mutual)
         },
+        command: None,
     }
 }
 
@@ -105,6 +106,7 @@ pub fn marketplace_config(
             tls_reload_secs: 1,
             ..TlsArgs::new(certs_dir, TlsMode::Mutual)
         },
+        command: None,
     }
 }
 
