@@ -50,9 +50,13 @@ if grep -qi podman <<<"$engine" && command -v podman >/dev/null; then
     trap 'kill $scheduler 2>/dev/null || true; cleanup' EXIT
 fi
 
-step "docker compose up --build -d (MARKETPLACE_PORT=$port)"
+step "docker compose build, then up -d (MARKETPLACE_PORT=$port)"
 started=$(date +%s)
-MARKETPLACE_PORT=$port compose up --build -d
+# One image at a time: podman's compatibility API can wedge when several builds share cache
+# mounts at once (BuildKit, under Docker, copes with `docker compose up --build` as is).
+COMPOSE_PARALLEL_LIMIT=1 compose build
+echo "built after $(( $(date +%s) - started )) s"
+MARKETPLACE_PORT=$port compose up -d
 echo "up after $(( $(date +%s) - started )) s"
 
 step "waiting for the page"

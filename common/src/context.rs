@@ -152,6 +152,55 @@ impl TraceContext {
     }
 }
 
+/// Makes `span` part of the trace `parent` belongs to (or the first span of a new trace when
+/// there is none), and returns the context to send downstream: the same trace, with `span` as
+/// the parent. With the `otel` feature and export on, that is the exported span's own id, so the
+/// services' spans join up in the collector.
+pub fn continue_trace(span: &tracing::Span, parent: Option<TraceContext>) -> TraceContext {
+    #[cfg(feature = "otel")]
+    if let Some(exported) = otel::link(span, parent) {
+        return exported;
+    }
+    let _ = span;
+    match parent {
+        Some(parent) => parent.child(),
+        None => TraceContext::new_root(),
+    }
+}
+
+#[cfg(feature = "otel")]
+mod otel {
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+    };
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    use super::TraceContext;
+
+    /// The span's exported context, parented on `parent`; None when nothing is exported.
+    pub(super) fn link(span: &tracing::Span, parent: Option<TraceContext>) -> Option<TraceContext> {
+        if let Some(parent) = parent {
+            let remote = SpanContext::new(
+                TraceId::from_bytes(parent.trace_id),
+                SpanId::from_bytes(parent.span_id),
+                TraceFlags::new(parent.flags),
+                true,
+                TraceState::default(),
+            );
+            // Fails only when no OpenTelemetry layer is installed: then nothing is exported.
+            span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote))
+                .ok()?;
+        }
+        let context = span.context();
+        let own = context.span().span_context().clone();
+        own.is_valid().then(|| TraceContext {
+            trace_id: own.trace_id().to_bytes(),
+            span_id: own.span_id().to_bytes(),
+            flags: own.trace_flags().to_u8(),
+        })
+    }
+}
+
 fn nonzero<const N: usize>(rng: &mut impl Rng) -> [u8; N] {
     loop {
         let bytes: [u8; N] = std::array::from_fn(|_| rng.random());

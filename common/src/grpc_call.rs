@@ -34,7 +34,7 @@ use tower::{Layer, Service};
 use tracing::Instrument;
 
 use crate::{
-    context::{REQUEST_ID_HEADER, RequestId, TRACEPARENT_HEADER, TraceContext},
+    context::{REQUEST_ID_HEADER, RequestId, TRACEPARENT_HEADER, TraceContext, continue_trace},
     metrics::Metrics,
 };
 
@@ -172,7 +172,7 @@ where
         let (service, method, kind) = shared.classify(request.uri().path());
         let headers = request.headers();
         let request_id = RequestId::from_header(header(headers, REQUEST_ID_HEADER));
-        let trace = TraceContext::from_header(header(headers, TRACEPARENT_HEADER));
+        let parent = header(headers, TRACEPARENT_HEADER).and_then(TraceContext::parse);
         let timeout = parse_grpc_timeout(headers.get(GRPC_TIMEOUT_HEADER));
         let budget = match (side, timeout, shared.max_duration) {
             (Side::Server, t, Some(max)) => Some(
@@ -202,26 +202,36 @@ where
                 ],
             )
             .increment(1);
+        let (span, trace_id) = match side {
+            Side::Server => {
+                let span = tracing::info_span!(
+                    "grpc",
+                    request_id = %request_id,
+                    trace_id = tracing::field::Empty,
+                    otel.name = %format_args!("{service}/{method}"),
+                    otel.kind = "server",
+                );
+                let trace = continue_trace(&span, parent);
+                span.record("trace_id", trace.trace_id());
+                (span, trace.trace_id())
+            }
+            // The caller's own span (the HTTP request) already carries both.
+            Side::Client => (
+                tracing::Span::none(),
+                parent.map(|p| p.trace_id()).unwrap_or_default(),
+            ),
+        };
         let finish = Finish {
             shared,
             started,
             labels: (kind, service, method),
             request_id,
-            trace_id: trace.trace_id(),
+            trace_id,
             peer_addr,
         };
         // The inner service must be the one that was polled ready; leave a clone in its place.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let span = match side {
-            Side::Server => tracing::info_span!(
-                "grpc",
-                request_id = %finish.request_id,
-                trace_id = %finish.trace_id,
-            ),
-            // The caller's own span (the HTTP request) already carries both.
-            Side::Client => tracing::Span::none(),
-        };
         Box::pin(
             async move {
                 // Recorded as CANCELLED if this future is dropped before an answer: the caller

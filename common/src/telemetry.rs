@@ -22,6 +22,11 @@ pub struct LogArgs {
     /// `text` for people, `json` for log collectors.
     #[arg(long = "log-format", env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub format: LogFormat,
+    /// OpenTelemetry collector to export traces to over OTLP/gRPC, e.g.
+    /// `http://otel-collector:4317` (builds with the `otel` feature only; unset: no export).
+    #[cfg(feature = "otel")]
+    #[arg(long = "otlp-endpoint", env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for LogArgs {
@@ -29,30 +34,122 @@ impl Default for LogArgs {
         LogArgs {
             filter: "info".into(),
             format: LogFormat::Text,
+            #[cfg(feature = "otel")]
+            otlp_endpoint: None,
         }
     }
 }
 
-/// Installs the global `tracing` subscriber, writing to standard error.
+/// What must outlive the service for its telemetry to be complete: with trace export on, the
+/// pipeline, flushed when this is dropped.
+#[derive(Debug, Default)]
+#[must_use = "dropping it stops trace export"]
+pub struct Telemetry {
+    #[cfg(feature = "otel")]
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Sends every finished span now.
+    pub fn flush(&self) {
+        #[cfg(feature = "otel")]
+        if let Some(provider) = &self.provider
+            && let Err(e) = provider.force_flush()
+        {
+            tracing::warn!(error = %e, "cannot flush traces");
+        }
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        #[cfg(feature = "otel")]
+        if let Some(provider) = self.provider.take()
+            && let Err(e) = provider.shutdown()
+        {
+            tracing::warn!(error = %e, "cannot flush traces at exit");
+        }
+    }
+}
+
+/// Installs the global `tracing` subscriber, writing to standard error, and with the `otel`
+/// feature and an endpoint, exporting spans as `service`.
 ///
 /// An invalid filter directive falls back to `info` with a warning, rather than stopping the
-/// service over a logging typo.
-pub fn init(args: &LogArgs) {
+/// service over a logging typo. Must run inside the Tokio runtime (the exporter lives on it).
+pub fn init(args: &LogArgs, service: &'static str) -> Telemetry {
+    use tracing_subscriber::{Layer as _, layer::SubscriberExt, util::SubscriberInitExt};
+
     let (filter, bad) = match EnvFilter::try_new(&args.filter) {
         Ok(f) => (f, None),
         Err(e) => (EnvFilter::new("info"), Some(e)),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // A second call (tests start several apps in one process) keeps the first subscriber.
-    let _ = match args.format {
-        LogFormat::Text => builder
-            .with_ansi(std::io::stderr().is_terminal())
-            .try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match args.format {
+        LogFormat::Text => fmt.with_ansi(std::io::stderr().is_terminal()).boxed(),
+        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
     };
+    let registry = tracing_subscriber::registry().with(filter).with(fmt);
+    #[cfg(feature = "otel")]
+    let (registry, telemetry, exporter_error) = {
+        let (layer, provider, error) = match &args.otlp_endpoint {
+            Some(endpoint) => match otel::provider(endpoint, service) {
+                Ok(provider) => {
+                    use opentelemetry::trace::TracerProvider as _;
+                    let layer =
+                        tracing_opentelemetry::layer().with_tracer(provider.tracer(service));
+                    (Some(layer), Some(provider), None)
+                }
+                Err(e) => (None, None, Some(e)),
+            },
+            None => (None, None, None),
+        };
+        (registry.with(layer), Telemetry { provider }, error)
+    };
+    #[cfg(not(feature = "otel"))]
+    let telemetry = {
+        let _ = service;
+        Telemetry::default()
+    };
+    // A second call (tests start several apps in one process) keeps the first subscriber.
+    let _ = registry.try_init();
     if let Some(e) = bad {
         tracing::warn!(error = %e, "invalid RUST_LOG directive; logging at info");
+    }
+    #[cfg(feature = "otel")]
+    match (&args.otlp_endpoint, exporter_error) {
+        (Some(endpoint), None) => tracing::info!(%endpoint, "exporting traces over OTLP"),
+        (Some(endpoint), Some(e)) => {
+            tracing::warn!(%endpoint, error = %e, "cannot export traces; going on without")
+        }
+        (None, _) => {}
+    }
+    telemetry
+}
+
+#[cfg(feature = "otel")]
+mod otel {
+    use opentelemetry_otlp::WithExportConfig;
+    use opentelemetry_sdk::{
+        Resource, runtime,
+        trace::{SdkTracerProvider, span_processor_with_async_runtime::BatchSpanProcessor},
+    };
+
+    /// Spans batched and sent from a task on the service's own runtime: the exporter's gRPC
+    /// client needs Tokio, which the SDK's default batch thread does not have.
+    pub(super) fn provider(
+        endpoint: &str,
+        service: &'static str,
+    ) -> Result<SdkTracerProvider, String> {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .build()
+            .map_err(|e| e.to_string())?;
+        let processor = BatchSpanProcessor::builder(exporter, runtime::Tokio).build();
+        Ok(SdkTracerProvider::builder()
+            .with_span_processor(processor)
+            .with_resource(Resource::builder().with_service_name(service).build())
+            .build())
     }
 }

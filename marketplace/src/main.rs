@@ -9,7 +9,7 @@ async fn main() -> ExitCode {
     if let Some(command) = config.command {
         return bookstore_common::admin::run(command, config.admin_addr);
     }
-    bookstore_common::telemetry::init(&config.log);
+    let telemetry = bookstore_common::telemetry::init(&config.log, "marketplace");
     let app = match Application::build(&config).await {
         Ok(app) => app,
         Err(e) => {
@@ -17,10 +17,12 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match app
+    let outcome = app
         .run_until_stopped(bookstore_common::shutdown::signal())
-        .await
-    {
+        .await;
+    // Sends the last spans before the process ends.
+    drop(telemetry);
+    match outcome {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

@@ -147,7 +147,8 @@ impl RecommendationSource for GrpcSource {
             if let Ok(id) = MetadataValue::try_from(context.request_id.as_str()) {
                 metadata.insert(REQUEST_ID_HEADER, id);
             }
-            if let Ok(parent) = MetadataValue::try_from(context.trace.child().header()) {
+            // Our request's span is the parent of the server's.
+            if let Ok(parent) = MetadataValue::try_from(context.trace.header()) {
                 metadata.insert(TRACEPARENT_HEADER, parent);
             }
             // The call layer enforces the deadline up to the answer's headers; this covers the

@@ -16,7 +16,10 @@ use axum::{
     routing::get,
 };
 use bookstore_common::{
-    context::{REQUEST_ID_HEADER, RequestContext, RequestId, TRACEPARENT_HEADER, TraceContext},
+    context::{
+        REQUEST_ID_HEADER, RequestContext, RequestId, TRACEPARENT_HEADER, TraceContext,
+        continue_trace,
+    },
     metrics::Metrics,
     panic::CatchPanicLayer,
 };
@@ -79,20 +82,24 @@ pub fn router(source: Arc<dyn RecommendationSource>, metrics: Metrics) -> Router
 async fn observe(State(metrics): State<Metrics>, mut request: Request, next: Next) -> Response {
     let started = Instant::now();
     let headers = request.headers();
-    let context = RequestContext {
-        request_id: RequestId::from_header(headers.get(REQUEST_ID_HEADER).map(|v| v.as_bytes())),
-        // Our own span in the caller's trace (or the first span of a new one).
-        trace: TraceContext::from_header(headers.get(TRACEPARENT_HEADER).map(|v| v.as_bytes()))
-            .child(),
-    };
+    let request_id = RequestId::from_header(headers.get(REQUEST_ID_HEADER).map(|v| v.as_bytes()));
+    let parent = headers
+        .get(TRACEPARENT_HEADER)
+        .and_then(|v| TraceContext::parse(v.as_bytes()));
     let method = method_label(request.method());
     let route = route_label(request.uri().path());
-    request.extensions_mut().insert(context.clone());
     let span = tracing::info_span!(
         "http",
-        request_id = %context.request_id,
-        trace_id = %context.trace.trace_id(),
+        request_id = %request_id,
+        trace_id = tracing::field::Empty,
+        otel.name = %format_args!("{method} {route}"),
+        otel.kind = "server",
     );
+    // Our span in the caller's trace (or the first of a new one): the parent of our calls.
+    let trace = continue_trace(&span, parent);
+    span.record("trace_id", trace.trace_id());
+    let context = RequestContext { request_id, trace };
+    request.extensions_mut().insert(context.clone());
     let mut response = next.run(request).instrument(span.clone()).await;
     if let Ok(id) = HeaderValue::from_str(context.request_id.as_str()) {
         response.headers_mut().insert(REQUEST_ID_HEADER, id);

@@ -1,0 +1,124 @@
+//! OpenTelemetry trace export (cargo feature `otel`): both services' spans reach a real OTLP/gRPC
+//! endpoint and join into one trace under the caller's `traceparent`.
+//!
+//! The collector is a small OTLP trace service in this test, built from the protocol's own
+//! generated code; both services run in this process, so they share one exporter.
+//!   cargo test -p marketplace --features otel --test otel
+#![cfg(feature = "otel")]
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use bookstore_common::telemetry::{self, LogArgs};
+use bookstore_testkit::{
+    TestPki, marketplace_config, recommendations_config, spawn_marketplace, spawn_recommendations,
+};
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    },
+    trace::v1::Span,
+};
+use tokio_stream::wrappers::TcpListenerStream;
+
+#[derive(Clone, Default)]
+struct Collector {
+    spans: Arc<Mutex<Vec<Span>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let spans = request
+            .into_inner()
+            .resource_spans
+            .into_iter()
+            .flat_map(|r| r.scope_spans)
+            .flat_map(|s| s.spans);
+        self.spans.lock().expect("lock").extend(spans);
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+async fn start_collector() -> (Collector, SocketAddr) {
+    let collector = Collector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let service = TraceServiceServer::new(collector.clone());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    (collector, addr)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_services_spans_join_the_callers_trace_in_the_collector() {
+    let (collector, collector_addr) = start_collector().await;
+    let telemetry = telemetry::init(
+        &LogArgs {
+            otlp_endpoint: Some(format!("http://{collector_addr}")),
+            ..LogArgs::default()
+        },
+        "bookstore-test",
+    );
+
+    let pki = TestPki::new();
+    let recommendations = spawn_recommendations(&recommendations_config(pki.dir())).await;
+    let marketplace =
+        spawn_marketplace(&marketplace_config(pki.dir(), recommendations.addr)).await;
+
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let response = reqwest::Client::new()
+        .get(format!("http://{}/", marketplace.addr))
+        .header("traceparent", format!("00-{trace}-{caller_span}-01"))
+        .send()
+        .await
+        .expect("page");
+    assert_eq!(response.status(), 200);
+
+    // Spans end as the answer is written; flush until both have arrived.
+    let telemetry = Arc::new(telemetry);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (http, grpc) = loop {
+        let flusher = telemetry.clone();
+        tokio::task::spawn_blocking(move || flusher.flush())
+            .await
+            .expect("flush");
+        let spans = collector.spans.lock().expect("lock").clone();
+        let find = |name: &str| {
+            spans
+                .iter()
+                .find(|s| s.name == name && hex(&s.trace_id) == trace)
+                .cloned()
+        };
+        if let (Some(http), Some(grpc)) = (find("GET /"), find("Recommendations/Recommend")) {
+            break (http, grpc);
+        }
+        let names: Vec<_> = spans.iter().map(|s| s.name.clone()).collect();
+        assert!(Instant::now() < deadline, "spans never arrived; got {names:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(hex(&http.parent_span_id), caller_span, "the page continues the caller's span");
+    assert_eq!(
+        hex(&grpc.parent_span_id),
+        hex(&http.span_id),
+        "the gRPC call is a child of the page"
+    );
+    assert!(grpc.end_time_unix_nano >= grpc.start_time_unix_nano);
+}
