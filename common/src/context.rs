@@ -108,11 +108,6 @@ impl TraceContext {
         })
     }
 
-    /// The caller's context when well formed, else the start of a new trace.
-    pub fn from_header(value: Option<&[u8]>) -> Self {
-        value.and_then(Self::parse).unwrap_or_else(Self::new_root)
-    }
-
     /// The start of a new, sampled trace.
     pub fn new_root() -> Self {
         let mut rng = rand::rng();

@@ -79,8 +79,7 @@ async fn both_services_spans_join_the_callers_trace_in_the_collector() {
 
     let pki = TestPki::new();
     let recommendations = spawn_recommendations(&recommendations_config(pki.dir())).await;
-    let marketplace =
-        spawn_marketplace(&marketplace_config(pki.dir(), recommendations.addr)).await;
+    let marketplace = spawn_marketplace(&marketplace_config(pki.dir(), recommendations.addr)).await;
 
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let caller_span = "00f067aa0ba902b7";
@@ -111,10 +110,17 @@ async fn both_services_spans_join_the_callers_trace_in_the_collector() {
             break (http, grpc);
         }
         let names: Vec<_> = spans.iter().map(|s| s.name.clone()).collect();
-        assert!(Instant::now() < deadline, "spans never arrived; got {names:?}");
+        assert!(
+            Instant::now() < deadline,
+            "spans never arrived; got {names:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(hex(&http.parent_span_id), caller_span, "the page continues the caller's span");
+    assert_eq!(
+        hex(&http.parent_span_id),
+        caller_span,
+        "the page continues the caller's span"
+    );
     assert_eq!(
         hex(&grpc.parent_span_id),
         hex(&http.span_id),

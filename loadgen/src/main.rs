@@ -1,0 +1,176 @@
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use loadgen::{
+    drive::{self, Load, Stop},
+    floor,
+    target::{GrpcTls, Target},
+};
+
+/// Load generator for the bookstore, and the floor servers its benchmark compares against.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Call Recommend over gRPC (mutual TLS with --certs, else plaintext).
+    Grpc {
+        /// host:port of the service.
+        #[arg(long, default_value = "localhost:50051")]
+        addr: String,
+        /// Folder with ca.pem, client.pem and client.key; without it, plaintext.
+        #[arg(long)]
+        certs: Option<PathBuf>,
+        /// Name the server certificate must carry.
+        #[arg(long, default_value = "localhost")]
+        tls_name: String,
+        /// HTTP/2 connections to spread calls over.
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
+        /// Books asked for in each call.
+        #[arg(long, default_value_t = 3)]
+        max_results: i32,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// GET a URL over HTTP/1.1 with keep-alive (one connection per concurrent caller).
+    Http {
+        #[arg(long, default_value = "http://localhost:5000/")]
+        url: String,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Serve a constant Recommend answer (the gRPC floor).
+    FloorGrpc {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// Folder with ca.pem, server.pem, server.key for mutual TLS; without it, plaintext.
+        #[arg(long)]
+        certs: Option<PathBuf>,
+    },
+    /// Serve a constant page from a file (the HTTP floor).
+    FloorHttp {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        #[arg(long)]
+        body_file: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Closed loop: callers, each sending its next call when answered.
+    #[arg(long, short = 'c', default_value_t = 32)]
+    concurrency: usize,
+    /// Open loop: calls per second instead of a closed loop (at most --concurrency outstanding
+    /// per 1000/s, and never fewer than 1000).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Seconds to run (default 10) ...
+    #[arg(long, short = 'd', conflicts_with = "requests")]
+    duration: Option<f64>,
+    /// ... or a number of calls.
+    #[arg(long, short = 'n')]
+    requests: Option<u64>,
+    /// Seconds of load before measuring, not counted.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Print the report as JSON on standard output.
+    #[arg(long)]
+    json: bool,
+    /// Exit 1 if any call failed.
+    #[arg(long)]
+    fail_on_error: bool,
+}
+
+impl RunArgs {
+    fn load(&self) -> Load {
+        match self.rate {
+            Some(rate) => Load::Open {
+                rate,
+                max_outstanding: ((rate / 1000.0).ceil() as usize * self.concurrency).max(1000),
+            },
+            None => Load::Closed {
+                concurrency: self.concurrency,
+            },
+        }
+    }
+
+    fn stop(&self) -> Stop {
+        match (self.requests, self.duration) {
+            (Some(n), _) => Stop::Requests(n),
+            (None, d) => Stop::After(Duration::from_secs_f64(d.unwrap_or(10.0))),
+        }
+    }
+}
+
+async fn drive(target: Target, args: RunArgs) -> anyhow::Result<ExitCode> {
+    let target = Arc::new(target);
+    if args.warmup > 0.0 {
+        let warmup = Stop::After(Duration::from_secs_f64(args.warmup));
+        drive::run(target.clone(), args.load(), warmup, false).await;
+    }
+    let report = drive::run(target, args.load(), args.stop(), !args.json).await;
+    if args.json {
+        #[allow(clippy::print_stdout)] // the JSON report is the program's output
+        {
+            println!("{}", serde_json::to_string(&report)?);
+        }
+    } else {
+        eprint!("{report}");
+    }
+    Ok(if args.fail_on_error && report.error_count() > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+async fn main_inner(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Grpc {
+            addr,
+            certs,
+            tls_name,
+            connections,
+            max_results,
+            run,
+        } => {
+            let tls = certs.map(|dir| GrpcTls {
+                ca: dir.join("ca.pem"),
+                identity: Some((dir.join("client.pem"), dir.join("client.key"))),
+                server_name: tls_name,
+            });
+            let target = Target::grpc(&addr, tls, connections, max_results).await?;
+            drive(target, run).await
+        }
+        Command::Http { url, run } => {
+            let target = Target::http(&url, run.concurrency)?;
+            drive(target, run).await
+        }
+        Command::FloorGrpc { listen, certs } => {
+            floor::grpc(listen, certs.as_deref()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::FloorHttp { listen, body_file } => {
+            let body = std::fs::read(&body_file)?;
+            floor::http(listen, body).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match main_inner(Cli::parse()).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! What the load generator calls: `Recommend` over gRPC (mutual TLS or plaintext, over a fixed
+//! number of HTTP/2 connections) or a URL over HTTP/1.1 with keep-alive.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context;
+use bookstore_common::tls;
+use bookstore_proto::{
+    BookCategory, RecommendationRequest, recommendations_client::RecommendationsClient,
+};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
+/// TLS material for a gRPC target; none means plaintext.
+#[derive(Debug, Clone)]
+pub struct GrpcTls {
+    pub ca: PathBuf,
+    /// Client certificate and key, for mutual TLS.
+    pub identity: Option<(PathBuf, PathBuf)>,
+    /// The name the server certificate must carry.
+    pub server_name: String,
+}
+
+/// A target and its open connections.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Grpc {
+        label: String,
+        clients: Vec<RecommendationsClient<Channel>>,
+        request: RecommendationRequest,
+    },
+    Http {
+        label: String,
+        client: reqwest::Client,
+        url: String,
+    },
+}
+
+/// How one call ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    /// The kind of failure, as reports count it.
+    Failed(String),
+}
+
+impl Target {
+    /// `connections` HTTP/2 connections to `addr`, each established before the run starts.
+    pub async fn grpc(
+        addr: &str,
+        tls: Option<GrpcTls>,
+        connections: usize,
+        max_results: i32,
+    ) -> anyhow::Result<Self> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+            .context("bad address")?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(5));
+        if let Some(tls) = &tls {
+            let mut config = ClientTlsConfig::new()
+                .ca_certificate(tls::load_ca(&tls.ca)?)
+                .domain_name(tls.server_name.clone());
+            if let Some((cert, key)) = &tls.identity {
+                config = config.identity(tls::load_identity(cert, key)?);
+            }
+            endpoint = endpoint.tls_config(config)?;
+        }
+        let mut clients = Vec::with_capacity(connections);
+        for _ in 0..connections.max(1) {
+            let channel = endpoint
+                .connect()
+                .await
+                .with_context(|| format!("cannot connect to {addr}"))?;
+            clients.push(RecommendationsClient::new(channel));
+        }
+        let kind = match &tls {
+            Some(t) if t.identity.is_some() => "grpc+mtls",
+            Some(_) => "grpc+tls",
+            None => "grpc",
+        };
+        Ok(Target::Grpc {
+            label: format!("{kind}://{addr}"),
+            clients,
+            request: RecommendationRequest {
+                user_id: 1,
+                category: BookCategory::Mystery as i32,
+                max_results,
+            },
+        })
+    }
+
+    /// HTTP/1.1 to `url`, keeping up to `connections` connections open.
+    pub fn http(url: &str, connections: usize) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(connections.max(1))
+            .tcp_nodelay(true)
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        Ok(Target::Http {
+            label: url.to_owned(),
+            client,
+            url: url.to_owned(),
+        })
+    }
+
+    pub fn label(&self) -> &str {
+        match self {
+            Target::Grpc { label, .. } | Target::Http { label, .. } => label,
+        }
+    }
+
+    /// Connections in use (gRPC: fixed; HTTP: at most one per concurrent caller).
+    pub fn connections(&self, concurrency: usize) -> usize {
+        match self {
+            Target::Grpc { clients, .. } => clients.len(),
+            Target::Http { .. } => concurrency,
+        }
+    }
+
+    /// One call, from caller number `worker` (which picks its connection).
+    pub async fn call(&self, worker: usize) -> Outcome {
+        match self {
+            Target::Grpc {
+                clients, request, ..
+            } => {
+                let mut client = clients[worker % clients.len()].clone();
+                match client.recommend(*request).await {
+                    Ok(_) => Outcome::Ok,
+                    Err(status) => Outcome::Failed(format!("grpc:{:?}", status.code())),
+                }
+            }
+            Target::Http { client, url, .. } => match client.get(url).send().await {
+                Ok(response) => {
+                    let status = response.status();
+                    // The whole body, as a browser would read it.
+                    match response.bytes().await {
+                        Ok(_) if status.is_success() => Outcome::Ok,
+                        Ok(_) => Outcome::Failed(format!("http:{}", status.as_u16())),
+                        Err(_) => Outcome::Failed("http:body".into()),
+                    }
+                }
+                Err(e) if e.is_timeout() => Outcome::Failed("http:timeout".into()),
+                Err(_) => Outcome::Failed("http:transport".into()),
+            },
+        }
+    }
+}
