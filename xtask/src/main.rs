@@ -3,7 +3,10 @@
 //! - `up`: builds both services, creates the development PKI if absent, runs the stack with
 //!   mutual TLS and stops it gracefully on Ctrl+C.
 //! - `certs`: creates the development PKI in `certs/dev`.
+//! - `bench`: the whole-process benchmark against floor servers (see `bench.rs`).
 #![allow(clippy::print_stdout)] // a command-line tool talks to its user on stdout
+
+mod bench;
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -41,6 +44,8 @@ enum Task {
         #[arg(long, default_value_t = 50051)]
         grpc_port: u16,
     },
+    /// Benchmark the services against floor servers on loopback; writes bench/results/.
+    Bench(bench::BenchArgs),
     /// Create the development PKI (CA, server and client certificates) in certs/dev.
     Certs {
         /// Replace an existing PKI.
@@ -75,6 +80,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Task::Certs { force } => make_certs(force),
+        Task::Bench(args) => bench::bench(args).await,
         Task::Up {
             release,
             port,
