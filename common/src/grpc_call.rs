@@ -17,13 +17,14 @@
 use std::{
     fmt,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, OnceLock},
     task::{Context, Poll},
     time::{Duration, Instant},
 };
 
 use http::{HeaderMap, HeaderValue};
 use http_body::{Body as HttpBody, Frame, SizeHint};
+use metrics::{Counter, Histogram};
 use tonic::{
     Code, Status,
     body::Body,
@@ -79,6 +80,9 @@ struct Shared {
     side: Side,
     metrics: Metrics,
     methods: &'static [KnownMethod],
+    /// Registered handles, per method (the last slot for `unknown`), made on first use: a call
+    /// then costs no registry lookup.
+    handles: Vec<Handles>,
     /// Server: no call runs longer than this. Client: unused.
     max_duration: Option<Duration>,
     /// Client: the address this connection goes to.
@@ -103,6 +107,7 @@ impl CallLayer {
         CallLayer {
             shared: Arc::new(Shared {
                 side: Side::Server,
+                handles: Handles::for_methods(methods),
                 metrics,
                 methods,
                 max_duration: Some(max_duration),
@@ -116,6 +121,7 @@ impl CallLayer {
         CallLayer {
             shared: Arc::new(Shared {
                 side: Side::Client,
+                handles: Handles::for_methods(methods),
                 metrics,
                 methods,
                 max_duration: None,
@@ -169,7 +175,8 @@ where
         let started = Instant::now();
         let shared = self.shared.clone();
         let side = shared.side;
-        let (service, method, kind) = shared.classify(request.uri().path());
+        let slot = shared.slot(request.uri().path());
+        let (_, service, method) = shared.labels(slot);
         let headers = request.headers();
         let request_id = RequestId::from_header(header(headers, REQUEST_ID_HEADER));
         let parent = header(headers, TRACEPARENT_HEADER).and_then(TraceContext::parse);
@@ -191,17 +198,7 @@ where
                 request.headers_mut().insert(REQUEST_ID_HEADER, value);
             }
         }
-        shared
-            .metrics
-            .counter(
-                shared.name("started_total"),
-                &[
-                    ("grpc_type", kind),
-                    ("grpc_service", service),
-                    ("grpc_method", method),
-                ],
-            )
-            .increment(1);
+        shared.started(slot).increment(1);
         let (span, trace_id) = match side {
             Side::Server => {
                 let span = tracing::info_span!(
@@ -224,7 +221,7 @@ where
         let finish = Finish {
             shared,
             started,
-            labels: (kind, service, method),
+            slot,
             request_id,
             trace_id,
             peer_addr,
@@ -283,16 +280,75 @@ impl Shared {
         }
     }
 
-    /// (service, method, type) labels for a request path.
-    fn classify(&self, path: &str) -> (&'static str, &'static str, &'static str) {
+    /// The handle slot of a request path: its known method, or the last slot (`unknown`).
+    fn slot(&self, path: &str) -> usize {
         self.methods
             .iter()
-            .find(|m| m.path == path)
+            .position(|m| m.path == path)
+            .unwrap_or(self.methods.len())
+    }
+
+    /// (type, service, method) labels of a slot.
+    fn labels(&self, slot: usize) -> (&'static str, &'static str, &'static str) {
+        self.methods
+            .get(slot)
             .and_then(|m| {
                 let (service, method) = m.path.trim_start_matches('/').split_once('/')?;
-                Some((service, method, m.kind))
+                Some((m.kind, service, method))
             })
             .unwrap_or(("unknown", "unknown", "unknown"))
+    }
+
+    fn method_labels(&self, slot: usize) -> [(&'static str, &'static str); 3] {
+        let (kind, service, method) = self.labels(slot);
+        [
+            ("grpc_type", kind),
+            ("grpc_service", service),
+            ("grpc_method", method),
+        ]
+    }
+
+    fn started(&self, slot: usize) -> &Counter {
+        self.handles[slot].started.get_or_init(|| {
+            self.metrics
+                .counter(self.name("started_total"), &self.method_labels(slot))
+        })
+    }
+
+    fn handling(&self, slot: usize) -> &Histogram {
+        self.handles[slot].handling.get_or_init(|| {
+            self.metrics
+                .histogram(self.name("handling_seconds"), &self.method_labels(slot))
+        })
+    }
+
+    fn handled(&self, slot: usize, code: Code) -> &Counter {
+        let index = (code as usize).min(CODES - 1);
+        self.handles[slot].handled[index].get_or_init(|| {
+            let [kind, service, method] = self.method_labels(slot);
+            self.metrics.counter(
+                self.name("handled_total"),
+                &[kind, service, method, ("grpc_code", code_name(code))],
+            )
+        })
+    }
+}
+
+/// The number of gRPC status codes (0 to 16).
+const CODES: usize = 17;
+
+/// One method's metric handles.
+#[derive(Default)]
+struct Handles {
+    started: OnceLock<Counter>,
+    handling: OnceLock<Histogram>,
+    handled: [OnceLock<Counter>; CODES],
+}
+
+impl Handles {
+    /// A slot per method, and one for `unknown`.
+    fn for_methods(methods: &[KnownMethod]) -> Vec<Handles> {
+        (0..=methods.len()).map(|_| Handles::default()).collect()
     }
 }
 
@@ -375,7 +431,8 @@ fn is_server_fault(code: Code) -> bool {
 struct Finish {
     shared: Arc<Shared>,
     started: Instant,
-    labels: (&'static str, &'static str, &'static str),
+    /// Which method, as an index into the layer's handles.
+    slot: usize,
     request_id: RequestId,
     trace_id: String,
     peer_addr: Option<String>,
@@ -406,32 +463,11 @@ impl Finish {
 
     fn done(self, status: &Status, identity: Option<&PeerIdentity>) {
         let shared = &self.shared;
-        let (kind, service, method) = self.labels;
+        let (_, service, method) = shared.labels(self.slot);
         let elapsed = self.started.elapsed();
         let code = code_name(status.code());
-        shared
-            .metrics
-            .counter(
-                shared.name("handled_total"),
-                &[
-                    ("grpc_type", kind),
-                    ("grpc_service", service),
-                    ("grpc_method", method),
-                    ("grpc_code", code),
-                ],
-            )
-            .increment(1);
-        shared
-            .metrics
-            .histogram(
-                shared.name("handling_seconds"),
-                &[
-                    ("grpc_type", kind),
-                    ("grpc_service", service),
-                    ("grpc_method", method),
-                ],
-            )
-            .record(elapsed.as_secs_f64());
+        shared.handled(self.slot, status.code()).increment(1);
+        shared.handling(self.slot).record(elapsed.as_secs_f64());
         let side = match shared.side {
             Side::Server => "server",
             Side::Client => "client",
@@ -580,11 +616,13 @@ mod tests {
         }];
         let layer = CallLayer::client(Metrics::new("t", "0"), METHODS, "peer".into());
         assert_eq!(
-            layer.shared.classify("/Recommendations/Recommend"),
-            ("Recommendations", "Recommend", "unary")
+            layer
+                .shared
+                .labels(layer.shared.slot("/Recommendations/Recommend")),
+            ("unary", "Recommendations", "Recommend")
         );
         assert_eq!(
-            layer.shared.classify("/Evil/\u{1b}[31m"),
+            layer.shared.labels(layer.shared.slot("/Evil/\u{1b}[31m")),
             ("unknown", "unknown", "unknown")
         );
     }

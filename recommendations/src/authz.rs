@@ -6,8 +6,8 @@
 //! permission (the original accepted any CA-signed client).
 
 use std::{
-    collections::BTreeSet,
-    sync::Arc,
+    collections::{BTreeSet, HashMap},
+    sync::{Arc, Mutex},
     task::{Context, Poll},
 };
 
@@ -28,24 +28,47 @@ pub struct CallerIdentity(pub String);
 #[derive(Debug, Clone)]
 pub struct AuthorizeLayer {
     allowed: Arc<BTreeSet<String>>,
+    /// Decisions by the exact bytes of the leaf certificate: the same few callers present the
+    /// same certificate on every call, and parsing X.509 each time was the costliest step of a
+    /// call. Keyed by the whole certificate, so a different certificate is always parsed.
+    decided: Arc<Mutex<HashMap<Vec<u8>, Decision>>>,
 }
+
+type Decision = Result<String, Vec<String>>;
+
+/// Distinct certificates remembered; past it the memory starts over (a rotation, or a flood of
+/// strangers, costs only parsing).
+const REMEMBERED_CERTIFICATES: usize = 64;
 
 impl AuthorizeLayer {
     pub fn new(allowed: impl IntoIterator<Item = String>) -> Self {
         AuthorizeLayer {
             allowed: Arc::new(allowed.into_iter().collect()),
+            decided: Arc::default(),
         }
     }
 
     /// The first identity of the peer's leaf certificate that is allowed, or every identity it
     /// has (for the refusal log) if none is.
-    fn decide(&self, leaf: Option<&[u8]>) -> Result<String, Vec<String>> {
-        let claimed = leaf.map(identities).unwrap_or_default();
-        claimed
+    fn decide(&self, leaf: Option<&[u8]>) -> Decision {
+        let Some(leaf) = leaf else {
+            return Err(Vec::new());
+        };
+        let mut decided = self.decided.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(decision) = decided.get(leaf) {
+            return decision.clone();
+        }
+        let claimed = identities(leaf);
+        let decision = claimed
             .iter()
             .find(|id| self.allowed.contains(*id))
             .cloned()
-            .ok_or(claimed)
+            .ok_or(claimed);
+        if decided.len() >= REMEMBERED_CERTIFICATES {
+            decided.clear();
+        }
+        decided.insert(leaf.to_vec(), decision.clone());
+        decision
     }
 }
 
@@ -164,6 +187,26 @@ mod tests {
             layer.decide(Some(&leaf(&["intruder"], "marketplace"))),
             Err(vec!["intruder".to_owned()])
         );
+    }
+
+    #[test]
+    fn remembered_decisions_stay_per_certificate() {
+        let layer = AuthorizeLayer::new(["marketplace".to_owned()]);
+        let (good, bad) = (leaf(&["marketplace"], "m"), leaf(&["intruder"], "i"));
+        let strangers: Vec<_> = (0..REMEMBERED_CERTIFICATES + 3)
+            .map(|i| leaf(&[&format!("stranger-{i}")], "s"))
+            .collect();
+        for _ in 0..2 {
+            assert_eq!(layer.decide(Some(&good)), Ok("marketplace".to_owned()));
+            assert_eq!(layer.decide(Some(&bad)), Err(vec!["intruder".to_owned()]));
+            // Past the memory's size it starts over, and decisions stay right.
+            for (i, stranger) in strangers.iter().enumerate() {
+                assert_eq!(
+                    layer.decide(Some(stranger)),
+                    Err(vec![format!("stranger-{i}")])
+                );
+            }
+        }
     }
 
     #[test]

@@ -5,12 +5,16 @@ mod page;
 pub mod query;
 pub mod templates;
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
 
 use axum::{
     Router,
     extract::{Request, State},
-    http::{HeaderName, HeaderValue, Method, header},
+    http::{HeaderName, HeaderValue, Method, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::get,
@@ -23,6 +27,7 @@ use bookstore_common::{
     metrics::Metrics,
     panic::CatchPanicLayer,
 };
+use metrics::{Counter, Histogram};
 use tracing::Instrument;
 
 use crate::{
@@ -73,13 +78,55 @@ pub fn router(source: Arc<dyn RecommendationSource>, metrics: Metrics) -> Router
         .layer(CatchPanicLayer::new(internal_error as fn() -> Response))
         .layer(middleware::from_fn(limit_request_size))
         .layer(middleware::from_fn(security_headers))
-        .layer(middleware::from_fn_with_state(metrics, observe))
+        .layer(middleware::from_fn_with_state(
+            Arc::new(HttpMetrics::new(metrics)),
+            observe,
+        ))
+}
+
+/// The HTTP series, with each (method, route, status) handle registered once.
+struct HttpMetrics {
+    metrics: Metrics,
+    handles: Mutex<HashMap<(&'static str, &'static str, u16), (Counter, Histogram)>>,
+}
+
+impl HttpMetrics {
+    fn new(metrics: Metrics) -> Self {
+        HttpMetrics {
+            metrics,
+            handles: Mutex::default(),
+        }
+    }
+
+    fn record(&self, method: &'static str, route: &'static str, status: StatusCode, took: f64) {
+        let mut handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        let (count, latency) = handles
+            .entry((method, route, status.as_u16()))
+            .or_insert_with(|| {
+                let labels = [
+                    ("method", method),
+                    ("route", route),
+                    ("status", status.as_str()),
+                ];
+                (
+                    self.metrics.counter("http_requests_total", &labels),
+                    self.metrics
+                        .histogram("http_request_duration_seconds", &labels),
+                )
+            });
+        count.increment(1);
+        latency.record(took);
+    }
 }
 
 /// Every request: its request id and trace context (the caller's when well formed, else new),
 /// a span carrying both around everything logged for it, the `x-request-id` response header,
 /// HTTP metrics by route and status, and one log line when it is answered.
-async fn observe(State(metrics): State<Metrics>, mut request: Request, next: Next) -> Response {
+async fn observe(
+    State(metrics): State<Arc<HttpMetrics>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let started = Instant::now();
     let headers = request.headers();
     let request_id = RequestId::from_header(headers.get(REQUEST_ID_HEADER).map(|v| v.as_bytes()));
@@ -106,15 +153,7 @@ async fn observe(State(metrics): State<Metrics>, mut request: Request, next: Nex
     }
     let elapsed = started.elapsed();
     let status = response.status();
-    let labels = [
-        ("method", method),
-        ("route", route),
-        ("status", status.as_str()),
-    ];
-    metrics.counter("http_requests_total", &labels).increment(1);
-    metrics
-        .histogram("http_request_duration_seconds", &labels)
-        .record(elapsed.as_secs_f64());
+    metrics.record(method, route, status, elapsed.as_secs_f64());
     span.in_scope(|| {
         tracing::info!(
             target: "bookstore::http",

@@ -1,0 +1,115 @@
+//! The load generator against a real recommendations service (mutual TLS, in this process) and
+//! its own floor servers: counts are exact, failures are never successes, and the open loop
+//! keeps its rate.
+
+use std::{sync::Arc, time::Duration};
+
+use bookstore_testkit::{TestPki, recommendations_config, spawn_recommendations};
+use loadgen::{
+    drive::{Load, Stop, run},
+    target::{GrpcTls, Target},
+};
+
+fn mtls(pki: &TestPki) -> Option<GrpcTls> {
+    let dir = pki.dir();
+    Some(GrpcTls {
+        ca: dir.join("ca.pem"),
+        identity: Some((dir.join("client.pem"), dir.join("client.key"))),
+        server_name: "localhost".into(),
+    })
+}
+
+#[tokio::test]
+async fn a_closed_loop_makes_exactly_the_calls_asked_for_over_mutual_tls() {
+    let pki = TestPki::new();
+    let server = spawn_recommendations(&recommendations_config(pki.dir())).await;
+    let target = Target::grpc(&server.addr.to_string(), mtls(&pki), 2, 3)
+        .await
+        .expect("connect");
+    let report = run(
+        Arc::new(target),
+        Load::Closed { concurrency: 8 },
+        Stop::Requests(500),
+        false,
+    )
+    .await;
+    assert_eq!(report.requests, 500);
+    assert_eq!(report.ok, 500, "{report}");
+    assert!(report.errors.is_empty());
+    assert!(report.latency_ms.p50 > 0.0 && report.latency_ms.p50 <= report.latency_ms.p99);
+    assert!(report.latency_ms.p99 <= report.latency_ms.max);
+    assert_eq!(report.connections, 2);
+    assert!(report.target.starts_with("grpc+mtls://"));
+}
+
+#[tokio::test]
+async fn grpc_errors_are_counted_by_code_and_never_as_successes() {
+    let pki = TestPki::new();
+    let mut config = recommendations_config(pki.dir());
+    config.failure_rate = "1".parse().expect("rate");
+    let server = spawn_recommendations(&config).await;
+    let target = Target::grpc(&server.addr.to_string(), mtls(&pki), 1, 3)
+        .await
+        .expect("connect");
+    let report = run(
+        Arc::new(target),
+        Load::Closed { concurrency: 4 },
+        Stop::Requests(100),
+        false,
+    )
+    .await;
+    assert_eq!(report.ok, 0);
+    assert_eq!(report.throughput, 0.0);
+    assert_eq!(
+        report.errors.get("grpc:Unavailable"),
+        Some(&100),
+        "{report}"
+    );
+}
+
+#[tokio::test]
+async fn an_open_loop_keeps_its_rate() {
+    let pki = TestPki::new();
+    let server = spawn_recommendations(&recommendations_config(pki.dir())).await;
+    let target = Target::grpc(&server.addr.to_string(), mtls(&pki), 1, 3)
+        .await
+        .expect("connect");
+    let report = run(
+        Arc::new(target),
+        Load::Open {
+            rate: 200.0,
+            max_outstanding: 100,
+        },
+        Stop::After(Duration::from_secs(2)),
+        false,
+    )
+    .await;
+    assert_eq!(report.requests, 400, "{report}");
+    assert_eq!(report.ok, 400);
+    assert!((1.8..3.0).contains(&report.duration_s), "{report}");
+}
+
+#[tokio::test]
+async fn http_statuses_other_than_2xx_are_failures() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    tokio::spawn(loadgen::floor::http(addr, b"<p>hi</p>".to_vec()));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for (path, ok) in [("/", true), ("/missing", false)] {
+        let target = Target::http(&format!("http://{addr}{path}"), 2).expect("client");
+        let report = run(
+            Arc::new(target),
+            Load::Closed { concurrency: 2 },
+            Stop::Requests(20),
+            false,
+        )
+        .await;
+        if ok {
+            assert_eq!(report.ok, 20, "{report}");
+        } else {
+            assert_eq!(report.ok, 0);
+            assert_eq!(report.errors.get("http:404"), Some(&20), "{report}");
+        }
+    }
+}
