@@ -87,8 +87,11 @@ pub fn router(source: Arc<dyn RecommendationSource>, metrics: Metrics) -> Router
 /// The HTTP series, with each (method, route, status) handle registered once.
 struct HttpMetrics {
     metrics: Metrics,
-    handles: Mutex<HashMap<(&'static str, &'static str, u16), (Counter, Histogram)>>,
+    handles: Mutex<HashMap<SeriesKey, (Counter, Histogram)>>,
 }
+
+/// (method, route, status).
+type SeriesKey = (&'static str, &'static str, u16);
 
 impl HttpMetrics {
     fn new(metrics: Metrics) -> Self {
