@@ -131,6 +131,11 @@ impl TraceContext {
         hex(&self.trace_id)
     }
 
+    /// The trace id, formatted only when displayed (log fields of disabled events cost nothing).
+    pub fn trace_id_display(&self) -> impl fmt::Display + '_ {
+        Hex(&self.trace_id)
+    }
+
     /// The span id in hex.
     pub fn span_id(&self) -> String {
         hex(&self.span_id)
@@ -205,14 +210,24 @@ fn nonzero<const N: usize>(rng: &mut impl Rng) -> [u8; N] {
     }
 }
 
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+
+/// Lowercase hex, by table: ids are made on every call, and `format!` per byte was measurable.
 fn hex(bytes: &[u8]) -> String {
-    use fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(HEX_DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(HEX_DIGITS[usize::from(b & 0x0f)]));
+    }
+    out
+}
+
+struct Hex<'a>(&'a [u8]);
+
+impl fmt::Display for Hex<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex(self.0))
+    }
 }
 
 /// Exactly `N` bytes from `2 * N` lowercase hex digits (the spec forbids uppercase).

@@ -16,6 +16,7 @@
 
 use std::{
     fmt,
+    net::SocketAddr,
     pin::Pin,
     sync::{Arc, OnceLock},
     task::{Context, Poll},
@@ -171,7 +172,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let started = Instant::now();
         let shared = self.shared.clone();
         let side = shared.side;
@@ -190,16 +191,10 @@ where
         };
         let peer_addr = match side {
             Side::Server => remote_addr(&request),
-            Side::Client => shared.peer.clone(),
+            Side::Client => None,
         };
-        if side == Side::Server {
-            // Handlers and the layers inside see the id actually used, generated or not.
-            if let Ok(value) = HeaderValue::from_str(request_id.as_str()) {
-                request.headers_mut().insert(REQUEST_ID_HEADER, value);
-            }
-        }
         shared.started(slot).increment(1);
-        let (span, trace_id) = match side {
+        let (span, trace) = match side {
             Side::Server => {
                 let span = tracing::info_span!(
                     "grpc",
@@ -209,21 +204,21 @@ where
                     otel.kind = "server",
                 );
                 let trace = continue_trace(&span, parent);
-                span.record("trace_id", trace.trace_id());
-                (span, trace.trace_id())
+                // Formatted only when someone reads it.
+                if !span.is_disabled() {
+                    span.record("trace_id", trace.trace_id());
+                }
+                (span, Some(trace))
             }
             // The caller's own span (the HTTP request) already carries both.
-            Side::Client => (
-                tracing::Span::none(),
-                parent.map(|p| p.trace_id()).unwrap_or_default(),
-            ),
+            Side::Client => (tracing::Span::none(), parent),
         };
         let finish = Finish {
             shared,
             started,
             slot,
             request_id,
-            trace_id,
+            trace,
             peer_addr,
         };
         // The inner service must be the one that was polled ready; leave a clone in its place.
@@ -356,13 +351,12 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
     headers.get(name).map(HeaderValue::as_bytes)
 }
 
-fn remote_addr(request: &http::Request<Body>) -> Option<String> {
+fn remote_addr(request: &http::Request<Body>) -> Option<SocketAddr> {
     let extensions = request.extensions();
     extensions
         .get::<TlsConnectInfo<TcpConnectInfo>>()
         .and_then(|info| info.get_ref().remote_addr())
         .or_else(|| extensions.get::<TcpConnectInfo>()?.remote_addr())
-        .map(|addr| addr.to_string())
 }
 
 fn deadline_exceeded(budget: Option<Duration>) -> http::Response<Body> {
@@ -434,8 +428,9 @@ struct Finish {
     /// Which method, as an index into the layer's handles.
     slot: usize,
     request_id: RequestId,
-    trace_id: String,
-    peer_addr: Option<String>,
+    trace: Option<TraceContext>,
+    /// Server: the caller's address (the client side knows its peer from the layer).
+    peer_addr: Option<SocketAddr>,
 }
 
 impl Finish {
@@ -473,7 +468,16 @@ impl Finish {
             Side::Client => "client",
         };
         let peer = identity.map(|p| p.0.as_str()).unwrap_or("");
-        let peer_addr = self.peer_addr.as_deref().unwrap_or("");
+        // Displayed lazily: formatted only if the line is actually written.
+        let peer_addr: &dyn fmt::Display = match (&self.peer_addr, &shared.peer) {
+            (Some(addr), _) => addr,
+            (None, Some(peer)) => peer,
+            (None, None) => &"",
+        };
+        let trace_id: &dyn fmt::Display = match &self.trace {
+            Some(trace) => &trace.trace_id_display(),
+            None => &"",
+        };
         let latency_ms = elapsed.as_secs_f64() * 1e3;
         macro_rules! call_line {
             ($level:ident) => {
@@ -484,9 +488,9 @@ impl Finish {
                     code,
                     latency_ms,
                     peer,
-                    peer_addr,
+                    peer_addr = %peer_addr,
                     request_id = %self.request_id,
-                    trace_id = %self.trace_id,
+                    trace_id = %trace_id,
                     message = status.message(),
                     "gRPC call"
                 )

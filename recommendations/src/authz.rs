@@ -6,7 +6,7 @@
 //! permission (the original accepted any CA-signed client).
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::BTreeSet,
     sync::{Arc, Mutex},
     task::{Context, Poll},
 };
@@ -29,12 +29,16 @@ pub struct CallerIdentity(pub String);
 pub struct AuthorizeLayer {
     allowed: Arc<BTreeSet<String>>,
     /// Decisions by the exact bytes of the leaf certificate: the same few callers present the
-    /// same certificate on every call, and parsing X.509 each time was the costliest step of a
-    /// call. Keyed by the whole certificate, so a different certificate is always parsed.
-    decided: Arc<Mutex<HashMap<Vec<u8>, Decision>>>,
+    /// same certificate on every call, and parsing X.509 each time was a large part of a call.
+    /// Matched on the whole certificate, so a different certificate is always parsed. A short
+    /// list compared byte for byte is cheaper here than hashing a kilobyte per call.
+    decided: Arc<Mutex<Vec<Remembered>>>,
 }
 
 type Decision = Result<String, Vec<String>>;
+
+/// A leaf certificate's bytes and the decision on it.
+type Remembered = (Vec<u8>, Decision);
 
 /// Distinct certificates remembered; past it the memory starts over (a rotation, or a flood of
 /// strangers, costs only parsing).
@@ -55,7 +59,7 @@ impl AuthorizeLayer {
             return Err(Vec::new());
         };
         let mut decided = self.decided.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(decision) = decided.get(leaf) {
+        if let Some((_, decision)) = decided.iter().find(|(der, _)| der.as_slice() == leaf) {
             return decision.clone();
         }
         let claimed = identities(leaf);
@@ -67,7 +71,7 @@ impl AuthorizeLayer {
         if decided.len() >= REMEMBERED_CERTIFICATES {
             decided.clear();
         }
-        decided.insert(leaf.to_vec(), decision.clone());
+        decided.push((leaf.to_vec(), decision.clone()));
         decision
     }
 }

@@ -147,7 +147,9 @@ async fn observe(
     );
     // Our span in the caller's trace (or the first of a new one): the parent of our calls.
     let trace = continue_trace(&span, parent);
-    span.record("trace_id", trace.trace_id());
+    if !span.is_disabled() {
+        span.record("trace_id", trace.trace_id());
+    }
     let context = RequestContext { request_id, trace };
     request.extensions_mut().insert(context.clone());
     let mut response = next.run(request).instrument(span.clone()).await;
