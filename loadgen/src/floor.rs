@@ -5,15 +5,14 @@
 use std::{net::SocketAddr, path::Path, sync::Arc};
 
 use anyhow::Context;
-use axum::{Router, http::header, routing::get};
+use axum::{Router, http::header, routing::get, serve::ListenerExt};
 use bookstore_common::tls;
 use bookstore_proto::{
     BookRecommendation, RecommendationRequest, RecommendationResponse,
     recommendations_server::{Recommendations, RecommendationsServer},
 };
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Server, ServerTlsConfig};
+use tonic::transport::{Server, ServerTlsConfig, server::TcpIncoming};
 
 /// The answer of the floor: three mystery books, as the service answers the default query.
 pub fn constant_response() -> RecommendationResponse {
@@ -59,7 +58,8 @@ pub async fn grpc(listen: SocketAddr, certs: Option<&Path>) -> anyhow::Result<()
             .context("TLS configuration")?;
     }
     eprintln!("floor-grpc listening addr={addr}");
-    let incoming = TcpListenerStream::new(listener);
+    // TCP_NODELAY, as the services set it: the floor differs only in doing no work.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     server
         .add_service(RecommendationsServer::new(Constant(constant_response())))
         .serve_with_incoming(incoming)
@@ -84,6 +84,10 @@ pub async fn http(listen: SocketAddr, body: Vec<u8>) -> anyhow::Result<()> {
     );
     let listener = TcpListener::bind(listen).await?;
     eprintln!("floor-http listening addr={}", listener.local_addr()?);
+    // TCP_NODELAY, as the marketplace sets it.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, router).await?;
     Ok(())
 }
