@@ -15,11 +15,13 @@ use std::{
     time::Duration,
 };
 
+use metrics::Counter;
 use rustls::{RootCertStore, ServerConfig, server::WebPkiClientVerifier};
 use tokio::{net::TcpListener, net::TcpStream, task::JoinSet};
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
 use crate::{
+    metrics::Metrics,
     shutdown::ListenerClosedLog,
     tls::{TlsError, TlsFiles, TlsMode, load_ca_ders, load_certified_key, provider},
 };
@@ -107,6 +109,8 @@ fn bad_config(files: &TlsFiles, e: rustls::Error) -> TlsError {
 pub struct TlsIncoming {
     listener: TcpListener,
     tls: Arc<ServerTls>,
+    /// `bookstore_tls_handshakes_total{result}`: completed, refused, timed out.
+    outcomes: Handshakes,
     handshakes: JoinSet<Option<TlsStream<TcpStream>>>,
     _closed: ListenerClosedLog,
 }
@@ -119,11 +123,27 @@ impl std::fmt::Debug for TlsIncoming {
     }
 }
 
+/// Handshake counters, one per outcome.
+#[derive(Clone)]
+struct Handshakes {
+    completed: Counter,
+    refused: Counter,
+    timed_out: Counter,
+}
+
 impl TlsIncoming {
-    pub fn new(listener: TcpListener, tls: Arc<ServerTls>) -> Self {
+    /// Handshakes are counted in `metrics` by outcome.
+    pub fn new(listener: TcpListener, tls: Arc<ServerTls>, metrics: &Metrics) -> Self {
+        let counter =
+            |result| metrics.counter("bookstore_tls_handshakes_total", &[("result", result)]);
         TlsIncoming {
             listener,
             tls,
+            outcomes: Handshakes {
+                completed: counter("completed"),
+                refused: counter("refused"),
+                timed_out: counter("timed_out"),
+            },
             handshakes: JoinSet::new(),
             _closed: ListenerClosedLog,
         }
@@ -134,14 +154,20 @@ async fn handshake(
     acceptor: TlsAcceptor,
     tcp: TcpStream,
     peer: SocketAddr,
+    outcomes: Handshakes,
 ) -> Option<TlsStream<TcpStream>> {
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => Some(tls),
+        Ok(Ok(tls)) => {
+            outcomes.completed.increment(1);
+            Some(tls)
+        }
         Ok(Err(e)) => {
+            outcomes.refused.increment(1);
             tracing::warn!(%peer, reason = %e, "TLS handshake refused");
             None
         }
         Err(_) => {
+            outcomes.timed_out.increment(1);
             tracing::warn!(%peer, "TLS handshake timed out");
             None
         }
@@ -158,7 +184,9 @@ impl tokio_stream::Stream for TlsIncoming {
                 Poll::Ready(Ok((tcp, peer))) => {
                     let _ = tcp.set_nodelay(true);
                     let acceptor = TlsAcceptor::from(this.tls.config());
-                    this.handshakes.spawn(handshake(acceptor, tcp, peer));
+                    let outcomes = this.outcomes.clone();
+                    this.handshakes
+                        .spawn(handshake(acceptor, tcp, peer, outcomes));
                     continue;
                 }
                 // Accept errors (EMFILE, a connection reset before accept) are per connection;

@@ -279,7 +279,7 @@ impl Application {
                         let tls = tls.clone();
                         move || tls.reload()
                     }));
-                    let incoming = TlsIncoming::new(self.listener, tls);
+                    let incoming = TlsIncoming::new(self.listener, tls, &self.metrics);
                     Box::pin(self.router.serve_with_incoming_shutdown(incoming, stopping))
                 }
                 None => {

@@ -84,7 +84,35 @@ async fn calls_are_counted_under_the_grpc_ecosystem_names_by_code() {
         .expect_err("denied");
     assert_eq!(status.code(), Code::PermissionDenied);
 
-    let text = metrics(server.admin_addr).await;
+    // A caller without a certificate is refused during the handshake.
+    let mut anonymous = grpc_client(server.addr, pki.ca_certificate(), None, "localhost");
+    anonymous
+        .recommend(request(mystery, 1))
+        .await
+        .expect_err("no certificate");
+
+    // The server counts its side of the refusal as it finishes it, which may be just after
+    // the client has seen it.
+    let refused = r#"bookstore_tls_handshakes_total{result="refused"}"#;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        let text = metrics(server.admin_addr).await;
+        if value(&text, refused).is_some() || std::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // One connection for the trusted client and one for the stranger: a handshake per
+    // connection, not per call.
+    assert_eq!(
+        value(
+            &text,
+            r#"bookstore_tls_handshakes_total{result="completed"}"#
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(value(&text, refused), Some(1.0), "{text}");
     let expect = [
         (format!("grpc_server_started_total{{{RECOMMEND}}}"), 6.0),
         (

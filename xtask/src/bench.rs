@@ -62,6 +62,8 @@ struct Server {
     name: String,
     child: Child,
     addr: SocketAddr,
+    /// The plaintext admin address, for services.
+    admin: Option<SocketAddr>,
     /// Exec to `/readyz` 200.
     ready_after: Option<Duration>,
 }
@@ -129,6 +131,17 @@ async fn http_body(addr: SocketAddr, path: &str) -> Result<Vec<u8>> {
     Ok(all[split + 4..].to_vec())
 }
 
+/// The sum of the series of `name` (every label set) on a service's `/metrics`.
+async fn metric(server: &Server, name: &str) -> Result<f64> {
+    let admin = server.admin.context("no admin port")?;
+    let text = String::from_utf8(http_body(admin, "/metrics").await?)?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
 /// Starts a service and times exec → `/readyz` 200 on its admin port.
 async fn start_service(
     name: &str,
@@ -173,6 +186,7 @@ async fn start_service(
         name: name.into(),
         child,
         addr,
+        admin: Some(admin),
         ready_after: Some(ready_after),
     })
 }
@@ -205,6 +219,7 @@ async fn start_floor(name: &str, loadgen: &Path, args: &[String]) -> Result<Serv
         name: name.into(),
         child,
         addr,
+        admin: None,
         ready_after: None,
     })
 }
@@ -294,12 +309,14 @@ async fn start_original(certs: &Path, work: &Path) -> Result<(Server, Server)> {
         name: "original recommendations (Python)".into(),
         child: server,
         addr: SocketAddr::from((Ipv4Addr::LOCALHOST, grpc_port)),
+        admin: None,
         ready_after: None,
     };
     let market = Server {
         name: "original marketplace (Python)".into(),
         child: market,
         addr: web,
+        admin: None,
         ready_after: None,
     };
     Ok((server, market))
@@ -410,6 +427,10 @@ struct Results {
     binaries_bytes: BTreeMap<String, u64>,
     ready_ms: BTreeMap<String, f64>,
     idle_rss_kib: BTreeMap<String, u64>,
+    /// TLS handshakes recommendations completed during the page runs, and the pages served
+    /// meanwhile: no handshake per request.
+    backend_handshakes: f64,
+    pages: u64,
     runs: Vec<Measured>,
     sweep: Vec<Measured>,
     summary: Vec<Row>,
@@ -659,11 +680,22 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
             http_args(flask, HTTP_CONCURRENCY, duration),
         ));
     }
+    const HANDSHAKES: &str = "bookstore_tls_handshakes_total{result=\"completed\"}";
+    let mut handshakes = 0.0;
     let mut runs = Vec::new();
     for round in 0..rounds {
         for (case, server, args) in &cases {
             eprintln!("round {} of {rounds}: {case}", round + 1);
+            // Handshakes recommendations completes while only the marketplace calls it.
+            let before = if *case == "page" {
+                Some(metric(&rec_mtls, HANDSHAKES).await?)
+            } else {
+                None
+            };
             let (report, peak_rss_kib) = load(&loadgen, args, server).await?;
+            if let Some(before) = before {
+                handshakes += metric(&rec_mtls, HANDSHAKES).await? - before;
+            }
             runs.push(Measured {
                 case: (*case).into(),
                 round,
@@ -672,6 +704,11 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
             });
         }
     }
+    let pages: u64 = runs
+        .iter()
+        .filter(|m| m.case == "page")
+        .map(|m| m.report.requests)
+        .sum();
     let mut sweep = Vec::new();
     for concurrency in SWEEP {
         for (case, server, args) in [
@@ -773,6 +810,8 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
         binaries_bytes,
         ready_ms,
         idle_rss_kib,
+        backend_handshakes: handshakes,
+        pages,
         runs,
         sweep,
         summary,
@@ -894,6 +933,11 @@ fn markdown(r: &Results) -> String {
         "\nPeak RSS under load: recommendations {:.1} MiB, marketplace {:.1} MiB.",
         peak("recommend_mtls").unwrap_or(0) as f64 / 1024.0,
         peak("page").unwrap_or(0) as f64 / 1024.0
+    );
+    let _ = writeln!(
+        md,
+        "TLS handshakes completed by recommendations during the page runs: {:.0}, for {} pages.",
+        r.backend_handshakes, r.pages
     );
     let sizes: Vec<String> = r
         .binaries_bytes
