@@ -6,21 +6,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bookstore_testkit::{TestPki, process::ServiceProcess};
-
-fn certs(pki: &TestPki) -> (&'static str, String) {
-    ("CERTS_DIR", pki.dir().display().to_string())
-}
+use bookstore_testkit::{
+    TestPki,
+    process::{self, ServiceProcess},
+};
 
 async fn start_recommendations(
     pki: &TestPki,
     extra: &[(&'static str, String)],
 ) -> (ServiceProcess, SocketAddr) {
-    let mut env = vec![("LISTEN_ADDR", "127.0.0.1:0".to_owned()), certs(pki)];
-    env.extend_from_slice(extra);
-    let mut process = ServiceProcess::start("recommendations", &env);
-    let addr = process.listening_addr().await;
-    (process, addr)
+    process::start_recommendations(pki.dir(), extra).await
 }
 
 async fn start_marketplace(
@@ -28,16 +23,7 @@ async fn start_marketplace(
     backend: SocketAddr,
     extra: &[(&'static str, String)],
 ) -> (ServiceProcess, SocketAddr) {
-    let mut env = vec![
-        ("LISTEN_ADDR", "127.0.0.1:0".to_owned()),
-        ("RECOMMENDATIONS_HOST", "localhost".to_owned()),
-        ("RECOMMENDATIONS_PORT", backend.port().to_string()),
-        certs(pki),
-    ];
-    env.extend_from_slice(extra);
-    let mut process = ServiceProcess::start("marketplace", &env);
-    let addr = process.listening_addr().await;
-    (process, addr)
+    process::start_marketplace(pki.dir(), backend, extra).await
 }
 
 async fn fetch(addr: SocketAddr, path: &str) -> reqwest::Result<(u16, String)> {

@@ -7,22 +7,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bookstore_testkit::{TestPki, process::ServiceProcess};
-
-fn certs(pki: &TestPki) -> (&'static str, String) {
-    ("CERTS_DIR", pki.dir().display().to_string())
-}
+use bookstore_testkit::{
+    TestPki,
+    process::{self, ServiceProcess},
+};
 
 async fn start_recommendations(
     pki: &TestPki,
     listen: &str,
     extra: &[(&'static str, String)],
 ) -> (ServiceProcess, SocketAddr) {
-    let mut env = vec![("LISTEN_ADDR", listen.to_owned()), certs(pki)];
+    let mut env = vec![("LISTEN_ADDR", listen.to_owned())];
     env.extend_from_slice(extra);
-    let mut process = ServiceProcess::start("recommendations", &env);
-    let addr = process.listening_addr().await;
-    (process, addr)
+    process::start_recommendations(pki.dir(), &env).await
 }
 
 struct Web {
@@ -36,15 +33,7 @@ async fn start_marketplace(
     backend: SocketAddr,
     extra: &[(&'static str, String)],
 ) -> Web {
-    let mut env = vec![
-        ("LISTEN_ADDR", "127.0.0.1:0".to_owned()),
-        ("RECOMMENDATIONS_HOST", "localhost".to_owned()),
-        ("RECOMMENDATIONS_PORT", backend.port().to_string()),
-        certs(pki),
-    ];
-    env.extend_from_slice(extra);
-    let mut process = ServiceProcess::start("marketplace", &env);
-    let addr = process.listening_addr().await;
+    let (mut process, addr) = process::start_marketplace(pki.dir(), backend, extra).await;
     let admin = process.admin_addr().await;
     Web {
         process,

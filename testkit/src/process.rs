@@ -3,7 +3,7 @@
 
 use std::{
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{ExitStatus, Stdio},
     time::Duration,
 };
@@ -187,4 +187,39 @@ impl ServiceProcess {
         }
         (status, self.log)
     }
+}
+
+/// Starts the recommendations binary on a free loopback port with the PKI in `certs`; `extra`
+/// adds or overrides variables (a later `LISTEN_ADDR` wins). Returns it and its address.
+pub async fn start_recommendations(
+    certs: &Path,
+    extra: &[(&str, String)],
+) -> (ServiceProcess, SocketAddr) {
+    let mut env = vec![
+        ("LISTEN_ADDR", "127.0.0.1:0".to_owned()),
+        ("CERTS_DIR", certs.display().to_string()),
+    ];
+    env.extend_from_slice(extra);
+    let mut process = ServiceProcess::start("recommendations", &env);
+    let addr = process.listening_addr().await;
+    (process, addr)
+}
+
+/// Starts the marketplace binary on a free loopback port, calling recommendations at
+/// `localhost` on `backend`'s port, with the PKI in `certs`; `extra` adds or overrides variables.
+pub async fn start_marketplace(
+    certs: &Path,
+    backend: SocketAddr,
+    extra: &[(&str, String)],
+) -> (ServiceProcess, SocketAddr) {
+    let mut env = vec![
+        ("LISTEN_ADDR", "127.0.0.1:0".to_owned()),
+        ("RECOMMENDATIONS_HOST", "localhost".to_owned()),
+        ("RECOMMENDATIONS_PORT", backend.port().to_string()),
+        ("CERTS_DIR", certs.display().to_string()),
+    ];
+    env.extend_from_slice(extra);
+    let mut process = ServiceProcess::start("marketplace", &env);
+    let addr = process.listening_addr().await;
+    (process, addr)
 }
