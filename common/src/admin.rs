@@ -175,6 +175,36 @@ pub fn run(command: Command, admin_addr: SocketAddr) -> std::process::ExitCode {
     }
 }
 
+/// A service's main listener and its admin listener, with the addresses actually bound.
+#[derive(Debug)]
+pub struct Bound {
+    pub listener: TcpListener,
+    pub admin: TcpListener,
+    pub local_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+}
+
+/// Binds the service's address, then the admin address last: answering on the admin port then
+/// means everything else is loaded and bound. Errors name the address.
+pub async fn bind_service(listen: SocketAddr, admin: SocketAddr) -> Result<Bound, String> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let admin = bind(admin).await?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|e| format!("bound listener has no address: {e}"))?;
+    let admin_addr = admin
+        .local_addr()
+        .map_err(|e| format!("bound admin listener has no address: {e}"))?;
+    Ok(Bound {
+        listener,
+        admin,
+        local_addr,
+        admin_addr,
+    })
+}
+
 /// Binds the admin address, naming it in the error.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
     TcpListener::bind(addr)

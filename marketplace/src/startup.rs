@@ -101,18 +101,14 @@ impl Application {
             metrics.clone(),
         ));
         let router = routes::router(source, metrics.clone());
-        let listener = TcpListener::bind(config.listen_addr)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
-        let admin = admin::bind(config.admin_addr)
+        let admin::Bound {
+            listener,
+            admin,
+            local_addr,
+            admin_addr,
+        } = admin::bind_service(config.listen_addr, config.admin_addr)
             .await
             .map_err(anyhow::Error::msg)?;
-        let local_addr = listener
-            .local_addr()
-            .context("bound listener has no address")?;
-        let admin_addr = admin
-            .local_addr()
-            .context("bound admin listener has no address")?;
         Ok(Application {
             listener,
             router,

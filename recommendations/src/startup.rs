@@ -214,18 +214,14 @@ impl Application {
             .add_service(reflection_v1alpha)
             .add_service(recommendations);
 
-        let listener = TcpListener::bind(config.listen_addr)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
-        let admin = admin::bind(config.admin_addr)
+        let admin::Bound {
+            listener,
+            admin,
+            local_addr,
+            admin_addr,
+        } = admin::bind_service(config.listen_addr, config.admin_addr)
             .await
             .map_err(anyhow::Error::msg)?;
-        let local_addr = listener
-            .local_addr()
-            .context("bound listener has no address")?;
-        let admin_addr = admin
-            .local_addr()
-            .context("bound admin listener has no address")?;
         Ok(Application {
             listener,
             router,
