@@ -62,16 +62,6 @@ pub struct RequestContext {
     pub trace: TraceContext,
 }
 
-impl RequestContext {
-    /// A fresh id and a new trace, for work no caller asked for (and for tests).
-    pub fn new_root() -> Self {
-        RequestContext {
-            request_id: RequestId::generate(),
-            trace: TraceContext::new_root(),
-        }
-    }
-}
-
 /// A W3C trace context: which trace a request belongs to, and which span is its parent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TraceContext {

@@ -17,7 +17,9 @@ use std::{
 
 use async_trait::async_trait;
 use bookstore_testkit::{
-    TestPki, marketplace_config, process::ServiceProcess, spawn_marketplace_resolving,
+    TestPki, marketplace_config,
+    process::{self, ServiceProcess},
+    spawn_marketplace_resolving,
 };
 use marketplace::backends::Resolve;
 
@@ -48,12 +50,7 @@ struct Instance {
 }
 
 async fn start_instance(pki: &TestPki) -> Instance {
-    let env = [
-        ("LISTEN_ADDR", "127.0.0.1:0".to_owned()),
-        ("CERTS_DIR", pki.dir().display().to_string()),
-    ];
-    let mut process = ServiceProcess::start("recommendations", &env);
-    let addr = process.listening_addr().await;
+    let (mut process, addr) = process::start_recommendations(pki.dir(), &[]).await;
     let admin = process.admin_addr().await;
     Instance {
         process,
