@@ -56,12 +56,68 @@ pub enum CatalogError {
     DuplicateId(i32),
     #[error("book id {id}: {problem}")]
     BadTitle { id: i32, problem: &'static str },
+    #[error("the titles of one category add up to more than 4 GiB")]
+    TooLarge,
 }
 
 /// The books, grouped by category so a request touches only its own category.
 #[derive(Debug, Clone)]
 pub struct Catalog {
-    by_category: [Vec<Book>; 3],
+    by_category: [Shelf; 3],
+}
+
+/// The books of one category, packed: a small fixed-size entry per book and every title in one
+/// buffer. Drawing a book reads one entry and one run of the buffer, two cache lines at most in
+/// a large catalog, where a `Vec<Book>` also held a separate allocation per title (half again
+/// the memory, and one more cache miss and one more pointer to chase per book).
+#[derive(Debug, Clone, Default)]
+struct Shelf {
+    entries: Vec<Entry>,
+    /// Every title of the shelf, one after another.
+    titles: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    id: i32,
+    /// Where the title starts in [`Shelf::titles`], and its length in bytes. A title is at most
+    /// [`MAX_TITLE_CHARS`] characters, so at most 2,000 bytes.
+    start: u32,
+    len: u16,
+}
+
+impl Shelf {
+    fn push(&mut self, book: &Book) -> Result<(), CatalogError> {
+        let too_large = || CatalogError::TooLarge;
+        let start = u32::try_from(self.titles.len()).map_err(|_| too_large())?;
+        let len = u16::try_from(book.title.len()).map_err(|_| too_large())?;
+        start.checked_add(u32::from(len)).ok_or_else(too_large)?;
+        self.titles.push_str(&book.title);
+        self.entries.push(Entry {
+            id: book.id,
+            start,
+            len,
+        });
+        Ok(())
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The book at `index`, which must be below [`Shelf::len`].
+    fn book(&self, index: usize) -> Book {
+        let entry = self.entries[index];
+        let start = entry.start as usize;
+        Book {
+            id: entry.id,
+            title: self.titles[start..start + usize::from(entry.len)].to_owned(),
+        }
+    }
 }
 
 impl Catalog {
@@ -109,36 +165,11 @@ impl Catalog {
     /// Builds a catalog, checking every book: ids positive and unique, titles non-empty, at most
     /// [`MAX_TITLE_CHARS`] characters and free of control characters.
     pub fn new(books: impl IntoIterator<Item = (Category, Book)>) -> Result<Self, CatalogError> {
-        let mut by_category: [Vec<Book>; 3] = Default::default();
-        let mut ids = HashSet::new();
+        let mut builder = Builder::default();
         for (category, book) in books {
-            if book.id <= 0 {
-                return Err(CatalogError::BadId(book.id));
-            }
-            if !ids.insert(book.id) {
-                return Err(CatalogError::DuplicateId(book.id));
-            }
-            let problem = if book.title.trim().is_empty() {
-                Some("title must not be empty")
-            } else if book.title.chars().count() > MAX_TITLE_CHARS {
-                Some("title is longer than 500 characters")
-            } else if book.title.chars().any(char::is_control) {
-                Some("title must not contain control characters")
-            } else {
-                None
-            };
-            if let Some(problem) = problem {
-                return Err(CatalogError::BadTitle {
-                    id: book.id,
-                    problem,
-                });
-            }
-            by_category[category.index()].push(book);
+            builder.add(category, &book)?;
         }
-        if ids.is_empty() {
-            return Err(CatalogError::Empty);
-        }
-        Ok(Catalog { by_category })
+        builder.finish()
     }
 
     /// How many books there are in `category`.
@@ -161,8 +192,53 @@ impl Catalog {
         let k = max_results.get().min(books.len());
         Ok(rand::seq::index::sample(rng, books.len(), k)
             .into_iter()
-            .map(|i| books[i].clone())
+            .map(|i| books.book(i))
             .collect())
+    }
+}
+
+/// A catalog being filled, one checked book at a time.
+#[derive(Debug, Default)]
+struct Builder {
+    by_category: [Shelf; 3],
+    ids: HashSet<i32>,
+}
+
+impl Builder {
+    /// Checks `book` (id positive and unique; title non-empty, at most [`MAX_TITLE_CHARS`]
+    /// characters, free of control characters) and shelves it.
+    fn add(&mut self, category: Category, book: &Book) -> Result<(), CatalogError> {
+        if book.id <= 0 {
+            return Err(CatalogError::BadId(book.id));
+        }
+        if !self.ids.insert(book.id) {
+            return Err(CatalogError::DuplicateId(book.id));
+        }
+        let problem = if book.title.trim().is_empty() {
+            Some("title must not be empty")
+        } else if book.title.chars().count() > MAX_TITLE_CHARS {
+            Some("title is longer than 500 characters")
+        } else if book.title.chars().any(char::is_control) {
+            Some("title must not contain control characters")
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            return Err(CatalogError::BadTitle {
+                id: book.id,
+                problem,
+            });
+        }
+        self.by_category[category.index()].push(book)
+    }
+
+    fn finish(self) -> Result<Catalog, CatalogError> {
+        if self.ids.is_empty() {
+            return Err(CatalogError::Empty);
+        }
+        Ok(Catalog {
+            by_category: self.by_category,
+        })
     }
 }
 
@@ -217,7 +293,48 @@ impl fmt::Display for OutOfRange {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CatalogFile {
-    books: Vec<BookEntry>,
+    books: Books,
+}
+
+/// The `books` list, checked and shelved as it is read: a large file is never held as one
+/// string per book beside the catalog being built from it. The first invalid book is the
+/// error; the books after it are still parsed (and dropped), so that a file which is not even
+/// valid JSON is reported as such, as a whole-file parse would.
+#[derive(Debug)]
+struct Books(Result<Catalog, CatalogError>);
+
+impl<'de> Deserialize<'de> for Books {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Shelve;
+
+        impl<'de> serde::de::Visitor<'de> for Shelve {
+            type Value = Books;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a list of books")
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Books, A::Error> {
+                let mut builder = Builder::default();
+                while let Some(b) = seq.next_element::<BookEntry>()? {
+                    let book = Book {
+                        id: b.id,
+                        title: b.title,
+                    };
+                    if let Err(invalid) = builder.add(b.category, &book) {
+                        while seq.next_element::<BookEntry>()?.is_some() {}
+                        return Ok(Books(Err(invalid)));
+                    }
+                }
+                Ok(Books(builder.finish()))
+            }
+        }
+
+        deserializer.deserialize_seq(Shelve)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -259,16 +376,7 @@ impl Catalog {
     /// Parses and validates catalog JSON.
     pub fn parse(json: &str) -> Result<Self, ParseError> {
         let file: CatalogFile = serde_json::from_str(json).map_err(ParseError::Json)?;
-        Catalog::new(file.books.into_iter().map(|b| {
-            (
-                b.category,
-                Book {
-                    id: b.id,
-                    title: b.title,
-                },
-            )
-        }))
-        .map_err(ParseError::Invalid)
+        file.books.0.map_err(ParseError::Invalid)
     }
 }
 
@@ -283,6 +391,8 @@ pub enum ParseError {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use rand::{SeedableRng, rngs::StdRng};
 
     use super::*;
@@ -416,6 +526,23 @@ mod tests {
                 "unknown field `titel`",
             ),
             (r#"{"books":"#, "EOF while parsing"),
+            (r#"{"bücher":[]}"#, "unknown field `bücher`"),
+            (r#"{}"#, "missing field `books`"),
+            (r#"{"books":{}}"#, "expected a list of books"),
+            // The first invalid book is the one named…
+            (
+                r#"{"books":[{"id":1,"category":"MYSTERY","title":""},{"id":-2,"category":"MYSTERY","title":"B"}]}"#,
+                "book id 1: title must not be empty",
+            ),
+            // …but a file that is not valid JSON further on is reported as such.
+            (
+                r#"{"books":[{"id":0,"category":"MYSTERY","title":"A"},{"id":1,"category":"ROMANCE","title":"B"}]}"#,
+                "unknown variant `ROMANCE`",
+            ),
+            (
+                r#"{"books":[{"id":0,"category":"MYSTERY","title":"A"},"#,
+                "EOF while parsing",
+            ),
         ];
         for (json, want) in cases {
             let err = Catalog::parse(json).expect_err(json).to_string();
@@ -431,24 +558,25 @@ mod tests {
 
     proptest::proptest! {
         /// Whatever the catalog and request: never more than asked, never more than there are,
-        /// never a repeat, never a book of another category.
+        /// never a repeat, never a book of another category, and each book with its own title.
         #[test]
         fn samples_respect_every_bound(
-            books in proptest::collection::vec((0usize..3, "[a-z ]{1,20}"), 1..60),
+            books in proptest::collection::vec((0usize..3, "[a-zé漢 ]{0,20}"), 1..60),
             category in 0usize..3,
             max_results in 0i32..=1000,
             seed: u64,
         ) {
-            let catalog = Catalog::new(books.iter().zip(1..).map(|((c, title), id)| {
-                (Category::ALL[*c], Book { id, title: format!("t{title}") })
-            }))
-            .expect("valid");
-            let category = Category::ALL[category];
-            let in_category: HashSet<i32> = books
-                .iter()
+            let books: Vec<(Category, Book)> = books
+                .into_iter()
                 .zip(1..)
-                .filter(|((c, _), _)| Category::ALL[*c] == category)
-                .map(|(_, id)| id)
+                .map(|((c, title), id)| (Category::ALL[c], Book { id, title: format!("t{title}") }))
+                .collect();
+            let catalog = Catalog::new(books.clone()).expect("valid");
+            let category = Category::ALL[category];
+            let in_category: HashMap<i32, String> = books
+                .into_iter()
+                .filter(|(c, _)| *c == category)
+                .map(|(_, book)| (book.id, book.title))
                 .collect();
             let mut rng = StdRng::seed_from_u64(seed);
             match catalog.recommend(category, max(max_results), &mut rng) {
@@ -458,7 +586,9 @@ mod tests {
                     proptest::prop_assert_eq!(sample.len(), want);
                     let ids: HashSet<i32> = sample.iter().map(|b| b.id).collect();
                     proptest::prop_assert_eq!(ids.len(), sample.len());
-                    proptest::prop_assert!(ids.is_subset(&in_category));
+                    for book in &sample {
+                        proptest::prop_assert_eq!(in_category.get(&book.id), Some(&book.title));
+                    }
                 }
             }
         }
