@@ -32,7 +32,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 5.0)]
     pub duration: f64,
     /// A B rounds per comparison.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 3)]
     pub rounds: u32,
     /// Seconds per point of the concurrency sweep.
     #[arg(long, default_value_t = 3.0)]
@@ -442,7 +442,11 @@ struct Row {
     what: String,
     throughput: f64,
     floor_throughput: f64,
+    /// The median over rounds of this round's throughput over the baseline's in the same round,
+    /// and the lowest and highest of those ratios: how far the noise moved it.
     ratio: f64,
+    ratio_low: f64,
+    ratio_high: f64,
     p50_ms: f64,
     p99_ms: f64,
     floor_p99_ms: f64,
@@ -469,13 +473,23 @@ fn summarize(runs: &[Measured], case: &str, floor: &str, what: &str, target: &st
         let mut v: Vec<f64> = ms.iter().map(|m| f(&m.report)).collect();
         median(&mut v)
     };
-    let throughput = med(&ours, |r| r.throughput);
-    let floor_throughput = med(&base, |r| r.throughput);
+    // Each round's pair was measured back to back, so its ratio is freer of the machine's drift
+    // than a ratio of medians taken minutes apart.
+    let mut ratios: Vec<f64> = ours
+        .iter()
+        .filter_map(|m| {
+            let b = base.iter().find(|b| b.round == m.round)?;
+            Some(m.report.throughput / b.report.throughput.max(1e-9))
+        })
+        .collect();
+    let ratio = median(&mut ratios);
     Some(Row {
         what: what.into(),
-        throughput,
-        floor_throughput,
-        ratio: throughput / floor_throughput.max(1e-9),
+        throughput: med(&ours, |r| r.throughput),
+        floor_throughput: med(&base, |r| r.throughput),
+        ratio,
+        ratio_low: ratios.iter().copied().fold(ratio, f64::min),
+        ratio_high: ratios.iter().copied().fold(ratio, f64::max),
         p50_ms: med(&ours, |r| r.latency_ms.p50),
         p99_ms: med(&ours, |r| r.latency_ms.p99),
         floor_p99_ms: med(&base, |r| r.latency_ms.p99),
@@ -618,16 +632,28 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
         }
     }
 
+    // Each comparison's two cases run back to back (the original's page follows the floor page),
+    // so a drift of the machine between rounds touches both sides of a ratio alike.
     let cases: Vec<(&str, &Server, Vec<String>)> = vec![
+        (
+            "floor_grpc_mtls",
+            &floor_mtls,
+            grpc_args(&floor_mtls, Some(&certs), GRPC_CONCURRENCY, duration),
+        ),
         (
             "recommend_mtls",
             &rec_mtls,
             grpc_args(&rec_mtls, Some(&certs), GRPC_CONCURRENCY, duration),
         ),
         (
-            "floor_grpc_mtls",
-            &floor_mtls,
-            grpc_args(&floor_mtls, Some(&certs), GRPC_CONCURRENCY, duration),
+            "recommend_mtls_big_catalog",
+            &rec_big,
+            grpc_args(&rec_big, Some(&certs), GRPC_CONCURRENCY, duration),
+        ),
+        (
+            "recommend_mtls_info_log",
+            &rec_logged,
+            grpc_args(&rec_logged, Some(&certs), GRPC_CONCURRENCY, duration),
         ),
         (
             "recommend_plain",
@@ -648,16 +674,6 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
             "floor_page",
             &floor_page,
             http_args(&floor_page, HTTP_CONCURRENCY, duration),
-        ),
-        (
-            "recommend_mtls_big_catalog",
-            &rec_big,
-            grpc_args(&rec_big, Some(&certs), GRPC_CONCURRENCY, duration),
-        ),
-        (
-            "recommend_mtls_info_log",
-            &rec_logged,
-            grpc_args(&rec_logged, Some(&certs), GRPC_CONCURRENCY, duration),
         ),
     ];
     let original = if args.original {
@@ -854,17 +870,19 @@ fn markdown(r: &Results) -> String {
     let _ = writeln!(md, "Measured {} on {} ({}).\n", r.date, r.machine, r.args);
     let _ = writeln!(
         md,
-        "| Case | Throughput (ok/s) | Baseline (ok/s) | Ratio | p50 ms | p99 ms | Baseline p99 ms | Errors | Target |"
+        "| Case | Throughput (ok/s) | Baseline (ok/s) | Ratio (lowest–highest round) | p50 ms | p99 ms | Baseline p99 ms | Errors | Target |"
     );
     let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---|");
     for row in &r.summary {
         let _ = writeln!(
             md,
-            "| {} | {:.0} | {:.0} | {:.2}× | {:.3} | {:.3} | {:.3} | {} | {} |",
+            "| {} | {:.0} | {:.0} | {:.2}× ({:.2}–{:.2}) | {:.3} | {:.3} | {:.3} | {} | {} |",
             row.what,
             row.throughput,
             row.floor_throughput,
             row.ratio,
+            row.ratio_low,
+            row.ratio_high,
             row.p50_ms,
             row.p99_ms,
             row.floor_p99_ms,
