@@ -960,11 +960,14 @@ fn markdown(r: &Results) -> String {
     md
 }
 
-/// Throughput of each case next to its baseline, as horizontal bars.
+/// Throughput of each case next to its baseline, as horizontal bars; below, p99 latency against
+/// concurrency for the page, its floor and Recommend, as lines.
 fn svg(r: &Results) -> String {
     let rows = &r.summary;
     let (width, bar_h, gap, left) = (760.0, 16.0, 14.0, 300.0);
-    let height = 40.0 + rows.len() as f64 * (2.0 * bar_h + gap) + 30.0;
+    let bars_end = 40.0 + rows.len() as f64 * (2.0 * bar_h + gap);
+    let (plot_top, plot_h) = (bars_end + 50.0, 200.0);
+    let height = plot_top + plot_h + 50.0;
     let max = rows
         .iter()
         .flat_map(|row| [row.throughput, row.floor_throughput])
@@ -1010,6 +1013,85 @@ fn svg(r: &Results) -> String {
             row.floor_throughput
         );
     }
+    latency_lines(&mut s, r, plot_top, plot_h);
     s.push_str("</svg>\n");
     s
+}
+
+/// The concurrency sweep's p99 latencies as one line per case, concurrency evenly spaced.
+fn latency_lines(s: &mut String, r: &Results, top: f64, h: f64) {
+    let (left, w) = (70.0, 520.0);
+    let series = [
+        ("page", "Page", "#7a3b1d"),
+        ("floor_page", "Floor page", "#d9b8a6"),
+        ("recommend_mtls", "Recommend, mTLS", "#2f5d8a"),
+    ];
+    let p99 = |case: &str, c: usize| {
+        r.sweep
+            .iter()
+            .find(|m| m.case == case && m.report.concurrency == c)
+            .map(|m| m.report.latency_ms.p99)
+    };
+    let max = series
+        .iter()
+        .flat_map(|(case, _, _)| SWEEP.iter().filter_map(|c| p99(case, *c)))
+        .fold(1.0_f64, f64::max);
+    let x = |i: usize| left + i as f64 * w / (SWEEP.len() - 1) as f64;
+    let y = |ms: f64| top + h - ms / max * h;
+    let _ = writeln!(
+        s,
+        "<text x=\"10\" y=\"{}\" font-size=\"14\">p99 latency (ms) against concurrency</text>",
+        top - 20.0
+    );
+    let _ = writeln!(
+        s,
+        "<line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"#888\"/>\n<line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"#888\"/>",
+        top + h,
+        left + w,
+        top + h,
+        top + h
+    );
+    let _ = writeln!(
+        s,
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{max:.1}</text>\n<text x=\"{}\" y=\"{}\" text-anchor=\"end\">0</text>",
+        left - 6.0,
+        top + 4.0,
+        left - 6.0,
+        top + h + 4.0
+    );
+    for (i, c) in SWEEP.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{c}</text>",
+            x(i),
+            top + h + 18.0
+        );
+    }
+    for (n, (case, label, colour)) in series.iter().enumerate() {
+        let points: Vec<String> = SWEEP
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| Some(format!("{:.1},{:.1}", x(i), y(p99(case, *c)?))))
+            .collect();
+        let _ = writeln!(
+            s,
+            "<polyline points=\"{}\" fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\"/>",
+            points.join(" ")
+        );
+        let ly = top + 10.0 + n as f64 * 18.0;
+        let _ = writeln!(
+            s,
+            "<rect x=\"{}\" y=\"{}\" width=\"14\" height=\"4\" fill=\"{colour}\"/>\n<text x=\"{}\" y=\"{}\">{label}</text>",
+            left + w + 20.0,
+            ly - 4.0,
+            left + w + 40.0,
+            ly
+        );
+    }
+    let _ = writeln!(
+        s,
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">concurrent callers</text>",
+        left + w / 2.0,
+        top + h + 36.0
+    );
 }
