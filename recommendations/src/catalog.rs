@@ -66,10 +66,10 @@ pub struct Catalog {
     by_category: [Shelf; 3],
 }
 
-/// The books of one category, packed: a small fixed-size entry per book and every title in one
-/// buffer. Drawing a book reads one entry and one run of the buffer, two cache lines at most in
-/// a large catalog, where a `Vec<Book>` also held a separate allocation per title (half again
-/// the memory, and one more cache miss and one more pointer to chase per book).
+/// The books of one category, packed: a 12-byte entry per book and every title in one buffer,
+/// so drawing a book reads one entry and one run of the buffer. A `Vec<Book>` held an allocation
+/// per title besides: 1,000,000 books took 83 MiB that way, 46 MiB packed
+/// (docs/performance.md).
 #[derive(Debug, Clone, Default)]
 struct Shelf {
     entries: Vec<Entry>,
