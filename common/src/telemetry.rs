@@ -113,6 +113,12 @@ pub fn init(args: &LogArgs, service: &'static str) -> Telemetry {
     };
     // A second call (tests start several apps in one process) keeps the first subscriber.
     let _ = registry.try_init();
+    if args.format == LogFormat::Json {
+        // The default hook writes a plain-text paragraph to standard error, which a collector
+        // expecting one JSON object per line cannot read. (The catch-panic layers still answer
+        // the request; this is only how the panic is reported.)
+        std::panic::set_hook(Box::new(log_panic));
+    }
     if let Some(e) = bad {
         tracing::warn!(error = %e, "invalid RUST_LOG directive; logging at info");
     }
@@ -125,6 +131,19 @@ pub fn init(args: &LogArgs, service: &'static str) -> Telemetry {
         (None, _) => {}
     }
     telemetry
+}
+
+/// A panic as one error event: inside a request's span it carries that request's id.
+fn log_panic(info: &std::panic::PanicHookInfo<'_>) {
+    let message = crate::panic::message(info.payload());
+    let location = info.location().map(ToString::to_string).unwrap_or_default();
+    let thread = std::thread::current();
+    tracing::error!(
+        panic = message,
+        location,
+        thread = thread.name().unwrap_or("unnamed"),
+        "panicked"
+    );
 }
 
 #[cfg(feature = "otel")]
