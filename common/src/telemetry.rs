@@ -133,15 +133,22 @@ pub fn init(args: &LogArgs, service: &'static str) -> Telemetry {
     telemetry
 }
 
-/// A panic as one error event: inside a request's span it carries that request's id.
+/// A panic as one error event: inside a request's span it carries that request's id. With
+/// `RUST_BACKTRACE` set, the backtrace goes in the same event, as the default hook would print it.
 fn log_panic(info: &std::panic::PanicHookInfo<'_>) {
+    use std::backtrace::{Backtrace, BacktraceStatus};
+
     let message = crate::panic::message(info.payload());
     let location = info.location().map(ToString::to_string).unwrap_or_default();
     let thread = std::thread::current();
+    let backtrace = Backtrace::capture();
+    let backtrace =
+        (backtrace.status() == BacktraceStatus::Captured).then(|| backtrace.to_string());
     tracing::error!(
         panic = message,
         location,
         thread = thread.name().unwrap_or("unnamed"),
+        backtrace = backtrace.as_deref(),
         "panicked"
     );
 }

@@ -35,6 +35,7 @@ fn a_panic_is_one_json_line_among_the_others() {
         .args(["--exact", TEST, "--test-threads=1", "--nocapture"])
         .env(CHILD, "1")
         .env("RUST_LOG", "info")
+        .env("RUST_BACKTRACE", "1")
         .output()
         .expect("re-run the test binary");
     assert!(out.status.success(), "child failed: {out:?}");
@@ -51,4 +52,6 @@ fn a_panic_is_one_json_line_among_the_others() {
     assert_eq!(panic["thread"], "worker");
     let location = panic["location"].as_str().unwrap_or_default();
     assert!(location.contains("json_panics.rs"), "{location}");
+    let backtrace = panic["backtrace"].as_str().unwrap_or_default();
+    assert!(backtrace.contains("json_panics"), "{backtrace}");
 }
