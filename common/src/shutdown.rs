@@ -5,32 +5,44 @@ use std::{future::Future, time::Duration};
 use tokio_util::sync::CancellationToken;
 
 /// Completes when the process receives SIGTERM (what Kubernetes and `docker stop` send) or SIGINT
-/// (Ctrl+C).
-pub async fn signal() {
-    let ctrl_c = async {
+/// (Ctrl+C). The handlers are installed when this is called, not when the future is first
+/// polled: call it before the service reports ready, since until a handler exists either signal
+/// ends the process at once instead of draining it.
+pub fn signal() -> impl Future<Output = ()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let listen = |kind: SignalKind, name: &'static str| {
+            signal(kind)
+                .inspect_err(|e| tracing::error!(error = %e, "cannot listen for {name}"))
+                .ok()
+        };
+        let mut term = listen(SignalKind::terminate(), "SIGTERM");
+        let mut int = listen(SignalKind::interrupt(), "SIGINT");
+        async move {
+            tokio::select! {
+                () = next(term.as_mut()) => {},
+                () = next(int.as_mut()) => {},
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    async {
         if let Err(e) = tokio::signal::ctrl_c().await {
             tracing::error!(error = %e, "cannot listen for Ctrl+C");
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let term = async {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
+    }
+}
+
+/// The next delivery of a signal being listened for; never, if it could not be listened for.
+#[cfg(unix)]
+pub(crate) async fn next(signal: Option<&mut tokio::signal::unix::Signal>) {
+    match signal {
+        Some(s) => {
+            s.recv().await;
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
+        None => std::future::pending().await,
     }
 }
 

@@ -14,6 +14,9 @@ type Stamp = Vec<Option<(SystemTime, u64)>>;
 pub struct FileStamps {
     paths: Vec<PathBuf>,
     last: Mutex<Stamp>,
+    /// SIGHUP, caught from the moment a service's stamps are taken ([`FileStamps::of`]).
+    #[cfg(unix)]
+    hangup: Option<tokio::signal::unix::Signal>,
 }
 
 impl FileStamps {
@@ -21,13 +24,29 @@ impl FileStamps {
     pub fn new(paths: impl IntoIterator<Item = PathBuf>) -> Self {
         let paths: Vec<PathBuf> = paths.into_iter().collect();
         let last = Mutex::new(stamp(&paths));
-        FileStamps { paths, last }
+        FileStamps {
+            paths,
+            last,
+            #[cfg(unix)]
+            hangup: None,
+        }
     }
 
-    /// The stamps of a service's TLS files. Take them before loading the files, so a change
-    /// made while they load is seen by the first check.
+    /// The stamps of a service's TLS files, and SIGHUP caught from now on. Take them while the
+    /// service builds, before it loads the files (so a change made meanwhile is seen by the
+    /// first check) and before it reports ready: until a handler exists, SIGHUP does what it
+    /// does by default, which is to end the process. Must run inside the Tokio runtime.
     pub fn of(files: &crate::tls::TlsFiles) -> Self {
-        FileStamps::new([files.ca.clone(), files.cert.clone(), files.key.clone()])
+        #[allow(unused_mut)] // not mutated off unix
+        let mut stamps = FileStamps::new([files.ca.clone(), files.cert.clone(), files.key.clone()]);
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            stamps.hangup = signal(SignalKind::hangup())
+                .inspect_err(|e| tracing::warn!(error = %e, "cannot catch SIGHUP"))
+                .ok();
+        }
+        stamps
     }
 
     /// Whether any file changed since the last call (or creation). The new state is remembered
@@ -61,7 +80,8 @@ fn stamp(paths: &[PathBuf]) -> Stamp {
 pub async fn watch_files<E: std::fmt::Display>(
     interval: Duration,
     stop: tokio_util::sync::CancellationToken,
-    stamps: FileStamps,
+    #[allow(unused_mut)] // not mutated off unix
+    mut stamps: FileStamps,
     reload: impl Fn() -> Result<(), E> + Send,
 ) {
     let attempt = || match reload() {
@@ -78,17 +98,10 @@ pub async fn watch_files<E: std::fmt::Display>(
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await; // the first tick is immediate; the files were just loaded
     #[cfg(unix)]
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut hangup = stamps.hangup.take();
     loop {
         #[cfg(unix)]
-        let sighup = async {
-            match hangup.as_mut() {
-                Some(s) => {
-                    s.recv().await;
-                }
-                None => std::future::pending().await,
-            }
-        };
+        let sighup = crate::shutdown::next(hangup.as_mut());
         #[cfg(not(unix))]
         let sighup = std::future::pending::<()>();
         tokio::select! {
