@@ -56,14 +56,7 @@ started=$(date +%s)
 # mounts at once (BuildKit, under Docker, copes with `docker compose up --build` as is).
 COMPOSE_PARALLEL_LIMIT=1 compose build
 echo "built after $(( $(date +%s) - started )) s"
-# Podman can fail to start a container now and then with "write child: broken pipe" (a race
-# between it and its conmon monitor; a second start works). Docker never needs the retry.
-for attempt in 1 2 3; do
-    MARKETPLACE_PORT=$port compose up -d && break
-    [ "$attempt" -lt 3 ] || { compose ps -a; echo "docker compose up failed 3 times"; exit 1; }
-    echo "docker compose up failed (attempt $attempt of 3); trying again"
-    sleep 2
-done
+MARKETPLACE_PORT=$port compose up -d
 echo "up after $(( $(date +%s) - started )) s"
 
 step "waiting for the page"
