@@ -22,7 +22,23 @@ use axum::{
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
+use crate::{
+    http_server::{self, HttpLimits},
+    metrics::Metrics,
+};
+
+/// The admin port's limits: probes and scrapers make small, quick requests. Only the number of
+/// connections is configurable (`ADMIN_MAX_CONNECTIONS`); a flood on the public port never
+/// reaches these slots, so liveness keeps answering.
+pub fn limits(max_connections: usize) -> HttpLimits {
+    HttpLimits {
+        max_connections,
+        header_read_timeout: Duration::from_secs(5),
+        idle_timeout: Duration::from_secs(30),
+        max_head_bytes: http_server::MIN_HEAD_BYTES,
+        max_streams: 16,
+    }
+}
 
 #[derive(Debug, Clone)]
 struct AdminState {
@@ -51,11 +67,12 @@ async fn readyz(State(state): State<AdminState>) -> (StatusCode, &'static str) {
 /// them only after: readiness stays observable until the very end of the service's life.
 pub async fn alongside<T>(
     listener: TcpListener,
+    limits: HttpLimits,
     draining: CancellationToken,
     metrics: Metrics,
     run: impl Future<Output = T>,
 ) -> T {
-    let admin = Admin::spawn(listener, draining, metrics);
+    let admin = Admin::spawn(listener, limits, draining, metrics);
     let outcome = run.await;
     admin.stop().await;
     outcome
@@ -65,32 +82,36 @@ pub async fn alongside<T>(
 #[derive(Debug)]
 struct Admin {
     stop: CancellationToken,
-    task: JoinHandle<std::io::Result<()>>,
+    task: JoinHandle<()>,
 }
 
 impl Admin {
     /// Serves the admin endpoints on `listener` until [`Admin::stop`].
-    fn spawn(listener: TcpListener, draining: CancellationToken, metrics: Metrics) -> Self {
+    fn spawn(
+        listener: TcpListener,
+        limits: HttpLimits,
+        draining: CancellationToken,
+        metrics: Metrics,
+    ) -> Self {
+        limits.log("admin");
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(admin_addr = %addr, "admin endpoints up: /healthz, /readyz, /metrics");
         }
         let stop = CancellationToken::new();
         tokio::spawn(metrics.clone().upkeep(stop.clone()));
-        let task = tokio::spawn(
-            axum::serve(listener, router(draining, metrics))
-                .with_graceful_shutdown(stop.clone().cancelled_owned())
-                .into_future(),
-        );
+        let app = router(draining, metrics.clone());
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move { http_server::serve(listener, app, limits, stop, &metrics, "admin").await }
+        });
         Admin { stop, task }
     }
 
     /// Stops the admin server (after the service's own drain).
     async fn stop(self) {
         self.stop.cancel();
-        match self.task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "admin server failed"),
-            Err(e) => tracing::warn!(error = %e, "admin server task failed"),
+        if let Err(e) = self.task.await {
+            tracing::warn!(error = %e, "admin server task failed");
         }
     }
 }
@@ -238,7 +259,12 @@ mod tests {
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let draining = CancellationToken::new();
-        let admin = Admin::spawn(listener, draining.clone(), Metrics::new("test", "0"));
+        let admin = Admin::spawn(
+            listener,
+            limits(8),
+            draining.clone(),
+            Metrics::new("test", "0"),
+        );
         let wildcard = SocketAddr::from((Ipv4Addr::UNSPECIFIED, addr.port()));
         let check = move || tokio::task::spawn_blocking(move || healthcheck(wildcard));
         assert_eq!(check().await.expect("join"), Ok(()));

@@ -26,18 +26,14 @@ use std::{
 use http::{HeaderMap, HeaderValue};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use metrics::{Counter, Histogram};
-use tonic::{
-    Code, Status,
-    body::Body,
-    codegen::BoxFuture,
-    transport::server::{TcpConnectInfo, TlsConnectInfo},
-};
+use tonic::{Code, Status, body::Body, codegen::BoxFuture, transport::server::TcpConnectInfo};
 use tower::{Layer, Service};
 use tracing::Instrument;
 
 use crate::{
     context::{REQUEST_ID_HEADER, RequestId, TRACEPARENT_HEADER, TraceContext, continue_trace},
     metrics::Metrics,
+    server_tls::PeerInfo,
 };
 
 /// The gRPC header carrying the caller's deadline.
@@ -354,8 +350,8 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
 fn remote_addr(request: &http::Request<Body>) -> Option<SocketAddr> {
     let extensions = request.extensions();
     extensions
-        .get::<TlsConnectInfo<TcpConnectInfo>>()
-        .and_then(|info| info.get_ref().remote_addr())
+        .get::<PeerInfo>()
+        .map(|peer| peer.remote_addr)
         .or_else(|| extensions.get::<TcpConnectInfo>()?.remote_addr())
 }
 

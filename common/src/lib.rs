@@ -5,6 +5,8 @@
 pub mod admin;
 pub mod context;
 pub mod grpc_call;
+pub mod http_server;
+pub mod log_limit;
 pub mod metrics;
 pub mod panic;
 pub mod server_tls;

@@ -7,7 +7,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use metrics::{Counter, Histogram, Key, Label, Metadata, Recorder};
+use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
@@ -69,6 +69,11 @@ impl Metrics {
     pub fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
         self.recorder
             .register_counter(&key(name, labels), &METADATA)
+    }
+
+    /// The gauge `name` with these labels.
+    pub fn gauge(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Gauge {
+        self.recorder.register_gauge(&key(name, labels), &METADATA)
     }
 
     /// The histogram `name` with these labels.

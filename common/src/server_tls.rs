@@ -4,30 +4,45 @@
 //!   when the files change (see [`crate::watch`]); each new connection takes the configuration current at that moment,
 //!   connections already open keep theirs. A file set that does not load (half-written, key of
 //!   another certificate, expired…) is refused with a log line and the old one stays in use.
-//! - **Refusals that say why.** Every failed handshake is logged with the peer address and the
-//!   reason (no certificate, unknown CA, expired, wrong key usage, not TLS at all…).
+//! - **Refusals that say why.** A failed handshake is logged with the peer address and the
+//!   reason (no certificate, unknown CA, expired, wrong key usage, not TLS at all…), at most a
+//!   few lines a minute so a flood cannot fill a disk; every one is counted.
+//!
+//! It also owns the listener's connection limits, TLS or not ([`Incoming`]): a cap on open
+//! connections and on handshakes in progress (past either a new connection is closed on
+//! arrival), a handshake timeout, and an idle timeout (a connection that sends nothing, not even
+//! an HTTP/2 ping, for that long is closed). Each connection carries a [`PeerInfo`] to the
+//! request handlers, with its own count of calls in flight for the per-connection call limit.
 
 use std::{
+    io,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, RwLock, atomic::AtomicUsize},
     task::{Context, Poll},
     time::Duration,
 };
 
-use metrics::Counter;
-use rustls::{RootCertStore, ServerConfig, server::WebPkiClientVerifier};
-use tokio::{net::TcpListener, net::TcpStream, task::JoinSet};
+use metrics::{Counter, Gauge};
+use rustls::{
+    RootCertStore, ServerConfig, pki_types::CertificateDer, server::WebPkiClientVerifier,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
+    task::JoinSet,
+    time::{Instant, Sleep},
+};
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tonic::transport::server::Connected;
 
 use crate::{
+    log_limit::LogLimit,
     metrics::Metrics,
     shutdown::ListenerClosedLog,
     tls::{TlsError, TlsFiles, TlsMode, load_ca_ders, load_certified_key, provider},
 };
-
-/// A TLS handshake that takes longer than this is dropped, so idle sockets cannot pile up.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The server's TLS configuration, reloadable from its files.
 #[derive(Debug)]
@@ -103,100 +118,427 @@ fn bad_config(files: &TlsFiles, e: rustls::Error) -> TlsError {
     }
 }
 
-/// Accepted, handshaken TLS connections, for `serve_with_incoming`. Handshakes run concurrently
-/// (a slow client cannot hold up others) and each uses the configuration current when its TCP
-/// connection arrived. Dropping the stream closes the listening socket.
-pub struct TlsIncoming {
+/// The limits of the gRPC listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnLimits {
+    /// Open connections at most; more are closed on arrival.
+    pub max_connections: usize,
+    /// TLS handshakes in progress at most; more connections are closed on arrival.
+    pub max_handshakes: usize,
+    /// A TLS handshake taking longer is dropped.
+    pub handshake_timeout: Duration,
+    /// A connection from which nothing arrives for this long is closed.
+    pub idle_timeout: Duration,
+}
+
+impl ConnLimits {
+    /// Logs the limits, once, at start-up.
+    pub fn log(&self) {
+        tracing::info!(
+            listener = "grpc",
+            max_connections = self.max_connections,
+            max_handshakes = self.max_handshakes,
+            handshake_timeout_secs = self.handshake_timeout.as_secs_f64(),
+            idle_timeout_secs = self.idle_timeout.as_secs_f64(),
+            "connection limits"
+        );
+    }
+}
+
+/// What the request handlers learn about the connection a call came on.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub remote_addr: SocketAddr,
+    /// The client's certificate chain, leaf first, when it presented one.
+    pub certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+    /// Calls in flight on this connection (kept by the server's call limit).
+    pub calls: Arc<AtomicUsize>,
+}
+
+/// One accepted connection: holds its slot under the connection cap, and closes itself when
+/// nothing has arrived for the idle timeout.
+#[derive(Debug)]
+pub struct Conn {
+    tcp: TcpStream,
+    remote_addr: SocketAddr,
+    calls: Arc<AtomicUsize>,
+    idle_timeout: Duration,
+    idle: Pin<Box<Sleep>>,
+    open: Gauge,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        match Pin::new(&mut this.tcp).poll_read(cx, buf) {
+            Poll::Ready(result) => {
+                if buf.filled().len() > before {
+                    let next = Instant::now() + this.idle_timeout;
+                    this.idle.as_mut().reset(next);
+                }
+                Poll::Ready(result)
+            }
+            Poll::Pending => match this.idle.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "connection idle for too long",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+/// A connection as tonic serves it: plaintext (`TLS_MODE=off`) or after its handshake.
+#[derive(Debug)]
+pub enum ServerIo {
+    Plain(Conn),
+    Tls(Box<TlsStream<Conn>>),
+}
+
+impl Connected for ServerIo {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        let (conn, certs) = match self {
+            ServerIo::Plain(conn) => (conn, None),
+            ServerIo::Tls(tls) => {
+                let (conn, session) = tls.get_ref();
+                let certs = session
+                    .peer_certificates()
+                    .map(|chain| Arc::new(chain.iter().map(|c| c.clone().into_owned()).collect()));
+                (conn, certs)
+            }
+        };
+        PeerInfo {
+            remote_addr: conn.remote_addr,
+            certs,
+            calls: conn.calls.clone(),
+        }
+    }
+}
+
+impl AsyncRead for ServerIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ServerIo::Plain(conn) => Pin::new(conn).poll_read(cx, buf),
+            ServerIo::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ServerIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ServerIo::Plain(conn) => Pin::new(conn).poll_write(cx, buf),
+            ServerIo::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ServerIo::Plain(conn) => Pin::new(conn).poll_write_vectored(cx, bufs),
+            ServerIo::Tls(tls) => Pin::new(tls.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            ServerIo::Plain(conn) => conn.is_write_vectored(),
+            ServerIo::Tls(tls) => tls.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ServerIo::Plain(conn) => Pin::new(conn).poll_flush(cx),
+            ServerIo::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ServerIo::Plain(conn) => Pin::new(conn).poll_shutdown(cx),
+            ServerIo::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Accepted connections for `serve_with_incoming`, within the [`ConnLimits`]. With TLS,
+/// handshakes run concurrently (a slow client cannot hold up others) and each uses the
+/// configuration current when its TCP connection arrived. Dropping the stream closes the
+/// listening socket.
+pub struct Incoming {
     listener: TcpListener,
-    tls: Arc<ServerTls>,
-    /// `bookstore_tls_handshakes_total{result}`: completed, refused, timed out.
-    outcomes: Handshakes,
-    handshakes: JoinSet<Option<TlsStream<TcpStream>>>,
+    tls: Option<Arc<ServerTls>>,
+    limits: ConnLimits,
+    slots: Arc<Semaphore>,
+    handshake_slots: Arc<Semaphore>,
+    counters: Counters,
+    handshakes: JoinSet<Option<TlsStream<Conn>>>,
+    /// After an accept error (EMFILE…), accepting pauses briefly instead of spinning.
+    paused: Option<Pin<Box<Sleep>>>,
     _closed: ListenerClosedLog,
 }
 
-impl std::fmt::Debug for TlsIncoming {
+/// How long accepting pauses after an accept error.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+impl std::fmt::Debug for Incoming {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsIncoming")
+        f.debug_struct("Incoming")
             .field("listener", &self.listener)
+            .field("limits", &self.limits)
             .finish_non_exhaustive()
     }
 }
 
-/// Handshake counters, one per outcome.
+/// The listener's counters, and the limiter for its warnings.
 #[derive(Clone)]
-struct Handshakes {
+struct Counters {
+    /// `bookstore_tls_handshakes_total{result}`: completed, refused, timed out.
     completed: Counter,
     refused: Counter,
     timed_out: Counter,
+    /// `bookstore_connections_refused_total{listener="grpc", reason}`.
+    at_connection_cap: Counter,
+    at_handshake_cap: Counter,
+    accept_error: Counter,
+    /// `bookstore_connections_open{listener="grpc"}`.
+    open: Gauge,
+    log: Arc<Mutex<LogLimit>>,
 }
 
-impl TlsIncoming {
-    /// Handshakes are counted in `metrics` by outcome.
-    pub fn new(listener: TcpListener, tls: Arc<ServerTls>, metrics: &Metrics) -> Self {
-        let counter =
+impl Counters {
+    fn new(metrics: &Metrics) -> Self {
+        let handshakes =
             |result| metrics.counter("bookstore_tls_handshakes_total", &[("result", result)]);
-        TlsIncoming {
+        let refused = |reason| {
+            metrics.counter(
+                "bookstore_connections_refused_total",
+                &[("listener", "grpc"), ("reason", reason)],
+            )
+        };
+        Counters {
+            completed: handshakes("completed"),
+            refused: handshakes("refused"),
+            timed_out: handshakes("timed_out"),
+            at_connection_cap: refused("max_connections"),
+            at_handshake_cap: refused("max_handshakes"),
+            accept_error: refused("accept_error"),
+            open: metrics.gauge("bookstore_connections_open", &[("listener", "grpc")]),
+            log: Arc::new(Mutex::new(LogLimit::per_minute(10))),
+        }
+    }
+
+    /// Some(number left out since the last line) if a warning may be logged now.
+    fn may_log(&self) -> Option<u64> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).admit()
+    }
+}
+
+impl Incoming {
+    /// Connections on `listener`, with TLS when `tls` is set, counted in `metrics`.
+    pub fn new(
+        listener: TcpListener,
+        tls: Option<Arc<ServerTls>>,
+        limits: ConnLimits,
+        metrics: &Metrics,
+    ) -> Self {
+        Incoming {
             listener,
             tls,
-            outcomes: Handshakes {
-                completed: counter("completed"),
-                refused: counter("refused"),
-                timed_out: counter("timed_out"),
-            },
+            slots: Arc::new(Semaphore::new(limits.max_connections)),
+            handshake_slots: Arc::new(Semaphore::new(limits.max_handshakes)),
+            limits,
+            counters: Counters::new(metrics),
             handshakes: JoinSet::new(),
+            paused: None,
             _closed: ListenerClosedLog,
         }
+    }
+
+    /// A new TCP connection within the caps, or None (closed and counted) past them.
+    fn admit(&self, tcp: TcpStream, peer: SocketAddr) -> Option<Conn> {
+        let counters = &self.counters;
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            counters.at_connection_cap.increment(1);
+            if let Some(suppressed) = counters.may_log() {
+                tracing::warn!(
+                    %peer,
+                    max_connections = self.limits.max_connections,
+                    suppressed,
+                    "connection refused: too many open connections"
+                );
+            }
+            return None;
+        };
+        let _ = tcp.set_nodelay(true);
+        counters.open.increment(1.0);
+        Some(Conn {
+            tcp,
+            remote_addr: peer,
+            calls: Arc::new(AtomicUsize::new(0)),
+            idle_timeout: self.limits.idle_timeout,
+            idle: Box::pin(tokio::time::sleep(self.limits.idle_timeout)),
+            open: counters.open.clone(),
+            _slot: slot,
+        })
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // The slot itself goes back with `_slot`.
+        self.open.decrement(1.0);
     }
 }
 
 async fn handshake(
     acceptor: TlsAcceptor,
-    tcp: TcpStream,
-    peer: SocketAddr,
-    outcomes: Handshakes,
-) -> Option<TlsStream<TcpStream>> {
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    conn: Conn,
+    timeout: Duration,
+    counters: Counters,
+    _slot: OwnedSemaphorePermit,
+) -> Option<TlsStream<Conn>> {
+    let peer = conn.remote_addr;
+    match tokio::time::timeout(timeout, acceptor.accept(conn)).await {
         Ok(Ok(tls)) => {
-            outcomes.completed.increment(1);
+            counters.completed.increment(1);
             Some(tls)
         }
         Ok(Err(e)) => {
-            outcomes.refused.increment(1);
-            tracing::warn!(%peer, reason = %e, "TLS handshake refused");
+            counters.refused.increment(1);
+            if let Some(suppressed) = counters.may_log() {
+                tracing::warn!(%peer, reason = %e, suppressed, "TLS handshake refused");
+            }
             None
         }
         Err(_) => {
-            outcomes.timed_out.increment(1);
-            tracing::warn!(%peer, "TLS handshake timed out");
+            counters.timed_out.increment(1);
+            if let Some(suppressed) = counters.may_log() {
+                tracing::warn!(%peer, suppressed, "TLS handshake timed out");
+            }
             None
         }
     }
 }
 
-impl tokio_stream::Stream for TlsIncoming {
-    type Item = std::io::Result<TlsStream<TcpStream>>;
+impl tokio_stream::Stream for Incoming {
+    type Item = io::Result<ServerIo>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
         loop {
+            if let Some(pause) = &mut this.paused {
+                match pause.as_mut().poll(cx) {
+                    Poll::Ready(()) => this.paused = None,
+                    Poll::Pending => return this.poll_handshakes(cx),
+                }
+            }
             match this.listener.poll_accept(cx) {
                 Poll::Ready(Ok((tcp, peer))) => {
-                    let _ = tcp.set_nodelay(true);
-                    let acceptor = TlsAcceptor::from(this.tls.config());
-                    let outcomes = this.outcomes.clone();
-                    this.handshakes
-                        .spawn(handshake(acceptor, tcp, peer, outcomes));
+                    let Some(conn) = this.admit(tcp, peer) else {
+                        continue;
+                    };
+                    let Some(tls) = &this.tls else {
+                        return Poll::Ready(Some(Ok(ServerIo::Plain(conn))));
+                    };
+                    let Ok(handshake_slot) = this.handshake_slots.clone().try_acquire_owned()
+                    else {
+                        this.counters.at_handshake_cap.increment(1);
+                        if let Some(suppressed) = this.counters.may_log() {
+                            tracing::warn!(
+                                %peer,
+                                max_handshakes = this.limits.max_handshakes,
+                                suppressed,
+                                "connection refused: too many TLS handshakes in progress"
+                            );
+                        }
+                        continue;
+                    };
+                    let acceptor = TlsAcceptor::from(tls.config());
+                    this.handshakes.spawn(handshake(
+                        acceptor,
+                        conn,
+                        this.limits.handshake_timeout,
+                        this.counters.clone(),
+                        handshake_slot,
+                    ));
                     continue;
                 }
-                // Accept errors (EMFILE, a connection reset before accept) are per connection;
-                // tonic logs and skips them.
-                Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
-                Poll::Pending => {}
+                Poll::Ready(Err(e)) => {
+                    // EMFILE, or a connection reset before accept.
+                    this.counters.accept_error.increment(1);
+                    if let Some(suppressed) = this.counters.may_log() {
+                        tracing::warn!(error = %e, suppressed, "cannot accept a connection");
+                    }
+                    this.paused = Some(Box::pin(tokio::time::sleep(ACCEPT_ERROR_PAUSE)));
+                    continue;
+                }
+                Poll::Pending => return this.poll_handshakes(cx),
             }
-            return match this.handshakes.poll_join_next(cx) {
-                Poll::Ready(Some(Ok(Some(tls)))) => Poll::Ready(Some(Ok(tls))),
-                // A refused handshake (already logged) or a handshake task that panicked.
+        }
+    }
+}
+
+impl Incoming {
+    /// The next finished handshake, skipping refused ones.
+    fn poll_handshakes(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<ServerIo>>> {
+        loop {
+            return match self.handshakes.poll_join_next(cx) {
+                Poll::Ready(Some(Ok(Some(tls)))) => {
+                    Poll::Ready(Some(Ok(ServerIo::Tls(Box::new(tls)))))
+                }
+                // A refused handshake (already counted) or a handshake task that panicked.
                 Poll::Ready(Some(_)) => continue,
                 Poll::Ready(None) | Poll::Pending => Poll::Pending,
             };

@@ -19,6 +19,7 @@ use std::{
 use async_trait::async_trait;
 use bookstore_common::{grpc_call::CallLayer, metrics::Metrics};
 use bookstore_proto::recommendations_client::RecommendationsClient;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
@@ -74,6 +75,10 @@ pub struct ChannelSettings {
     /// None for plaintext (`TLS_MODE=off`).
     pub tls: Option<ClientTlsConfig>,
     pub connect_timeout: Duration,
+    /// Calls in flight to one address at most; more wait for a slot (see
+    /// [`crate::source::GrpcSource`]). Kept below the server's per-connection limit, so a burst
+    /// waits here instead of being shed there.
+    pub max_calls: usize,
 }
 
 impl ChannelSettings {
@@ -98,9 +103,20 @@ pub struct Backend {
     pub addr: SocketAddr,
     client: Client,
     ejected_until: Mutex<Option<Instant>>,
+    slots: Arc<Semaphore>,
 }
 
 impl Backend {
+    /// A place for one call now, if one is free.
+    pub fn try_slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.slots.clone().try_acquire_owned().ok()
+    }
+
+    /// A place for one call, once one is free.
+    pub async fn slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.slots.clone().acquire_owned().await.ok()
+    }
+
     /// A client for one call; clones share the connection.
     pub fn client(&self) -> Client {
         self.client.clone()
@@ -264,6 +280,7 @@ impl Backends {
             addr,
             client: RecommendationsClient::new(tower::Layer::layer(&layer, channel)),
             ejected_until: Mutex::new(None),
+            slots: Arc::new(Semaphore::new(settings.max_calls)),
         }))
     }
 }
@@ -297,6 +314,7 @@ mod tests {
         let settings = ChannelSettings {
             tls: None,
             connect_timeout: Duration::from_secs(1),
+            max_calls: 4,
         };
         let b = Backends::new(fixed.clone(), settings, Metrics::new("t", "0"));
         (fixed, b)

@@ -2,8 +2,21 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use bookstore_common::{admin::Command, telemetry::LogArgs, tls::TlsArgs};
+use bookstore_common::{
+    admin::{self, Command},
+    http_server::HttpLimits,
+    telemetry::LogArgs,
+    tls::TlsArgs,
+};
 use clap::Parser;
+
+/// HTTP/2 streams one client connection may have open at once (browsers open far fewer).
+const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+
+/// The ranges above fit a usize on every platform we build for.
+fn to_usize(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
 
 /// The bookstore's web front end.
 #[derive(Debug, Clone, PartialEq, Eq, Parser)]
@@ -39,6 +52,39 @@ pub struct Config {
     /// `GET /metrics` (Prometheus).
     #[arg(long, env = "ADMIN_ADDR", default_value = "[::]:9091")]
     pub admin_addr: SocketAddr,
+    /// Open connections to LISTEN_ADDR at most; past it new connections are closed on arrival
+    /// (and counted) while the open ones keep being served.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 2048,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections: u64,
+    /// Seconds a client has to send a whole request head; also how long a kept-alive HTTP/1.1
+    /// connection may wait for its next request.
+    #[arg(long, env = "HEADER_READ_TIMEOUT_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub header_read_timeout_secs: u64,
+    /// Seconds a connection may stay open with no request in flight.
+    #[arg(long, env = "IDLE_TIMEOUT_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub idle_timeout_secs: u64,
+    /// Bytes buffered for one unfinished request head at most (8192 or more); a longer head
+    /// gets 431. Heads over 16 KiB of headers or 2 KiB of target are refused by the app anyway.
+    #[arg(long, env = "MAX_HEAD_BYTES", default_value_t = 24 * 1024,
+          value_parser = clap::value_parser!(u64).range(8192..=1024 * 1024))]
+    pub max_head_bytes: u64,
+    /// Page requests waiting for a free call slot at most (each recommendations address takes
+    /// CALLS_PER_BACKEND calls at once); past it a page gets a fast 503 with Retry-After.
+    #[arg(long, env = "MAX_QUEUED_CALLS", default_value_t = 2048,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub max_queued_calls: u64,
+    /// Calls in flight to one recommendations address at most (its server sheds past 256 on
+    /// one connection).
+    #[arg(long, env = "CALLS_PER_BACKEND", default_value_t = 192,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub calls_per_backend: u64,
+    /// Open connections to ADMIN_ADDR at most (probes and scrapers).
+    #[arg(long, env = "ADMIN_MAX_CONNECTIONS", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub admin_max_connections: u64,
     /// Logging.
     #[command(flatten, next_help_heading = "Logging")]
     pub log: LogArgs,
@@ -61,6 +107,22 @@ impl Config {
 
     pub fn recommendations_timeout(&self) -> Duration {
         Duration::from_millis(self.recommendations_timeout_ms)
+    }
+
+    /// The limits of the public HTTP listener.
+    pub fn http_limits(&self) -> HttpLimits {
+        HttpLimits {
+            max_connections: to_usize(self.max_connections),
+            header_read_timeout: Duration::from_secs(self.header_read_timeout_secs),
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+            max_head_bytes: to_usize(self.max_head_bytes),
+            max_streams: MAX_STREAMS_PER_CONNECTION,
+        }
+    }
+
+    /// The limits of the admin listener.
+    pub fn admin_limits(&self) -> HttpLimits {
+        admin::limits(to_usize(self.admin_max_connections))
     }
 
     /// The name the server certificate must carry.

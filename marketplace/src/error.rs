@@ -1,12 +1,15 @@
 //! The one place where the marketplace's errors meet HTTP: each error knows its status, and is
 //! shown as a page to browsers and as JSON to API callers. No internal detail reaches either.
 
+use std::sync::{LazyLock, Mutex};
+
 use askama::Template;
 use axum::{
     Json,
     http::{HeaderValue, StatusCode, header},
     response::{Html, IntoResponse, Response},
 };
+use bookstore_common::log_limit::LogLimit;
 use serde_json::json;
 
 use crate::{
@@ -43,12 +46,33 @@ pub enum AppError {
     Internal,
 }
 
+/// At most this many "answering 503" warnings a minute.
+static UNAVAILABLE_LOG: LazyLock<Mutex<LogLimit>> =
+    LazyLock::new(|| Mutex::new(LogLimit::per_minute(20)));
+
 impl From<SourceError> for AppError {
     fn from(e: SourceError) -> Self {
         match e {
             SourceError::NoBooks => AppError::NoBooks,
             SourceError::Timeout(_) | SourceError::Unavailable(_) => {
-                tracing::warn!(error = %e, "no recommendations; answering 503");
+                // An outage fails every page: a few lines a minute say so, the metrics count.
+                let admitted = UNAVAILABLE_LOG
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .admit();
+                match admitted {
+                    Some(suppressed) => tracing::warn!(
+                        error = %e,
+                        suppressed,
+                        "no recommendations; answering 503"
+                    ),
+                    None => tracing::debug!(error = %e, "no recommendations; answering 503"),
+                }
+                AppError::Unavailable
+            }
+            // An overload answers many pages at once: counted, not logged one by one.
+            SourceError::Overloaded => {
+                tracing::debug!(error = %e, "no recommendations; answering 503");
                 AppError::Unavailable
             }
         }

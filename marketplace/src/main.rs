@@ -3,6 +3,11 @@ use std::process::ExitCode;
 use clap::Parser;
 use marketplace::{config::Config, startup::Application};
 
+/// jemalloc, with its background thread, gives memory freed after a burst back to the system
+/// within seconds; glibc's malloc kept it in per-thread arenas for good (docs/security.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();

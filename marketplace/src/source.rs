@@ -1,8 +1,16 @@
 //! Where recommendations come from: a trait the routes depend on, and its gRPC implementation,
 //! which balances calls over every address of the service and retries the unreachable ones.
+//!
+//! Each address takes a bounded number of calls at once; past it a call waits in a bounded
+//! queue (within its deadline), and past the queue the page gets a fast 503: a burst of pages
+//! waits a little instead of being shed by the server, and an overload costs no memory beyond
+//! the queue.
 
 use std::{
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -17,8 +25,10 @@ use rand::Rng;
 use tonic::{Code, metadata::MetadataValue};
 use tower::retry::budget::{Budget, TpsBudget};
 
+use tokio::sync::OwnedSemaphorePermit;
+
 use crate::{
-    backends::Backends,
+    backends::{Backend, Backends},
     books::{Book, Category, RecommendationQuery},
 };
 
@@ -28,7 +38,30 @@ pub const METHODS: &[KnownMethod] = &[KnownMethod {
     kind: "unary",
 }];
 
-/// At most this many retries per request, and only for UNAVAILABLE.
+/// Calls waiting for a slot at most, unless set otherwise (`MAX_QUEUED_CALLS`).
+const DEFAULT_MAX_QUEUED: usize = 2048;
+
+/// A place in the queue for call slots, given back when dropped (the page's request may be
+/// abandoned while it waits).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn join(queued: &'a AtomicUsize, max: usize) -> Option<Self> {
+        if queued.fetch_add(1, Ordering::AcqRel) >= max {
+            queued.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Waiting(queued))
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// At most this many retries per request, for UNAVAILABLE and RESOURCE_EXHAUSTED.
 const MAX_RETRIES: u32 = 2;
 /// Retry backoff: full jitter over an exponentially growing window.
 const BACKOFF_BASE: Duration = Duration::from_millis(10);
@@ -52,6 +85,9 @@ pub enum SourceError {
     /// The service is down, unreachable, refused us, or failed. The text is for logs only.
     #[error("recommendations service failed: {0}")]
     Unavailable(String),
+    /// Every call slot is taken and the queue for them is full.
+    #[error("too many requests waiting for the recommendations service")]
+    Overloaded,
 }
 
 /// Something that recommends books. The routes hold an `Arc<dyn RecommendationSource>`, so
@@ -71,6 +107,11 @@ pub struct GrpcSource {
     timeout: Duration,
     budget: TpsBudget,
     metrics: Metrics,
+    /// Calls waiting for a slot now, and at most.
+    queued: AtomicUsize,
+    max_queued: usize,
+    /// `bookstore_client_queue_rejected_total`: calls refused because the queue was full.
+    rejected: metrics::Counter,
 }
 
 impl std::fmt::Debug for GrpcSource {
@@ -89,7 +130,40 @@ impl GrpcSource {
             backends,
             timeout,
             budget: TpsBudget::new(RETRY_WINDOW, RETRY_FLOOR_PER_SEC, RETRY_PERCENT),
+            rejected: metrics.counter("bookstore_client_queue_rejected_total", &[]),
             metrics,
+            queued: AtomicUsize::new(0),
+            max_queued: DEFAULT_MAX_QUEUED,
+        }
+    }
+
+    /// At most `max_queued` calls wait for a slot; more are refused at once.
+    pub fn with_queue(mut self, max_queued: usize) -> Self {
+        self.max_queued = max_queued;
+        self
+    }
+
+    /// A slot for a call to `backend`: at once if one is free, else after waiting in the queue
+    /// (at most until `deadline`).
+    async fn slot(
+        &self,
+        backend: &Backend,
+        deadline: Instant,
+    ) -> Result<OwnedSemaphorePermit, SourceError> {
+        if let Some(slot) = backend.try_slot() {
+            return Ok(slot);
+        }
+        let Some(_waiting) = Waiting::join(&self.queued, self.max_queued) else {
+            self.rejected.increment(1);
+            return Err(SourceError::Overloaded);
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(remaining, backend.slot()).await {
+            Ok(Some(slot)) => Ok(slot),
+            Ok(None) => Err(SourceError::Unavailable(
+                "the call slots were closed".into(),
+            )),
+            Err(_) => Err(SourceError::Timeout(self.timeout)),
         }
     }
 
@@ -132,6 +206,7 @@ impl RecommendationSource for GrpcSource {
                     "no address of the recommendations service is known yet".into(),
                 ));
             };
+            let _slot = self.slot(&backend, deadline).await?;
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 return Err(SourceError::Timeout(self.timeout));
@@ -175,6 +250,8 @@ impl RecommendationSource for GrpcSource {
                 Code::DeadlineExceeded => return Err(SourceError::Timeout(self.timeout)),
                 // Nothing was done: safe to try again, elsewhere if there is an elsewhere.
                 Code::Unavailable => backend.eject(),
+                // Shed before it ran: safe to try again (the address is healthy, only busy).
+                Code::ResourceExhausted => {}
                 _ => return Err(SourceError::Unavailable(failure)),
             }
             attempt += 1;

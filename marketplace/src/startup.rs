@@ -5,13 +5,13 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use anyhow::Context;
 use axum::Router;
 use bookstore_common::{
-    admin,
+    admin, http_server,
     metrics::Metrics,
-    shutdown::{Drained, ListenerClosedLog, serve_until},
+    shutdown::{Drained, serve_until},
     tls::{self, Role, TlsMode},
     watch::{FileStamps, watch_files},
 };
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::ClientTlsConfig;
 
@@ -60,6 +60,7 @@ pub fn channel_settings(config: &Config) -> anyhow::Result<ChannelSettings> {
     Ok(ChannelSettings {
         tls,
         connect_timeout: config.recommendations_timeout(),
+        max_calls: usize::try_from(config.calls_per_backend).unwrap_or(usize::MAX),
     })
 }
 
@@ -95,11 +96,14 @@ impl Application {
         if let Err(e) = backends.refresh().await {
             tracing::warn!(error = %e, "recommendations not found yet; looking again every second");
         }
-        let source = Arc::new(GrpcSource::new(
-            backends.clone(),
-            config.recommendations_timeout(),
-            metrics.clone(),
-        ));
+        let source = Arc::new(
+            GrpcSource::new(
+                backends.clone(),
+                config.recommendations_timeout(),
+                metrics.clone(),
+            )
+            .with_queue(usize::try_from(config.max_queued_calls).unwrap_or(usize::MAX)),
+        );
         let router = routes::router(source, metrics.clone());
         let admin::Bound {
             listener,
@@ -161,39 +165,20 @@ impl Application {
                 },
             ));
         }
-        let listener = Listener {
-            inner: self.listener,
-            _closed: ListenerClosedLog,
+        let limits = self.config.http_limits();
+        limits.log("http");
+        let serve = {
+            let (stop, metrics) = (stop.clone(), self.metrics.clone());
+            async move {
+                http_server::serve(self.listener, self.router, limits, stop, &metrics, "http")
+                    .await;
+                Ok::<(), std::convert::Infallible>(())
+            }
         };
-        let serve = axum::serve(listener, self.router)
-            .with_graceful_shutdown(stop.clone().cancelled_owned())
-            .into_future();
         let drained = serve_until(serve, stop.clone(), shutdown, self.grace);
-        admin::alongside(self.admin, stop, self.metrics, drained)
+        let admin_limits = self.config.admin_limits();
+        admin::alongside(self.admin, admin_limits, stop, self.metrics, drained)
             .await
             .context("HTTP server failed")
-    }
-}
-
-/// The listening socket as axum consumes it, logging when axum drops it at shutdown.
-struct Listener {
-    inner: TcpListener,
-    _closed: ListenerClosedLog,
-}
-
-impl axum::serve::Listener for Listener {
-    type Io = TcpStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        // axum's own accept loop for a TcpListener: it retries transient errors such as EMFILE.
-        let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
-        // Pages are small request/response pairs; Nagle would only add latency.
-        let _ = io.set_nodelay(true);
-        (io, addr)
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.inner.local_addr()
     }
 }

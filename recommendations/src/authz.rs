@@ -11,11 +11,10 @@ use std::{
     task::{Context, Poll},
 };
 
-use bookstore_common::{grpc_call::PeerIdentity, tls::identities};
+use bookstore_common::{grpc_call::PeerIdentity, server_tls::PeerInfo, tls::identities};
 use tonic::{
     Status,
     codegen::{BoxFuture, http},
-    transport::server::{TcpConnectInfo, TlsConnectInfo},
 };
 use tower::{Layer, Service};
 
@@ -111,8 +110,8 @@ where
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let chain = request
             .extensions()
-            .get::<TlsConnectInfo<TcpConnectInfo>>()
-            .and_then(TlsConnectInfo::peer_certs);
+            .get::<PeerInfo>()
+            .and_then(|peer| peer.certs.clone());
         let leaf = chain.as_deref().and_then(|c| c.first()).map(|c| c.as_ref());
         match self.layer.decide(leaf) {
             Ok(identity) => {

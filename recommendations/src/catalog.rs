@@ -357,17 +357,72 @@ pub enum LoadError {
     },
     #[error("catalog file {path}: {cause}")]
     Invalid { path: String, cause: CatalogError },
+    #[error("catalog file {path}: not a regular file but {kind}")]
+    NotRegular { path: String, kind: &'static str },
+    #[error("catalog file {path}: {size} bytes, over the limit of {max} (CATALOG_MAX_BYTES)")]
+    TooLarge { path: String, size: u64, max: u64 },
+    #[error("catalog file {path}: the top level must be a JSON object with a \"books\" list")]
+    Shape { path: String },
+}
+
+/// What kind of file this is, when it is not a regular file.
+fn file_kind(file_type: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if file_type.is_dir() {
+        "a directory"
+    } else if file_type.is_fifo() {
+        "a FIFO"
+    } else if file_type.is_char_device() || file_type.is_block_device() {
+        "a device"
+    } else if file_type.is_socket() {
+        "a socket"
+    } else {
+        "a special file"
+    }
 }
 
 impl Catalog {
-    /// Loads and validates a catalog file (see [`CatalogFile`] for the format).
-    pub fn load(path: &Path) -> Result<Self, LoadError> {
+    /// Loads and validates a catalog file (see [`CatalogFile`] for the format) of at most
+    /// `max_bytes`. Only a regular file is read (a FIFO would block start-up, a device such as
+    /// `/dev/zero` would never end); a UTF-8 byte order mark is skipped.
+    pub fn load(path: &Path, max_bytes: u64) -> Result<Self, LoadError> {
+        use std::io::Read;
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|cause| LoadError::Read {
+        let read_error = |cause| LoadError::Read {
             path: shown.clone(),
             cause,
-        })?;
-        Catalog::parse(&text).map_err(|e| match e {
+        };
+        let metadata = std::fs::metadata(path).map_err(read_error)?;
+        if !metadata.is_file() {
+            return Err(LoadError::NotRegular {
+                path: shown,
+                kind: file_kind(metadata.file_type()),
+            });
+        }
+        let too_large = |size| LoadError::TooLarge {
+            path: shown.clone(),
+            size,
+            max: max_bytes,
+        };
+        if metadata.len() > max_bytes {
+            return Err(too_large(metadata.len()));
+        }
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .and_then(|file| {
+                file.take(max_bytes.saturating_add(1))
+                    .read_to_string(&mut text)
+            })
+            .map_err(read_error)?;
+        // The file grew after it was measured.
+        if text.len() as u64 > max_bytes {
+            return Err(too_large(text.len() as u64));
+        }
+        let json = text.strip_prefix('\u{feff}').unwrap_or(&text);
+        if !json.trim_start().starts_with('{') {
+            return Err(LoadError::Shape { path: shown });
+        }
+        Catalog::parse(json).map_err(|e| match e {
             ParseError::Json(cause) => LoadError::Parse { path: shown, cause },
             ParseError::Invalid(cause) => LoadError::Invalid { path: shown, cause },
         })
@@ -602,10 +657,63 @@ mod tests {
 
     #[test]
     fn a_missing_file_is_named_in_the_error() {
-        let err = Catalog::load(Path::new("/nonexistent/books.json")).expect_err("missing");
+        let err =
+            Catalog::load(Path::new("/nonexistent/books.json"), 1 << 20).expect_err("missing");
         assert!(
             err.to_string()
                 .starts_with("catalog file /nonexistent/books.json: cannot read"),
+            "{err}"
+        );
+    }
+
+    fn write(dir: &tempfile::TempDir, name: &str, bytes: &[u8]) -> std::path::PathBuf {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).expect("write");
+        path
+    }
+
+    const ONE_BOOK: &str = r#"{"books": [{"id": 1, "title": "T", "category": "MYSTERY"}]}"#;
+
+    #[test]
+    fn only_regular_files_within_the_size_cap_are_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = Catalog::load(Path::new("/dev/zero"), 1 << 20).expect_err("device");
+        assert!(
+            err.to_string().contains("not a regular file but a device"),
+            "{err}"
+        );
+        let err = Catalog::load(dir.path(), 1 << 20).expect_err("directory");
+        assert!(err.to_string().contains("a directory"), "{err}");
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo");
+        assert!(made.success());
+        // Opening a FIFO for reading would block until a writer came; it must not be opened.
+        let err = Catalog::load(&fifo, 1 << 20).expect_err("fifo");
+        assert!(err.to_string().contains("a FIFO"), "{err}");
+        let path = write(&dir, "books.json", ONE_BOOK.as_bytes());
+        let err = Catalog::load(&path, 10).expect_err("too large");
+        assert!(err.to_string().contains("over the limit of 10"), "{err}");
+        Catalog::load(&path, ONE_BOOK.len() as u64).expect("exactly at the cap");
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_skipped_and_the_top_level_is_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let with_bom = [b"\xef\xbb\xbf".as_slice(), ONE_BOOK.as_bytes()].concat();
+        let path = write(&dir, "bom.json", &with_bom);
+        let catalog = Catalog::load(&path, 1 << 20).expect("a BOM is fine");
+        assert!(
+            catalog
+                .recommend(Category::Mystery, max(1), &mut rand::rng())
+                .is_ok()
+        );
+        let path = write(&dir, "list.json", b"[1, 2]");
+        let err = Catalog::load(&path, 1 << 20).expect_err("a list");
+        assert!(
+            err.to_string().contains("top level must be a JSON object"),
             "{err}"
         );
     }

@@ -2,7 +2,13 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use bookstore_common::{admin::Command, telemetry::LogArgs, tls::TlsArgs};
+use bookstore_common::{
+    admin::{self, Command},
+    http_server::HttpLimits,
+    server_tls::ConnLimits,
+    telemetry::LogArgs,
+    tls::TlsArgs,
+};
 use clap::Parser;
 
 /// The bookstore's recommendations gRPC service.
@@ -38,6 +44,40 @@ pub struct Config {
     /// `GET /metrics` (Prometheus).
     #[arg(long, env = "ADMIN_ADDR", default_value = "[::]:9090")]
     pub admin_addr: SocketAddr,
+    /// Bytes a catalog file may have at most; a larger file stops start-up.
+    #[arg(long, env = "CATALOG_MAX_BYTES", default_value_t = 256 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub catalog_max_bytes: u64,
+    /// Open connections to LISTEN_ADDR at most; past it new connections are closed on arrival
+    /// (and counted) while the open ones keep being served.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections: u64,
+    /// TLS handshakes in progress at most; past it new connections are closed on arrival.
+    #[arg(long, env = "MAX_HANDSHAKES", default_value_t = 128,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub max_handshakes: u64,
+    /// Seconds a TLS handshake may take.
+    #[arg(long, env = "TLS_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub tls_handshake_timeout_secs: u64,
+    /// Seconds a connection may send nothing at all (not even an HTTP/2 ping) before it is
+    /// closed.
+    #[arg(long, env = "IDLE_TIMEOUT_SECS", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub idle_timeout_secs: u64,
+    /// Calls in flight on one connection at most; more get RESOURCE_EXHAUSTED at once.
+    #[arg(long, env = "MAX_CALLS_PER_CONNECTION", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub max_calls_per_connection: u64,
+    /// Calls in flight on the whole server at most; more get RESOURCE_EXHAUSTED at once.
+    #[arg(long, env = "MAX_CALLS", default_value_t = 2048,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_calls: u64,
+    /// Open connections to ADMIN_ADDR at most (probes and scrapers).
+    #[arg(long, env = "ADMIN_MAX_CONNECTIONS", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub admin_max_connections: u64,
     /// Logging.
     #[command(flatten, next_help_heading = "Logging")]
     pub log: LogArgs,
@@ -57,6 +97,26 @@ impl Config {
     pub fn artificial_delay(&self) -> Duration {
         Duration::from_millis(self.artificial_delay_ms)
     }
+
+    /// The limits of the gRPC listener.
+    pub fn conn_limits(&self) -> ConnLimits {
+        ConnLimits {
+            max_connections: to_usize(self.max_connections),
+            max_handshakes: to_usize(self.max_handshakes),
+            handshake_timeout: Duration::from_secs(self.tls_handshake_timeout_secs),
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+        }
+    }
+
+    /// The limits of the admin listener.
+    pub fn admin_limits(&self) -> HttpLimits {
+        admin::limits(to_usize(self.admin_max_connections))
+    }
+}
+
+/// The ranges above fit a usize on every platform we build for.
+pub fn to_usize(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
 }
 
 /// A fraction of calls, from 0 to 1, kept in millionths so the settings stay comparable.

@@ -1,11 +1,13 @@
 //! The recommendations service: book recommendations by category over gRPC.
 //!
-//! `catalog` is the domain, `authz` the caller allow-list, `grpc` the transport adapter, `error` where the two meet the wire,
+//! `catalog` is the domain, `authz` the caller allow-list, `edge` what a request must be and
+//! what an answer may say, `grpc` the transport adapter, `error` where the two meet the wire,
 //! `config` the settings and `startup` the wiring. The binary is a thin `main` over `startup`.
 
 pub mod authz;
 pub mod catalog;
 pub mod config;
+pub mod edge;
 pub mod error;
 pub mod grpc;
 pub mod startup;

@@ -1,22 +1,16 @@
 //! Building the server (catalog, TLS, services, listener) and running it until shutdown.
 
-use std::{
-    future::Future,
-    net::SocketAddr,
-    pin::Pin,
-    sync::Arc,
-    task::{Context as TaskContext, Poll},
-    time::Duration,
-};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use bookstore_common::{
     admin,
     grpc_call::{CallLayer, KnownMethod},
+    http_server::HttpLimits,
     metrics::Metrics,
     panic::CatchPanicLayer,
-    server_tls::{ServerTls, TlsIncoming},
-    shutdown::{Drained, ListenerClosedLog, serve_until},
+    server_tls::{ConnLimits, Incoming, ServerTls},
+    shutdown::{Drained, serve_until},
     tls::{Role, TlsMode},
     watch::{FileStamps, watch_files},
 };
@@ -24,10 +18,7 @@ use bookstore_proto::recommendations_server::RecommendationsServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::codegen::http;
-use tonic::transport::{
-    Server,
-    server::{Router, TcpIncoming},
-};
+use tonic::transport::{Server, server::Router};
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tower::{
     layer::util::{Identity, Stack},
@@ -37,19 +28,16 @@ use tower::{
 use crate::{
     authz::AuthorizeLayer,
     catalog::Catalog,
-    config::Config,
+    config::{Config, to_usize},
+    edge::{LimitLayer, ProtocolLayer},
     grpc::{Faults, RecommendationsService},
 };
 
 /// Requests are a few bytes; anything much larger is not a real client.
 const MAX_REQUEST_BYTES: usize = 4 * 1024;
 
-/// Calls one connection may have running at once; past it new calls are shed with
-/// RESOURCE_EXHAUSTED at once rather than queued without bound.
-const MAX_CALLS_PER_CONNECTION: usize = 256;
-
-/// HTTP/2 streams a client may open per connection (above the call limit, so excess calls reach
-/// the shedder and get a clear status instead of waiting on flow control).
+/// HTTP/2 streams a client may open per connection (above the default call limit, so excess
+/// calls reach the limit and get a clear status instead of waiting on flow control).
 const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 
 /// Requests carry a handful of small headers.
@@ -86,11 +74,15 @@ pub const METHODS: &[KnownMethod] = &[
     },
 ];
 
-/// The layers around every gRPC service, outermost first: metrics, the call's log line and the
-/// deadline; panics become INTERNAL; caller authorization when TLS is mutual.
+/// The layers around every gRPC service, outermost first: non-gRPC requests refused; metrics,
+/// the call's log line and the deadline; call limits, one message per unary call and clean
+/// status texts; panics become INTERNAL; caller authorization when TLS is mutual.
 type Layers = Stack<
     Either<AuthorizeLayer, Identity>,
-    Stack<CatchPanicLayer<PanicResponse>, Stack<CallLayer, Identity>>,
+    Stack<
+        CatchPanicLayer<PanicResponse>,
+        Stack<LimitLayer, Stack<CallLayer, Stack<ProtocolLayer, Identity>>>,
+    >,
 >;
 
 type PanicResponse = fn() -> http::Response<tonic::body::Body>;
@@ -110,6 +102,8 @@ pub struct Application {
     /// with the state of its files when they were loaded.
     tls: Option<(Arc<ServerTls>, FileStamps)>,
     tls_reload: Duration,
+    limits: ConnLimits,
+    admin_limits: HttpLimits,
     /// Bound last, so being reachable there means everything else is loaded and bound.
     admin: TcpListener,
     local_addr: SocketAddr,
@@ -131,7 +125,7 @@ impl Application {
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
         let catalog = match &config.catalog_path {
             Some(path) => {
-                let catalog = Catalog::load(path)?;
+                let catalog = Catalog::load(path, config.catalog_max_bytes)?;
                 tracing::info!(path = %path.display(), "catalog loaded");
                 catalog
             }
@@ -175,8 +169,6 @@ impl Application {
             }
         };
         let server = Server::builder()
-            .concurrency_limit_per_connection(MAX_CALLS_PER_CONNECTION)
-            .load_shed(true)
             .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
             .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES));
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -202,10 +194,17 @@ impl Application {
             AuthorizeLayer::new(allowed)
         });
         let router = server
+            .layer(ProtocolLayer::new(&metrics))
             .layer(CallLayer::server(
                 metrics.clone(),
                 METHODS,
                 MAX_CALL_DURATION,
+            ))
+            .layer(LimitLayer::new(
+                METHODS,
+                to_usize(config.max_calls),
+                to_usize(config.max_calls_per_connection),
+                MAX_REQUEST_BYTES,
             ))
             .layer(CatchPanicLayer::new(internal_error as PanicResponse))
             .layer(tower::util::option_layer(authorize))
@@ -229,6 +228,8 @@ impl Application {
             metrics,
             tls,
             tls_reload: config.tls.reload_interval(),
+            limits: config.conn_limits(),
+            admin_limits: config.admin_limits(),
             admin,
             local_addr,
             admin_addr,
@@ -268,41 +269,19 @@ impl Application {
             }
         };
         tracing::info!(%addr, "recommendations listening");
-        let serve: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
-            match self.tls {
-                Some((tls, stamps)) => {
-                    tokio::spawn(watch_files(self.tls_reload, stop.clone(), stamps, {
-                        let tls = tls.clone();
-                        move || tls.reload()
-                    }));
-                    let incoming = TlsIncoming::new(self.listener, tls, &self.metrics);
-                    Box::pin(self.router.serve_with_incoming_shutdown(incoming, stopping))
-                }
-                None => {
-                    let incoming = Incoming {
-                        inner: TcpIncoming::from(self.listener).with_nodelay(Some(true)),
-                        _closed: ListenerClosedLog,
-                    };
-                    Box::pin(self.router.serve_with_incoming_shutdown(incoming, stopping))
-                }
-            };
+        self.limits.log();
+        let tls = self.tls.map(|(tls, stamps)| {
+            tokio::spawn(watch_files(self.tls_reload, stop.clone(), stamps, {
+                let tls = tls.clone();
+                move || tls.reload()
+            }));
+            tls
+        });
+        let incoming = Incoming::new(self.listener, tls, self.limits, &self.metrics);
+        let serve = self.router.serve_with_incoming_shutdown(incoming, stopping);
         let drained = serve_until(serve, stop.clone(), shutdown, self.grace);
-        admin::alongside(self.admin, stop, self.metrics, drained)
+        admin::alongside(self.admin, self.admin_limits, stop, self.metrics, drained)
             .await
             .context("gRPC server failed")
-    }
-}
-
-/// The plaintext listening socket as tonic consumes it, logging when tonic drops it at shutdown.
-struct Incoming {
-    inner: TcpIncoming,
-    _closed: ListenerClosedLog,
-}
-
-impl tokio_stream::Stream for Incoming {
-    type Item = <TcpIncoming as tokio_stream::Stream>::Item;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
-        Pin::new(&mut self.inner).poll_next(cx)
     }
 }

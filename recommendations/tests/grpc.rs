@@ -465,10 +465,10 @@ async fn an_oversized_request_is_refused() {
         .await
         .expect("a small request with an unknown field is fine");
     let status = call(64 * 1024).await.expect_err("too large");
-    // tonic's own answer for a request over the decoding limit.
+    // tonic's code for a request over the decoding limit, with our own text naming the limit.
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
     assert!(
-        status.message().contains("the limit is: 4096 bytes"),
+        status.message().contains("the limit of 4096 bytes"),
         "{status:?}"
     );
 }

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
 pub mod process;
+pub mod raw;
 
 use std::{
     net::SocketAddr,
@@ -77,6 +78,14 @@ pub fn recommendations_config(certs_dir: &Path) -> recommendations::config::Conf
         artificial_delay_ms: 0,
         failure_rate: Default::default(),
         allowed_clients: vec!["marketplace".into()],
+        catalog_max_bytes: 256 * 1024 * 1024,
+        max_connections: 1024,
+        max_handshakes: 128,
+        tls_handshake_timeout_secs: 10,
+        idle_timeout_secs: 300,
+        max_calls_per_connection: 256,
+        max_calls: 2048,
+        admin_max_connections: 64,
         admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         log: Default::default(),
         tls: TlsArgs {
@@ -101,6 +110,13 @@ pub fn marketplace_config(
         recommendations_resolve_secs: 1,
         admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         shutdown_grace_secs: 5,
+        max_connections: 2048,
+        header_read_timeout_secs: 10,
+        idle_timeout_secs: 60,
+        max_head_bytes: 24 * 1024,
+        max_queued_calls: 2048,
+        calls_per_backend: 192,
+        admin_max_connections: 64,
         log: Default::default(),
         tls: TlsArgs {
             tls_reload_secs: 1,

@@ -128,6 +128,37 @@ impl ServiceProcess {
         }
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("process still running")
+    }
+
+    /// Resident memory in KiB, from `/proc`.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/<pid>/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/<pid>/status")
+    }
+
+    /// How many files (sockets included) the process has open, from `/proc`.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .expect("read /proc/<pid>/fd")
+            .count()
+    }
+
+    /// Drains the log lines that arrived so far without waiting.
+    pub fn read_available(&mut self) -> &[String] {
+        while let Ok(line) = self.lines.try_recv() {
+            self.log.push(line);
+        }
+        &self.log
+    }
+
     /// The log lines read so far.
     pub fn log_so_far(&self) -> &[String] {
         &self.log

@@ -1,0 +1,294 @@
+//! Serving an axum router over plain HTTP (HTTP/1.1 and h2c) with the connection limits a
+//! public listener needs, which `axum::serve` does not expose:
+//!
+//! - **a cap on open connections**: past it a new connection is closed at once, before anything
+//!   is read or allocated for it, and counted; connections already open keep being served;
+//! - **a header-read timeout** (hyper's, which needs a timer): a request head must arrive in
+//!   full within it. hyper also runs it while a kept-alive HTTP/1.1 connection waits for its
+//!   next request;
+//! - **a bound on the bytes buffered for a request head** (hyper's read buffer), so an endless
+//!   header costs a few kilobytes, not hundreds;
+//! - **an idle timeout**: a connection with no request in flight for that long is closed (HTTP/2
+//!   gets a GOAWAY first);
+//! - **a shutdown that waits only for real work**: when `stop` fires, connections with no request
+//!   in flight (idle, or still sending a head) are closed at once; the others finish their
+//!   requests and close. The caller bounds that wait ([`crate::shutdown::serve_until`]).
+//!
+//! Refusals are counted in `bookstore_connections_refused_total{listener, reason}`, and the
+//! open connections in the gauge `bookstore_connections_open{listener}`.
+
+use std::{
+    convert::Infallible,
+    pin::{Pin, pin},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use axum::{Router, body::Body, extract::Request, response::Response};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+    task::JoinSet,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{log_limit::LogLimit, metrics::Metrics};
+
+/// The hyper read buffer cannot be smaller than this (hyper panics below it).
+pub const MIN_HEAD_BYTES: usize = 8192;
+
+/// How long to wait before accepting again after an accept error such as EMFILE: the error
+/// would otherwise come back at once and spin the loop.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// How long an idle HTTP/2 connection told to go away (GOAWAY) may take to close by itself.
+const GOAWAY_GRACE: Duration = Duration::from_secs(1);
+
+/// The limits of one HTTP listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Open connections at most; more are closed on arrival.
+    pub max_connections: usize,
+    /// A request head must arrive within this; also how long a kept-alive HTTP/1.1 connection
+    /// may wait for its next request.
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// hyper's read buffer, which holds an unfinished request head (at least [`MIN_HEAD_BYTES`]).
+    pub max_head_bytes: usize,
+    /// HTTP/2 streams one connection may have open at once.
+    pub max_streams: u32,
+}
+
+impl HttpLimits {
+    /// Logs the limits, once, at start-up.
+    pub fn log(&self, listener: &'static str) {
+        tracing::info!(
+            listener,
+            max_connections = self.max_connections,
+            header_read_timeout_secs = self.header_read_timeout.as_secs_f64(),
+            idle_timeout_secs = self.idle_timeout.as_secs_f64(),
+            max_head_bytes = self.max_head_bytes,
+            max_streams = self.max_streams,
+            "connection limits"
+        );
+    }
+}
+
+/// Serves `router` on `listener` until `stop` is cancelled, then closes idle connections at once
+/// and returns when the requests in flight have finished. `name` labels the metrics.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: HttpLimits,
+    stop: CancellationToken,
+    metrics: &Metrics,
+    name: &'static str,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let refused_at_cap = metrics.counter(
+        "bookstore_connections_refused_total",
+        &[("listener", name), ("reason", "max_connections")],
+    );
+    let accept_errors = metrics.counter(
+        "bookstore_connections_refused_total",
+        &[("listener", name), ("reason", "accept_error")],
+    );
+    let open = metrics.gauge("bookstore_connections_open", &[("listener", name)]);
+    let mut refusal_log = LogLimit::per_minute(5);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_head_bytes.max(MIN_HEAD_BYTES));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_streams)
+        .max_header_list_size(u32::try_from(limits.max_head_bytes).unwrap_or(u32::MAX));
+    let mut connections = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, _) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                accept_errors.increment(1);
+                if let Some(suppressed) = refusal_log.admit() {
+                    tracing::warn!(listener = name, error = %e, suppressed, "cannot accept a connection");
+                }
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refused_at_cap.increment(1);
+            if let Some(suppressed) = refusal_log.admit() {
+                tracing::warn!(
+                    listener = name,
+                    max_connections = limits.max_connections,
+                    suppressed,
+                    "connection refused: too many open connections"
+                );
+            }
+            continue;
+        };
+        // Pages are small request/response pairs; Nagle would only add latency.
+        let _ = tcp.set_nodelay(true);
+        let (builder, router, stop, open) =
+            (builder.clone(), router.clone(), stop.clone(), open.clone());
+        open.increment(1.0);
+        connections.spawn(async move {
+            serve_connection(tcp, router, &builder, limits.idle_timeout, stop).await;
+            open.decrement(1.0);
+            drop(slot);
+        });
+    }
+    // Stop accepting: the listening socket closes here.
+    drop(listener);
+    tracing::info!(listener = name, "Stopped accepting new connections");
+    while connections.join_next().await.is_some() {}
+}
+
+/// What one connection's requests share: how many are in flight, and when the last ended.
+#[derive(Debug)]
+struct Activity {
+    in_flight: AtomicUsize,
+    /// Milliseconds since `opened` when a request last ended (or the connection opened).
+    last_ms: AtomicU64,
+    opened: Instant,
+}
+
+impl Activity {
+    fn touch(&self) {
+        let ms = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// When the connection counts as idle for long enough, if it is idle at all.
+    fn idle_deadline(&self, idle_timeout: Duration) -> Option<Instant> {
+        (self.in_flight.load(Ordering::Acquire) == 0).then(|| {
+            self.opened + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + idle_timeout
+        })
+    }
+}
+
+async fn serve_connection(
+    tcp: TcpStream,
+    router: Router,
+    builder: &auto::Builder<TokioExecutor>,
+    idle_timeout: Duration,
+    stop: CancellationToken,
+) {
+    let activity = Arc::new(Activity {
+        in_flight: AtomicUsize::new(0),
+        last_ms: AtomicU64::new(0),
+        opened: Instant::now(),
+    });
+    let service = {
+        let activity = activity.clone();
+        hyper::service::service_fn(move |request: Request<Incoming>| {
+            let guard = InFlight::start(activity.clone());
+            let call = tower::ServiceExt::oneshot(router.clone(), request.map(Body::new));
+            async move {
+                let response: Response = match call.await {
+                    Ok(response) => response,
+                    Err(infallible) => match infallible {},
+                };
+                // Still in flight until the whole body has been written.
+                Ok::<_, Infallible>(response.map(|body| Body::new(Tracked { body, guard })))
+            }
+        })
+    };
+    let mut conn = pin!(builder.serve_connection(TokioIo::new(tcp), service));
+    let mut idle = pin!(tokio::time::sleep(idle_timeout));
+    let (mut stopping, mut closing) = (false, false);
+    loop {
+        tokio::select! {
+            // Errors here are the peer's doing (reset, timeout, malformed head): nothing to log.
+            _ = conn.as_mut() => return,
+            () = stop.cancelled(), if !stopping => {
+                stopping = true;
+                if activity.in_flight.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                conn.as_mut().graceful_shutdown();
+            }
+            () = idle.as_mut() => {
+                let now = Instant::now();
+                match activity.idle_deadline(idle_timeout) {
+                    Some(deadline) if deadline <= now => {
+                        if closing {
+                            // Told to go a while ago and still open: close it.
+                            return;
+                        }
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                        // An HTTP/2 client gets a moment to read its GOAWAY.
+                        idle.as_mut().reset((now + GOAWAY_GRACE).into());
+                    }
+                    Some(deadline) => idle.as_mut().reset(deadline.into()),
+                    None => idle.as_mut().reset((now + idle_timeout).into()),
+                }
+            }
+        }
+    }
+}
+
+/// A request counted as in flight from its head to the end of its response body.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn start(activity: Arc<Activity>) -> Self {
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(activity)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its request in flight until it is written or dropped.
+struct Tracked {
+    body: Body,
+    #[allow(dead_code)] // held for its Drop
+    guard: InFlight,
+}
+
+impl HttpBody for Tracked {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}

@@ -1,0 +1,316 @@
+//! The public edge under abuse and overload, as a hostile or heavy client sees it: the real
+//! binaries on loopback, raw sockets, real signals, and the server's own memory, open files and
+//! metrics read from outside. Every count and wait here is bounded.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use bookstore_testkit::{
+    TestPki,
+    process::{self, ServiceProcess},
+    raw,
+};
+use tokio::{io::AsyncWriteExt, net::TcpStream, task::JoinSet};
+
+async fn stack(
+    pki: &TestPki,
+    extra: &[(&'static str, String)],
+) -> (ServiceProcess, ServiceProcess, SocketAddr) {
+    let (recommendations, backend) = process::start_recommendations(pki.dir(), &[]).await;
+    let (marketplace, web) = process::start_marketplace(pki.dir(), backend, extra).await;
+    (recommendations, marketplace, web)
+}
+
+/// A marketplace whose backend is never asked (unfinished requests never reach a handler).
+async fn marketplace_alone(
+    pki: &TestPki,
+    extra: &[(&'static str, String)],
+) -> (ServiceProcess, SocketAddr) {
+    let vacant = SocketAddr::from(([127, 0, 0, 1], 9));
+    process::start_marketplace(pki.dir(), vacant, extra).await
+}
+
+fn secs(n: u64) -> String {
+    n.to_string()
+}
+
+/// Row 1: `GET / HTTP/1.1\r\nHost: x\r\n` and then nothing used to hold a connection for good.
+#[tokio::test]
+async fn an_unfinished_request_head_is_closed_at_the_header_timeout() {
+    let pki = TestPki::new();
+    let (_marketplace, web) =
+        marketplace_alone(&pki, &[("HEADER_READ_TIMEOUT_SECS", secs(1))]).await;
+    let mut stream = TcpStream::connect(web).await.expect("connect");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("send");
+    let started = Instant::now();
+    assert!(
+        raw::closed_by_peer(&mut stream, Duration::from_secs(6)).await,
+        "still open after 6 s"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(900));
+}
+
+/// Row 2: endless header lines used to be buffered up to about 400 KB per connection.
+#[tokio::test]
+async fn an_endless_request_head_costs_a_small_bounded_buffer() {
+    let pki = TestPki::new();
+    let (marketplace, web) = marketplace_alone(&pki, &[]).await;
+    let idle_kib = marketplace.rss_kib();
+    let mut clients = JoinSet::new();
+    for _ in 0..100 {
+        clients.spawn(async move {
+            let mut stream = TcpStream::connect(web).await.expect("connect");
+            let mut head = b"GET / HTTP/1.1\r\nHost: x\r\nX-Pad: ".to_vec();
+            head.extend(std::iter::repeat_n(b'a', 390 * 1024));
+            // The server stops reading once its buffer is full, so the write may stall: it
+            // gets a few seconds, then the client only listens.
+            let _ = tokio::time::timeout(Duration::from_secs(3), stream.write_all(&head)).await;
+            let status =
+                tokio::time::timeout(Duration::from_secs(5), raw::read_response(&mut stream))
+                    .await
+                    .ok()
+                    .flatten();
+            (status, stream)
+        });
+    }
+    let mut held = Vec::new();
+    while let Some(done) = clients.join_next().await {
+        let (status, stream) = done.expect("client");
+        // 431, or a connection closed on us mid-write: either way nothing waits for more.
+        assert!(
+            matches!(status, Some(431) | None),
+            "unexpected answer {status:?}"
+        );
+        held.push(stream);
+    }
+    let peak_kib = marketplace.rss_kib();
+    assert!(
+        peak_kib < idle_kib + 16 * 1024,
+        "RSS grew from {idle_kib} KiB to {peak_kib} KiB for 100 unfinished heads"
+    );
+    for mut stream in held {
+        assert!(raw::closed_by_peer(&mut stream, Duration::from_secs(5)).await);
+    }
+}
+
+/// Row 3: slowloris, one header line now and then, used to keep every connection open.
+#[tokio::test]
+async fn slowloris_connections_are_closed_at_the_header_timeout() {
+    let pki = TestPki::new();
+    let (_marketplace, web) =
+        marketplace_alone(&pki, &[("HEADER_READ_TIMEOUT_SECS", secs(1))]).await;
+    let mut clients = JoinSet::new();
+    for _ in 0..200 {
+        clients.spawn(async move {
+            let mut stream = TcpStream::connect(web).await.expect("connect");
+            let started = Instant::now();
+            stream.write_all(b"GET / HTTP/1.1\r\n").await.expect("send");
+            // A header line every 300 ms, for at most 6 s: a write fails once the server has
+            // closed the connection.
+            for n in 0.. {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let line = format!("X-Slow-{n}: a\r\n");
+                if stream.write_all(line.as_bytes()).await.is_err()
+                    || started.elapsed() > Duration::from_secs(6)
+                {
+                    break;
+                }
+            }
+            raw::closed_by_peer(&mut stream, Duration::from_millis(500)).await
+        });
+    }
+    let closed = clients.join_all().await;
+    let still_open = closed.iter().filter(|c| !**c).count();
+    assert_eq!(
+        still_open, 0,
+        "{still_open} of 200 slowloris connections still open"
+    );
+}
+
+/// Row 4: tens of thousands of idle connections used to exhaust the process' open files, taking
+/// the page and the admin port down with it. Past the cap they are closed on arrival and
+/// counted; the connections already open, and the admin port, keep working.
+#[tokio::test]
+async fn past_the_connection_cap_new_connections_are_refused_and_the_rest_keep_working() {
+    let pki = TestPki::new();
+    let (_recommendations, mut marketplace, web) =
+        stack(&pki, &[("MAX_CONNECTIONS", "20".into())]).await;
+    let admin = marketplace.admin_addr().await;
+    let mut kept = Vec::new();
+    for _ in 0..20 {
+        let mut stream = TcpStream::connect(web).await.expect("connect");
+        assert_eq!(raw::get_on(&mut stream, "/").await, Some(200));
+        kept.push(stream);
+    }
+    let fds_before = marketplace.open_fds();
+    let mut flood = Vec::new();
+    for _ in 0..300 {
+        if let Ok(stream) = TcpStream::connect(web).await {
+            flood.push(stream);
+        }
+    }
+    for stream in &mut flood {
+        assert!(
+            raw::closed_by_peer(stream, Duration::from_secs(5)).await,
+            "a connection past the cap was kept open"
+        );
+    }
+    let fds_after = marketplace.open_fds();
+    assert!(
+        fds_after <= fds_before + 5,
+        "open files grew from {fds_before} to {fds_after}"
+    );
+    assert_eq!(raw::get(admin, "/readyz").await, Some(200));
+    assert_eq!(raw::get(admin, "/healthz").await, Some(200));
+    for stream in &mut kept {
+        assert_eq!(raw::get_on(stream, "/").await, Some(200));
+    }
+    let metrics = raw::scrape(admin).await;
+    let refused = raw::metric(
+        &metrics,
+        &[
+            "bookstore_connections_refused_total",
+            "listener=\"http\"",
+            "reason=\"max_connections\"",
+        ],
+    );
+    assert_eq!(refused, flood.len() as f64, "{metrics}");
+}
+
+/// Row 5: one unfinished connection used to hold SIGTERM for the whole grace period.
+#[tokio::test]
+async fn sigterm_closes_unfinished_connections_at_once() {
+    let pki = TestPki::new();
+    let (marketplace, web) = marketplace_alone(&pki, &[("SHUTDOWN_GRACE_SECS", secs(20))]).await;
+    let mut unfinished = TcpStream::connect(web).await.expect("connect");
+    unfinished
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("send");
+    let mut idle = TcpStream::connect(web).await.expect("connect");
+    // Both connections are accepted before the signal.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    marketplace.signal("TERM");
+    let (status, log) = marketplace.wait(Duration::from_secs(5)).await;
+    assert!(status.success(), "{status:?}\n{}", log.join("\n"));
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(raw::closed_by_peer(&mut unfinished, Duration::from_secs(1)).await);
+    assert!(raw::closed_by_peer(&mut idle, Duration::from_secs(1)).await);
+}
+
+/// Row 6: 1,000 concurrent HTTP/1.1 connections used to get 41 % of their pages as 503 while
+/// recommendations had capacity to spare.
+#[tokio::test]
+async fn a_thousand_concurrent_http1_connections_get_every_page() {
+    let pki = TestPki::new();
+    let (_recommendations, _marketplace, web) = stack(&pki, &[]).await;
+    let mut clients = JoinSet::new();
+    for _ in 0..1000 {
+        clients.spawn(async move {
+            let mut stream = TcpStream::connect(web).await.expect("connect");
+            let mut statuses = Vec::new();
+            for _ in 0..3 {
+                statuses.push(raw::get_on(&mut stream, "/").await);
+            }
+            statuses
+        });
+    }
+    let statuses: Vec<Option<u16>> = clients.join_all().await.into_iter().flatten().collect();
+    let failed = statuses.iter().filter(|s| **s != Some(200)).count();
+    assert_eq!(failed, 0, "{failed} of {} pages failed", statuses.len());
+}
+
+/// Row 7: eight HTTP/2 (h2c) connections of 200 streams each used to get 54 % of their pages as
+/// 503.
+#[tokio::test]
+async fn eight_h2c_connections_of_200_streams_get_every_page() {
+    let pki = TestPki::new();
+    let (_recommendations, _marketplace, web) = stack(&pki, &[]).await;
+    let mut connections = JoinSet::new();
+    for _ in 0..8 {
+        connections.spawn(async move {
+            let tcp = TcpStream::connect(web).await.expect("connect");
+            let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+            tokio::spawn(connection);
+            let mut streams = JoinSet::new();
+            for _ in 0..200 {
+                let mut client = client.clone();
+                streams.spawn(async move {
+                    let request = http::Request::get(format!("http://{web}/"))
+                        .body(())
+                        .expect("request");
+                    client = client.ready().await.ok()?;
+                    let (response, _) = client.send_request(request, true).ok()?;
+                    let response = response.await.ok()?;
+                    let status = response.status().as_u16();
+                    let mut body = response.into_body();
+                    while let Some(chunk) = body.data().await {
+                        let chunk = chunk.ok()?;
+                        let _ = body.flow_control().release_capacity(chunk.len());
+                    }
+                    Some(status)
+                });
+            }
+            streams.join_all().await
+        });
+    }
+    let statuses: Vec<Option<u16>> =
+        tokio::time::timeout(Duration::from_secs(60), connections.join_all())
+            .await
+            .expect("1,600 pages within a minute")
+            .into_iter()
+            .flatten()
+            .collect();
+    let failed = statuses.iter().filter(|s| **s != Some(200)).count();
+    assert_eq!(failed, 0, "{failed} of {} pages failed", statuses.len());
+}
+
+/// Past real capacity, the queue in front of recommendations is bounded: the excess gets a fast
+/// 503 (the page that says when to retry), counted.
+#[tokio::test]
+async fn past_the_queue_pages_get_a_fast_503() {
+    let pki = TestPki::new();
+    let (recommendations, backend) =
+        process::start_recommendations(pki.dir(), &[("ARTIFICIAL_DELAY_MS", "1500".into())]).await;
+    let (mut marketplace, web) = process::start_marketplace(
+        pki.dir(),
+        backend,
+        &[
+            ("CALLS_PER_BACKEND", "4".into()),
+            ("MAX_QUEUED_CALLS", "4".into()),
+            ("RECOMMENDATIONS_TIMEOUT_MS", "5000".into()),
+        ],
+    )
+    .await;
+    let admin = marketplace.admin_addr().await;
+    let mut clients = JoinSet::new();
+    for _ in 0..40 {
+        clients.spawn(async move {
+            let started = Instant::now();
+            let mut stream = TcpStream::connect(web).await.expect("connect");
+            let status = raw::get_on(&mut stream, "/").await;
+            (status, started.elapsed())
+        });
+    }
+    let answers = clients.join_all().await;
+    let ok = answers.iter().filter(|(s, _)| *s == Some(200)).count();
+    let fast_503 = answers
+        .iter()
+        .filter(|(s, took)| *s == Some(503) && *took < Duration::from_millis(1000))
+        .count();
+    // 4 calls at once and 4 waiting: two rounds of 1.5 s fit in the 5 s deadline.
+    assert!(ok >= 8, "{answers:?}");
+    assert_eq!(ok + fast_503, 40, "{answers:?}");
+    let metrics = raw::scrape(admin).await;
+    assert_eq!(
+        raw::metric(&metrics, &["bookstore_client_queue_rejected_total"]),
+        fast_503 as f64
+    );
+    drop(recommendations);
+}

@@ -1,0 +1,103 @@
+//! Plain sockets for tests that act as a hostile or heavy client: one-line HTTP/1.1 requests,
+//! the admin port's metrics, and a metric's value read from them.
+
+use std::{net::SocketAddr, time::Duration};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+/// How long any one exchange here may take.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads one HTTP/1.1 response (head and a Content-Length body) from `stream`; its status, or
+/// None if the connection closed or failed first.
+pub async fn read_response(stream: &mut TcpStream) -> Option<u16> {
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut have = buf.len() - head_end;
+    while have < length {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        have += n;
+    }
+    Some(status)
+}
+
+/// Sends `GET path` on an open keep-alive connection and returns the status.
+pub async fn get_on(stream: &mut TcpStream, path: &str) -> Option<u16> {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n");
+    tokio::time::timeout(EXCHANGE_TIMEOUT, async {
+        stream.write_all(request.as_bytes()).await.ok()?;
+        read_response(stream).await
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// `GET path` on a fresh connection; the status, or None if refused, closed or timed out.
+pub async fn get(addr: SocketAddr, path: &str) -> Option<u16> {
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    get_on(&mut stream, path).await
+}
+
+/// The admin port's `/metrics` text.
+pub async fn scrape(admin: SocketAddr) -> String {
+    let mut stream = TcpStream::connect(admin).await.expect("connect to admin");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("send");
+    let mut text = String::new();
+    tokio::time::timeout(EXCHANGE_TIMEOUT, stream.read_to_string(&mut text))
+        .await
+        .expect("metrics in time")
+        .expect("read metrics");
+    text
+}
+
+/// The value of the first series whose line contains every one of `parts` (0 if none does).
+pub fn metric(text: &str, parts: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| parts.iter().all(|p| l.contains(p)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Waits up to `timeout` for the peer to close `stream` (EOF or reset), reading and discarding
+/// whatever it sends; true if it did.
+pub async fn closed_by_peer(stream: &mut TcpStream, timeout: Duration) -> bool {
+    let mut sink = [0u8; 4096];
+    tokio::time::timeout(timeout, async {
+        loop {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
