@@ -107,11 +107,15 @@ impl Admin {
         Admin { stop, task }
     }
 
-    /// Stops the admin server (after the service's own drain).
+    /// Stops the admin server (after the service's own drain). Probes and scrapes take
+    /// milliseconds; a client still holding a request after a few seconds is cut off.
     async fn stop(self) {
         self.stop.cancel();
-        if let Err(e) = self.task.await {
-            tracing::warn!(error = %e, "admin server task failed");
+        let mut task = self.task;
+        match tokio::time::timeout(ADMIN_DRAIN, &mut task).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "admin server task failed"),
+            Err(_) => task.abort(),
         }
     }
 }
@@ -126,6 +130,9 @@ async fn render_metrics(State(state): State<AdminState>) -> impl IntoResponse {
         state.metrics.render(),
     )
 }
+
+/// How long the admin port's requests in flight get once the service has drained.
+const ADMIN_DRAIN: Duration = Duration::from_secs(3);
 
 /// Subcommands both services take besides serving.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Subcommand)]

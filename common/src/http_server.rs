@@ -5,14 +5,17 @@
 //!   is read or allocated for it, and counted; connections already open keep being served;
 //! - **a header-read timeout** (hyper's, which needs a timer): a request head must arrive in
 //!   full within it. hyper also runs it while a kept-alive HTTP/1.1 connection waits for its
-//!   next request;
+//!   next request; and a connection whose first request has not arrived within it (HTTP/2
+//!   included, or nothing at all sent) is closed;
 //! - **a bound on the bytes buffered for a request head** (hyper's read buffer), so an endless
 //!   header costs a few kilobytes, not hundreds;
 //! - **an idle timeout**: a connection with no request in flight for that long is closed (HTTP/2
-//!   gets a GOAWAY first);
-//! - **a shutdown that waits only for real work**: when `stop` fires, connections with no request
-//!   in flight (idle, or still sending a head) are closed at once; the others finish their
-//!   requests and close. The caller bounds that wait ([`crate::shutdown::serve_until`]).
+//!   gets a GOAWAY first); and one whose answers stop moving for 30 s (a client that stops
+//!   reading) is dropped;
+//! - **a shutdown that waits only for real work**: when `stop` fires every connection is told to
+//!   go (GOAWAY, or no more keep-alive); those with no request in flight (idle, or still sending
+//!   a head) are closed within half a second; the others finish their requests and close. The
+//!   caller bounds that wait ([`crate::shutdown::serve_until`]).
 //!
 //! Refusals are counted in `bookstore_connections_refused_total{listener, reason}`, and the
 //! open connections in the gauge `bookstore_connections_open{listener}`.
@@ -35,6 +38,7 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
+use metrics::Gauge;
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::Semaphore,
@@ -51,8 +55,9 @@ pub const MIN_HEAD_BYTES: usize = 8192;
 /// would otherwise come back at once and spin the loop.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
-/// How long an idle HTTP/2 connection told to go away (GOAWAY) may take to close by itself.
-const GOAWAY_GRACE: Duration = Duration::from_secs(1);
+/// How often a connection told to go (an HTTP/2 GOAWAY, or the end of HTTP/1.1 keep-alive) is
+/// checked; idle at two checks in a row, it is closed.
+const CLOSE_GRACE: Duration = Duration::from_millis(250);
 
 /// The limits of one HTTP listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,13 +154,11 @@ pub async fn serve(
         };
         // Pages are small request/response pairs; Nagle would only add latency.
         let _ = tcp.set_nodelay(true);
-        let (builder, router, stop, open) =
-            (builder.clone(), router.clone(), stop.clone(), open.clone());
-        open.increment(1.0);
+        let (builder, router, stop) = (builder.clone(), router.clone(), stop.clone());
+        let counted = Counted::open(open.clone());
         connections.spawn(async move {
-            serve_connection(tcp, router, &builder, limits.idle_timeout, stop).await;
-            open.decrement(1.0);
-            drop(slot);
+            serve_connection(tcp, router, &builder, limits, stop).await;
+            drop((counted, slot));
         });
     }
     // Stop accepting: the listening socket closes here.
@@ -164,39 +167,74 @@ pub async fn serve(
     while connections.join_next().await.is_some() {}
 }
 
-/// What one connection's requests share: how many are in flight, and when the last ended.
+/// What one connection's requests share: how many are in flight, and when one last started or
+/// ended.
 #[derive(Debug)]
 struct Activity {
     in_flight: AtomicUsize,
-    /// Milliseconds since `opened` when a request last ended (or the connection opened).
+    /// Milliseconds since `opened` when a request last started or ended; `u64::MAX` until the
+    /// first request.
     last_ms: AtomicU64,
     opened: Instant,
 }
 
+/// Until its first request, a connection gets the header timeout rather than the idle timeout:
+/// a connection that never sends a whole head (HTTP/1.1) or a first request (HTTP/2, where hyper
+/// has no header timeout) is closed as soon as a half-sent head would be.
+const BEFORE_FIRST_REQUEST: u64 = u64::MAX;
+
 impl Activity {
     fn touch(&self) {
-        let ms = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let ms = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
         self.last_ms.store(ms, Ordering::Relaxed);
     }
 
-    /// When the connection counts as idle for long enough, if it is idle at all.
-    fn idle_deadline(&self, idle_timeout: Duration) -> Option<Instant> {
-        (self.in_flight.load(Ordering::Acquire) == 0).then(|| {
-            self.opened + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + idle_timeout
-        })
+    /// When the connection must be closed if nothing happens meanwhile: `idle` after the last
+    /// request ended, `first` after opening if no request came, `stalled` after the last request
+    /// started or ended while requests are in flight (a client that stops reading its answers).
+    fn deadline(&self, timeouts: &ConnTimeouts) -> Instant {
+        let last = self.last_ms.load(Ordering::Relaxed);
+        if last == BEFORE_FIRST_REQUEST {
+            return self.opened + timeouts.first;
+        }
+        let since = self.opened + Duration::from_millis(last);
+        if self.in_flight.load(Ordering::Acquire) == 0 {
+            since + timeouts.idle
+        } else {
+            since + timeouts.stalled
+        }
     }
 }
+
+/// How long a connection may go without progress, by state.
+#[derive(Debug, Clone, Copy)]
+struct ConnTimeouts {
+    first: Duration,
+    idle: Duration,
+    stalled: Duration,
+}
+
+/// A response not fully written this long after the last request on its connection started or
+/// ended is abandoned with its connection: a client that stops reading (an HTTP/2 window of 0)
+/// cannot hold a slot and a rendered page for good. Pages take milliseconds; the backend's
+/// deadline is a second.
+const STALLED_RESPONSE: Duration = Duration::from_secs(30);
 
 async fn serve_connection(
     tcp: TcpStream,
     router: Router,
     builder: &auto::Builder<TokioExecutor>,
-    idle_timeout: Duration,
+    limits: HttpLimits,
     stop: CancellationToken,
 ) {
+    let timeouts = ConnTimeouts {
+        first: limits.header_read_timeout,
+        idle: limits.idle_timeout,
+        stalled: STALLED_RESPONSE,
+    };
     let activity = Arc::new(Activity {
         in_flight: AtomicUsize::new(0),
-        last_ms: AtomicU64::new(0),
+        last_ms: AtomicU64::new(BEFORE_FIRST_REQUEST),
         opened: Instant::now(),
     });
     let service = {
@@ -209,43 +247,71 @@ async fn serve_connection(
                     Ok(response) => response,
                     Err(infallible) => match infallible {},
                 };
-                // Still in flight until the whole body has been written.
+                // Still in flight until the whole body has been handed to hyper.
                 Ok::<_, Infallible>(response.map(|body| Body::new(Tracked { body, guard })))
             }
         })
     };
     let mut conn = pin!(builder.serve_connection(TokioIo::new(tcp), service));
-    let mut idle = pin!(tokio::time::sleep(idle_timeout));
-    let (mut stopping, mut closing) = (false, false);
+    // A request starting or ending can move the deadline earlier (from `first` to `idle`), so
+    // the timer also wakes at least every `step` to look again.
+    let step = timeouts.first.min(timeouts.idle).min(timeouts.stalled);
+    let mut timer = pin!(tokio::time::sleep_until((Instant::now() + step).into()));
+    // Told to go (GOAWAY for HTTP/2, no more keep-alive for HTTP/1.1): from then on a
+    // connection found idle at two checks in a row is closed (hyper closes one that finishes
+    // its requests by itself; this is for those that never do, and the second check gives an
+    // answer handed over just before the first one time to be written).
+    let (mut closing, mut idle_before) = (false, false);
     loop {
         tokio::select! {
             // Errors here are the peer's doing (reset, timeout, malformed head): nothing to log.
             _ = conn.as_mut() => return,
-            () = stop.cancelled(), if !stopping => {
-                stopping = true;
-                if activity.in_flight.load(Ordering::Acquire) == 0 {
-                    return;
-                }
+            () = stop.cancelled(), if !closing => {
+                closing = true;
                 conn.as_mut().graceful_shutdown();
+                timer.as_mut().reset((Instant::now() + CLOSE_GRACE).into());
             }
-            () = idle.as_mut() => {
+            () = timer.as_mut() => {
                 let now = Instant::now();
-                match activity.idle_deadline(idle_timeout) {
-                    Some(deadline) if deadline <= now => {
-                        if closing {
-                            // Told to go a while ago and still open: close it.
-                            return;
-                        }
-                        closing = true;
-                        conn.as_mut().graceful_shutdown();
-                        // An HTTP/2 client gets a moment to read its GOAWAY.
-                        idle.as_mut().reset((now + GOAWAY_GRACE).into());
+                let idle = activity.in_flight.load(Ordering::Acquire) == 0;
+                if closing {
+                    if idle && idle_before {
+                        return;
                     }
-                    Some(deadline) => idle.as_mut().reset(deadline.into()),
-                    None => idle.as_mut().reset((now + idle_timeout).into()),
+                    idle_before = idle;
+                    timer.as_mut().reset((now + CLOSE_GRACE).into());
+                    continue;
+                }
+                let deadline = activity.deadline(&timeouts);
+                if deadline > now {
+                    timer.as_mut().reset(deadline.min(now + step).into());
+                } else if idle {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                    timer.as_mut().reset((now + CLOSE_GRACE).into());
+                } else {
+                    // Requests in flight that made no progress for `stalled`.
+                    return;
                 }
             }
         }
+    }
+}
+
+/// A connection counted in the open-connections gauge while it lives, even if its task is
+/// aborted.
+struct Counted(Gauge);
+
+impl Counted {
+    fn open(gauge: Gauge) -> Self {
+        gauge.increment(1.0);
+        Counted(gauge)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
     }
 }
 
@@ -255,6 +321,7 @@ struct InFlight(Arc<Activity>);
 impl InFlight {
     fn start(activity: Arc<Activity>) -> Self {
         activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        activity.touch();
         InFlight(activity)
     }
 }

@@ -10,15 +10,19 @@
 //!
 //! It also owns the listener's connection limits, TLS or not ([`Incoming`]): a cap on open
 //! connections and on handshakes in progress (past either a new connection is closed on
-//! arrival), a handshake timeout, and an idle timeout (a connection that sends nothing, not even
-//! an HTTP/2 ping, for that long is closed). Each connection carries a [`PeerInfo`] to the
+//! arrival), a handshake timeout, and an idle timeout (a connection on which nothing moves either
+//! way, not even an HTTP/2 ping, for that long is closed); once the server stops, a connection
+//! with no call in flight is closed at once. Each connection carries a [`PeerInfo`] to the
 //! request handlers, with its own count of calls in flight for the per-connection call limit.
 
 use std::{
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex, RwLock, atomic::AtomicUsize},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicUsize, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -35,6 +39,7 @@ use tokio::{
     time::{Instant, Sleep},
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
 
 use crate::{
@@ -164,8 +169,21 @@ pub struct Conn {
     calls: Arc<AtomicUsize>,
     idle_timeout: Duration,
     idle: Pin<Box<Sleep>>,
+    /// Completes when the server stops: from then on a connection found with no call in flight
+    /// at two checks in a row reads as closed, so a silent or half-open one cannot hold up the
+    /// drain (one that finished its calls has had a check's time to write their answers).
+    stopping: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// After the stop: the next check, and whether the last one found no call in flight.
+    closing: Option<(Pin<Box<Sleep>>, bool)>,
     open: Gauge,
     _slot: OwnedSemaphorePermit,
+}
+
+impl Conn {
+    fn progress(&mut self) {
+        let next = Instant::now() + self.idle_timeout;
+        self.idle.as_mut().reset(next);
+    }
 }
 
 impl AsyncRead for Conn {
@@ -179,18 +197,33 @@ impl AsyncRead for Conn {
         match Pin::new(&mut this.tcp).poll_read(cx, buf) {
             Poll::Ready(result) => {
                 if buf.filled().len() > before {
-                    let next = Instant::now() + this.idle_timeout;
-                    this.idle.as_mut().reset(next);
+                    this.progress();
                 }
                 Poll::Ready(result)
             }
-            Poll::Pending => match this.idle.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "connection idle for too long",
-                ))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                if this.stopping.as_mut().poll(cx).is_ready() {
+                    let (check, idle_before) = this
+                        .closing
+                        .get_or_insert_with(|| (Box::pin(tokio::time::sleep(CLOSE_CHECK)), false));
+                    while check.as_mut().poll(cx).is_ready() {
+                        let idle = this.calls.load(Ordering::Acquire) == 0;
+                        if idle && *idle_before {
+                            // Reads as closed by the peer: the connection ends quietly.
+                            return Poll::Ready(Ok(()));
+                        }
+                        *idle_before = idle;
+                        check.as_mut().reset(Instant::now() + CLOSE_CHECK);
+                    }
+                }
+                match this.idle.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "connection idle for too long",
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 }
@@ -201,7 +234,12 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write(cx, buf)
+        let written = Pin::new(&mut self.tcp).poll_write(cx, buf);
+        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+            // A long answer stream is not idle.
+            self.progress();
+        }
+        written
     }
 
     fn poll_write_vectored(
@@ -209,7 +247,11 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
+        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+            self.progress();
+        }
+        written
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -324,10 +366,14 @@ pub struct Incoming {
     handshake_slots: Arc<Semaphore>,
     counters: Counters,
     handshakes: JoinSet<Option<TlsStream<Conn>>>,
+    stop: CancellationToken,
     /// After an accept error (EMFILE…), accepting pauses briefly instead of spinning.
     paused: Option<Pin<Box<Sleep>>>,
     _closed: ListenerClosedLog,
 }
+
+/// After the server stops, how often an open connection is checked for calls in flight.
+const CLOSE_CHECK: Duration = Duration::from_millis(250);
 
 /// How long accepting pauses after an accept error.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
@@ -386,12 +432,14 @@ impl Counters {
 }
 
 impl Incoming {
-    /// Connections on `listener`, with TLS when `tls` is set, counted in `metrics`.
+    /// Connections on `listener`, with TLS when `tls` is set, counted in `metrics`. Once `stop`
+    /// is cancelled, connections with no call in flight are closed.
     pub fn new(
         listener: TcpListener,
         tls: Option<Arc<ServerTls>>,
         limits: ConnLimits,
         metrics: &Metrics,
+        stop: CancellationToken,
     ) -> Self {
         Incoming {
             listener,
@@ -401,6 +449,7 @@ impl Incoming {
             limits,
             counters: Counters::new(metrics),
             handshakes: JoinSet::new(),
+            stop,
             paused: None,
             _closed: ListenerClosedLog,
         }
@@ -429,6 +478,8 @@ impl Incoming {
             calls: Arc::new(AtomicUsize::new(0)),
             idle_timeout: self.limits.idle_timeout,
             idle: Box::pin(tokio::time::sleep(self.limits.idle_timeout)),
+            stopping: Box::pin(self.stop.clone().cancelled_owned()),
+            closing: None,
             open: counters.open.clone(),
             _slot: slot,
         })
@@ -477,6 +528,11 @@ impl tokio_stream::Stream for Incoming {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
+        // Finished handshakes first: under a flood of new connections the accept loop below
+        // could use up the task's budget before they were ever handed on.
+        if let Poll::Ready(Some(io)) = this.poll_handshakes(cx) {
+            return Poll::Ready(Some(io));
+        }
         loop {
             if let Some(pause) = &mut this.paused {
                 match pause.as_mut().poll(cx) {

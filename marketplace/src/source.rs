@@ -206,7 +206,7 @@ impl RecommendationSource for GrpcSource {
                     "no address of the recommendations service is known yet".into(),
                 ));
             };
-            let _slot = self.slot(&backend, deadline).await?;
+            let slot = self.slot(&backend, deadline).await?;
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 return Err(SourceError::Timeout(self.timeout));
@@ -244,6 +244,8 @@ impl RecommendationSource for GrpcSource {
                 }
                 Ok(Err(status)) => status,
             };
+            // The slot is for the call, not for the wait before a retry.
+            drop(slot);
             let failure = format!("{:?}: {}", status.code(), status.message());
             match status.code() {
                 Code::NotFound => return Err(SourceError::NoBooks),

@@ -90,6 +90,8 @@ impl Application {
             recommendations = %resolver.target(),
             tls_mode = %config.tls.tls_mode,
             tls_name = config.recommendations_tls_name(),
+            calls_per_backend = config.calls_per_backend,
+            max_queued_calls = config.max_queued_calls,
             "recommendations endpoint"
         );
         let backends = Arc::new(Backends::new(resolver, settings, metrics.clone()));

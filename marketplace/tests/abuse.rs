@@ -47,12 +47,48 @@ async fn an_unfinished_request_head_is_closed_at_the_header_timeout() {
         .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
         .await
         .expect("send");
+    // A connection that sends nothing at all gets no longer.
+    let mut silent = TcpStream::connect(web).await.expect("connect");
     let started = Instant::now();
     assert!(
         raw::closed_by_peer(&mut stream, Duration::from_secs(6)).await,
         "still open after 6 s"
     );
+    assert!(
+        raw::closed_by_peer(&mut silent, Duration::from_secs(6)).await,
+        "a silent connection still open after 6 s"
+    );
     assert!(started.elapsed() >= Duration::from_millis(900));
+}
+
+/// An HTTP/2 connection left idle after its requests is told to go and closed.
+#[tokio::test]
+async fn an_idle_h2c_connection_is_closed_at_the_idle_timeout() {
+    let pki = TestPki::new();
+    let (_recommendations, _marketplace, web) =
+        stack(&pki, &[("IDLE_TIMEOUT_SECS", secs(1))]).await;
+    let tcp = TcpStream::connect(web).await.expect("connect");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let connection = tokio::spawn(connection);
+    let request = http::Request::get(format!("http://{web}/"))
+        .body(())
+        .expect("request");
+    // Kept: an h2 client whose last handle is dropped closes the connection itself.
+    let _handle = client.clone();
+    let (response, _) = client
+        .ready()
+        .await
+        .expect("ready")
+        .send_request(request, true)
+        .expect("send");
+    assert_eq!(response.await.expect("response").status(), 200);
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), connection)
+        .await
+        .expect("the server closed the idle connection")
+        .expect("task")
+        .expect("a clean close (GOAWAY), not an error");
+    assert!(started.elapsed() >= Duration::from_millis(800));
 }
 
 /// Row 2: endless header lines used to be buffered up to about 400 KB per connection.
@@ -138,8 +174,16 @@ async fn slowloris_connections_are_closed_at_the_header_timeout() {
 #[tokio::test]
 async fn past_the_connection_cap_new_connections_are_refused_and_the_rest_keep_working() {
     let pki = TestPki::new();
-    let (_recommendations, mut marketplace, web) =
-        stack(&pki, &[("MAX_CONNECTIONS", "20".into())]).await;
+    // Timeouts far off, so the kept connections stay open however slow the machine is.
+    let (_recommendations, mut marketplace, web) = stack(
+        &pki,
+        &[
+            ("MAX_CONNECTIONS", "20".into()),
+            ("HEADER_READ_TIMEOUT_SECS", secs(120)),
+            ("IDLE_TIMEOUT_SECS", secs(120)),
+        ],
+    )
+    .await;
     let admin = marketplace.admin_addr().await;
     let mut kept = Vec::new();
     for _ in 0..20 {
@@ -209,7 +253,10 @@ async fn sigterm_closes_unfinished_connections_at_once() {
 #[tokio::test]
 async fn a_thousand_concurrent_http1_connections_get_every_page() {
     let pki = TestPki::new();
-    let (_recommendations, _marketplace, web) = stack(&pki, &[]).await;
+    // A deadline far off: this is about how the marketplace reaches its backend, not about
+    // how fast a debug build on a shared machine is.
+    let (_recommendations, _marketplace, web) =
+        stack(&pki, &[("RECOMMENDATIONS_TIMEOUT_MS", "10000".into())]).await;
     let mut clients = JoinSet::new();
     for _ in 0..1000 {
         clients.spawn(async move {
@@ -231,7 +278,8 @@ async fn a_thousand_concurrent_http1_connections_get_every_page() {
 #[tokio::test]
 async fn eight_h2c_connections_of_200_streams_get_every_page() {
     let pki = TestPki::new();
-    let (_recommendations, _marketplace, web) = stack(&pki, &[]).await;
+    let (_recommendations, _marketplace, web) =
+        stack(&pki, &[("RECOMMENDATIONS_TIMEOUT_MS", "10000".into())]).await;
     let mut connections = JoinSet::new();
     for _ in 0..8 {
         connections.spawn(async move {
@@ -304,8 +352,10 @@ async fn past_the_queue_pages_get_a_fast_503() {
         .iter()
         .filter(|(s, took)| *s == Some(503) && *took < Duration::from_millis(1000))
         .count();
-    // 4 calls at once and 4 waiting: two rounds of 1.5 s fit in the 5 s deadline.
+    // 4 calls at once and 4 waiting: two rounds of 1.5 s fit in the 5 s deadline; the other
+    // 32 find the queue full (a few may arrive after a slot freed up).
     assert!(ok >= 8, "{answers:?}");
+    assert!(fast_503 >= 24, "{answers:?}");
     assert_eq!(ok + fast_503, 40, "{answers:?}");
     let metrics = raw::scrape(admin).await;
     assert_eq!(

@@ -407,17 +407,23 @@ impl Catalog {
         if metadata.len() > max_bytes {
             return Err(too_large(metadata.len()));
         }
-        let mut text = String::new();
+        let mut bytes = Vec::new();
         std::fs::File::open(path)
             .and_then(|file| {
                 file.take(max_bytes.saturating_add(1))
-                    .read_to_string(&mut text)
+                    .read_to_end(&mut bytes)
             })
             .map_err(read_error)?;
         // The file grew after it was measured.
-        if text.len() as u64 > max_bytes {
-            return Err(too_large(text.len() as u64));
+        if bytes.len() as u64 > max_bytes {
+            return Err(too_large(bytes.len() as u64));
         }
+        let text = String::from_utf8(bytes).map_err(|e| {
+            read_error(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                e.utf8_error(),
+            ))
+        })?;
         let json = text.strip_prefix('\u{feff}').unwrap_or(&text);
         if !json.trim_start().starts_with('{') {
             return Err(LoadError::Shape { path: shown });

@@ -287,11 +287,20 @@ where
         let max_bytes = self.shared.max_message_bytes;
         Box::pin(async move {
             let mut response = call.await?;
-            drop(slots);
             clean_status(response.headers_mut(), max_bytes);
-            if !unary {
-                // A stream's status comes in its trailers.
-                response = response.map(|body| Body::new(CleanTrailers { body, max_bytes }));
+            if unary {
+                // The answer is complete; its trailers are tonic's status for our handler's
+                // result (an encoder cannot fail on our small messages).
+                drop(slots);
+            } else {
+                // A stream holds its places until it ends, and its status comes in its trailers.
+                response = response.map(|body| {
+                    Body::new(CleanTrailers {
+                        body,
+                        max_bytes,
+                        _slots: slots,
+                    })
+                });
             }
             Ok(response)
         })
@@ -323,10 +332,12 @@ fn clean_status(headers: &mut HeaderMap, max_message_bytes: usize) {
     }
 }
 
-/// A response body whose trailers get [`clean_status`].
+/// A stream's response body: its trailers get [`clean_status`], and it holds the call's places
+/// under the limits until it ends.
 struct CleanTrailers {
     body: Body,
     max_bytes: usize,
+    _slots: Slots,
 }
 
 impl HttpBody for CleanTrailers {
@@ -432,12 +443,16 @@ impl HttpBody for OneMessage {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(None) if self.messages == 0 => Poll::Ready(Some(Err(cardinality()))),
+            // No message at all. A stream cut inside a frame is left to the decoder (INTERNAL).
+            Poll::Ready(None) if self.messages == 0 && self.header_len == 0 => {
+                Poll::Ready(Some(Err(cardinality())))
+            }
             other => other,
         }
     }
 
     fn is_end_stream(&self) -> bool {
+        // An empty body must be polled once more, to answer UNIMPLEMENTED.
         self.body.is_end_stream() && self.messages > 0
     }
 

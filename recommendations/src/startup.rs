@@ -188,6 +188,11 @@ impl Application {
         let recommendations =
             RecommendationsServer::new(RecommendationsService::new(Arc::new(catalog), faults))
                 .max_decoding_message_size(MAX_REQUEST_BYTES);
+        tracing::info!(
+            max_calls = config.max_calls,
+            max_calls_per_connection = config.max_calls_per_connection,
+            "call limits"
+        );
         // Without client certificates there is no identity to check; those modes warn instead.
         let authorize = (mode == TlsMode::Mutual).then(|| {
             tracing::info!(allowed_clients = ?allowed, "caller authorization on");
@@ -277,7 +282,7 @@ impl Application {
             }));
             tls
         });
-        let incoming = Incoming::new(self.listener, tls, self.limits, &self.metrics);
+        let incoming = Incoming::new(self.listener, tls, self.limits, &self.metrics, stop.clone());
         let serve = self.router.serve_with_incoming_shutdown(incoming, stopping);
         let drained = serve_until(serve, stop.clone(), shutdown, self.grace);
         admin::alongside(self.admin, self.admin_limits, stop, self.metrics, drained)

@@ -99,6 +99,7 @@ async fn idle_connections_to_the_tls_port_are_capped_timed_out_and_logged_sparin
         pki.dir(),
         &[
             ("MAX_CONNECTIONS", "100".into()),
+            ("MAX_HANDSHAKES", "50".into()),
             ("TLS_HANDSHAKE_TIMEOUT_SECS", "1".into()),
         ],
     )
@@ -114,7 +115,7 @@ async fn idle_connections_to_the_tls_port_are_capped_timed_out_and_logged_sparin
     tokio::time::sleep(Duration::from_millis(300)).await;
     let fds_during = server.open_fds();
     assert!(
-        fds_during <= fds_before + 100 + 5,
+        fds_during <= fds_before + 50 + 5,
         "open files grew from {fds_before} to {fds_during} for 400 idle connections"
     );
     for stream in &mut idle {
@@ -139,9 +140,21 @@ async fn idle_connections_to_the_tls_port_are_capped_timed_out_and_logged_sparin
             "reason=\"max_connections\"",
         ],
     );
-    assert_eq!(timed_out + refused, idle.len() as f64, "{metrics}");
+    let at_handshake_cap = raw::metric(
+        &metrics,
+        &[
+            "bookstore_connections_refused_total",
+            "listener=\"grpc\"",
+            "reason=\"max_handshakes\"",
+        ],
+    );
+    assert_eq!(
+        timed_out + refused + at_handshake_cap,
+        idle.len() as f64,
+        "{metrics}"
+    );
     // Slots free up as handshakes time out, so how the 400 split depends on timing.
-    assert!(refused >= 100.0, "{metrics}");
+    assert!(at_handshake_cap >= 100.0, "{metrics}");
     let warnings = server
         .read_available()
         .iter()
@@ -150,6 +163,77 @@ async fn idle_connections_to_the_tls_port_are_capped_timed_out_and_logged_sparin
     assert!(
         warnings <= 12,
         "{warnings} WARN lines for 400 idle connections"
+    );
+}
+
+/// Past MAX_CALLS on the whole server, calls are shed (and counted) whatever connection they
+/// come on.
+#[tokio::test]
+async fn calls_past_the_server_limit_are_shed_on_every_connection() {
+    let pki = TestPki::new();
+    let (mut server, addr) = process::start_recommendations(
+        pki.dir(),
+        &[
+            ("ARTIFICIAL_DELAY_MS", "3000".into()),
+            ("MAX_CALLS", "10".into()),
+        ],
+    )
+    .await;
+    let admin = server.admin_addr().await;
+    let codes = held_calls(addr, &pki, 4, 10).await;
+    let shed = codes
+        .iter()
+        .filter(|c| **c == Code::ResourceExhausted)
+        .count();
+    assert_eq!((codes.len() - shed, shed), (10, 30), "{codes:?}");
+    let metrics = raw::scrape(admin).await;
+    let counted = raw::metric(
+        &metrics,
+        &[
+            "grpc_server_handled_total",
+            "grpc_method=\"Recommend\"",
+            "grpc_code=\"ResourceExhausted\"",
+        ],
+    );
+    assert_eq!(counted, 30.0, "{metrics}");
+}
+
+/// A connection that sends nothing (not even the HTTP/2 preface) is closed at the idle timeout,
+/// and does not hold up a SIGTERM.
+#[tokio::test]
+async fn a_silent_connection_is_closed_when_idle_and_at_once_on_sigterm() {
+    let (server, addr) = process::start_recommendations(
+        std::path::Path::new("/nonexistent"),
+        &[
+            ("TLS_MODE", "off".into()),
+            ("IDLE_TIMEOUT_SECS", "1".into()),
+            ("SHUTDOWN_GRACE_SECS", "20".into()),
+        ],
+    )
+    .await;
+    let mut silent = TcpStream::connect(addr).await.expect("connect");
+    assert!(raw::closed_by_peer(&mut silent, Duration::from_secs(5)).await);
+    let (server, addr) = {
+        drop(server);
+        process::start_recommendations(
+            std::path::Path::new("/nonexistent"),
+            &[
+                ("TLS_MODE", "off".into()),
+                ("SHUTDOWN_GRACE_SECS", "20".into()),
+            ],
+        )
+        .await
+    };
+    let _silent = TcpStream::connect(addr).await.expect("connect");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    server.signal("TERM");
+    let (status, log) = server.wait(Duration::from_secs(5)).await;
+    assert!(status.success(), "{}", log.join("\n"));
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{}",
+        log.join("\n")
     );
 }
 
