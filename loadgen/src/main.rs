@@ -37,10 +37,14 @@ enum Command {
         #[command(flatten)]
         run: RunArgs,
     },
-    /// GET a URL over HTTP/1.1 with keep-alive (one connection per concurrent caller).
+    /// GET a URL over HTTP/1.1 with keep-alive (one connection per concurrent caller), or over
+    /// HTTP/2 without TLS (h2c) with --h2c-connections.
     Http {
         #[arg(long, default_value = "http://localhost:5000/")]
         url: String,
+        /// Use this many HTTP/2 (h2c) connections, shared by all callers, instead of HTTP/1.1.
+        #[arg(long)]
+        h2c_connections: Option<usize>,
         #[command(flatten)]
         run: RunArgs,
     },
@@ -148,8 +152,15 @@ async fn main_inner(cli: Cli) -> anyhow::Result<ExitCode> {
             let target = Target::grpc(&addr, tls, connections, max_results).await?;
             drive(target, run).await
         }
-        Command::Http { url, run } => {
-            let target = Target::http(&url, run.concurrency)?;
+        Command::Http {
+            url,
+            h2c_connections,
+            run,
+        } => {
+            let target = match h2c_connections {
+                Some(n) => Target::h2c(&url, n)?,
+                None => Target::http(&url, run.concurrency)?,
+            };
             drive(target, run).await
         }
         Command::FloorGrpc { listen, certs } => {

@@ -1,5 +1,6 @@
 //! What the load generator calls: `Recommend` over gRPC (mutual TLS or plaintext, over a fixed
-//! number of HTTP/2 connections) or a URL over HTTP/1.1 with keep-alive.
+//! number of HTTP/2 connections) or a URL over HTTP/1.1 with keep-alive, or over a fixed number
+//! of plaintext HTTP/2 (h2c) connections.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -30,7 +31,8 @@ pub enum Target {
     },
     Http {
         label: String,
-        client: reqwest::Client,
+        /// One client (HTTP/1.1: a pool of connections), or one per h2c connection.
+        clients: Vec<reqwest::Client>,
         url: String,
     },
 }
@@ -98,7 +100,26 @@ impl Target {
             .build()?;
         Ok(Target::Http {
             label: url.to_owned(),
-            client,
+            clients: vec![client],
+            url: url.to_owned(),
+        })
+    }
+
+    /// HTTP/2 with prior knowledge (h2c) to `url`, over exactly `connections` connections:
+    /// callers share them, many streams each.
+    pub fn h2c(url: &str, connections: usize) -> anyhow::Result<Self> {
+        let clients = (0..connections.max(1))
+            .map(|_| {
+                reqwest::Client::builder()
+                    .http2_prior_knowledge()
+                    .tcp_nodelay(true)
+                    .timeout(Duration::from_secs(30))
+                    .build()
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Target::Http {
+            label: format!("h2c {url}"),
+            clients,
             url: url.to_owned(),
         })
     }
@@ -113,6 +134,7 @@ impl Target {
     pub fn connections(&self, concurrency: usize) -> usize {
         match self {
             Target::Grpc { clients, .. } => clients.len(),
+            Target::Http { clients, .. } if clients.len() > 1 => clients.len(),
             Target::Http { .. } => concurrency,
         }
     }
@@ -129,19 +151,21 @@ impl Target {
                     Err(status) => Outcome::Failed(format!("grpc:{:?}", status.code())),
                 }
             }
-            Target::Http { client, url, .. } => match client.get(url).send().await {
-                Ok(response) => {
-                    let status = response.status();
-                    // The whole body, as a browser would read it.
-                    match response.bytes().await {
-                        Ok(_) if status.is_success() => Outcome::Ok,
-                        Ok(_) => Outcome::Failed(format!("http:{}", status.as_u16())),
-                        Err(_) => Outcome::Failed("http:body".into()),
+            Target::Http { clients, url, .. } => {
+                match clients[worker % clients.len()].get(url).send().await {
+                    Ok(response) => {
+                        let status = response.status();
+                        // The whole body, as a browser would read it.
+                        match response.bytes().await {
+                            Ok(_) if status.is_success() => Outcome::Ok,
+                            Ok(_) => Outcome::Failed(format!("http:{}", status.as_u16())),
+                            Err(_) => Outcome::Failed("http:body".into()),
+                        }
                     }
+                    Err(e) if e.is_timeout() => Outcome::Failed("http:timeout".into()),
+                    Err(_) => Outcome::Failed("http:transport".into()),
                 }
-                Err(e) if e.is_timeout() => Outcome::Failed("http:timeout".into()),
-                Err(_) => Outcome::Failed("http:transport".into()),
-            },
+            }
         }
     }
 }

@@ -58,7 +58,7 @@ const HTTP_CONCURRENCY: usize = 32;
 const SWEEP: [usize; 4] = [1, 8, 32, 128];
 
 /// One server process under test.
-struct Server {
+pub(crate) struct Server {
     name: String,
     child: Child,
     addr: SocketAddr,
@@ -69,7 +69,7 @@ struct Server {
 }
 
 impl Server {
-    fn pid(&self) -> Option<u32> {
+    pub(crate) fn pid(&self) -> Option<u32> {
         self.child.id()
     }
 
@@ -97,7 +97,7 @@ fn free_port() -> Result<u16> {
 }
 
 /// Resident memory of a process, in KiB, from /proc.
-fn rss_kib(pid: u32) -> Option<u64> {
+pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
@@ -332,7 +332,11 @@ struct Measured {
 }
 
 /// Runs loadgen with `args` (its report as JSON), sampling `server`'s RSS meanwhile.
-async fn load(loadgen: &Path, args: &[String], server: &Server) -> Result<(Report, Option<u64>)> {
+pub(crate) async fn load(
+    loadgen: &Path,
+    args: &[String],
+    server: &Server,
+) -> Result<(Report, Option<u64>)> {
     let run = Command::new(loadgen)
         .args(args)
         .arg("--json")
@@ -385,7 +389,7 @@ fn grpc_args(
     args
 }
 
-fn http_args(server: &Server, concurrency: usize, duration: f64) -> Vec<String> {
+pub(crate) fn http_args(server: &Server, concurrency: usize, duration: f64) -> Vec<String> {
     vec![
         "http".into(),
         "--url".into(),
@@ -434,6 +438,7 @@ struct Results {
     runs: Vec<Measured>,
     sweep: Vec<Measured>,
     summary: Vec<Row>,
+    overload: crate::overload::Overload,
 }
 
 /// One line of the table: a case next to its floor.
@@ -748,6 +753,13 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
             });
         }
     }
+    let overload = crate::overload::run(
+        &loadgen,
+        &market,
+        duration,
+        Duration::from_secs(if args.quick { 5 } else { 60 }),
+    )
+    .await?;
     for server in [
         rec_mtls,
         rec_plain,
@@ -825,6 +837,7 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
         runs,
         sweep,
         summary,
+        overload,
     };
     let out = if args.quick {
         root().join("target").join("bench")
@@ -843,6 +856,10 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     let errors: u64 = results.summary.iter().map(|r| r.errors).sum();
     if errors > 0 {
         bail!("{errors} calls failed during the benchmark");
+    }
+    let failed_pages: u64 = results.overload.runs.iter().map(|r| r.failed).sum();
+    if failed_pages > 0 {
+        bail!("{failed_pages} pages failed under overload");
     }
     Ok(())
 }
@@ -957,6 +974,7 @@ fn markdown(r: &Results) -> String {
         .map(|(n, b)| format!("{n} {:.1} MiB", *b as f64 / 1_048_576.0))
         .collect();
     let _ = writeln!(md, "Release binaries (stripped): {}.", sizes.join(", "));
+    crate::overload::markdown(&mut md, &r.overload);
     md
 }
 
