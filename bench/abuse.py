@@ -261,7 +261,7 @@ async def marketplace_rows(certs, backend):
     row(f"{len(conns):,} idle TCP connections to :5000",
         "`MAX_CONNECTIONS` 2048 (`ADMIN_MAX_CONNECTIONS` 64 apart)",
         f"{refused:.0f} closed on arrival; the process holds {open_fds} files; `/readyz` "
-        f"{ready} in {ready_ms:.0f} ms; a new page {page} (at the cap); RSS {mib(idle)} → "
+        f"{ready} in {ready_ms:.0f} ms; a new page {page or 'refused'} (at the cap); RSS {mib(idle)} → "
         f"{mib(peak)} MiB; {warns} WARN lines")
     m.stop()
 
@@ -329,7 +329,8 @@ async def recommendations_rows(certs):
         peak = max(peak, r.rss())
         time.sleep(0.1)
     secs, after = settle(r, idle, peak)
-    row("20 allowed connections × 256 held calls", "`MAX_CALLS_PER_CONNECTION` 256; jemalloc",
+    row("20 allowed connections × 256 held calls (`MAX_CALLS` raised to let them in)",
+        "`MAX_CALLS_PER_CONNECTION` 256; jemalloc",
         f"RSS {mib(idle)} → {mib(peak)} MiB, back to {mib(after)} MiB "
         f"{secs if secs is not None else '>60'} s later")
     r.stop()

@@ -73,21 +73,29 @@ async fn calls_shed_past_the_connection_limit_are_counted_by_the_server() {
         process::start_recommendations(pki.dir(), &[("ARTIFICIAL_DELAY_MS", "1500".into())]).await;
     let admin = server.admin_addr().await;
     let codes = held_calls(addr, &pki, 1, 300).await;
-    let shed = codes
+    let shed = shed(&codes);
+    assert_eq!(shed, 44, "{codes:?}");
+    assert_eq!(shed_counted_by_server(admin).await, 44.0);
+}
+
+fn shed(codes: &[Code]) -> usize {
+    codes
         .iter()
         .filter(|c| **c == Code::ResourceExhausted)
-        .count();
-    assert_eq!(shed, 44, "{codes:?}");
+        .count()
+}
+
+/// `grpc_server_handled_total` for Recommend calls answered RESOURCE_EXHAUSTED.
+async fn shed_counted_by_server(admin: SocketAddr) -> f64 {
     let metrics = raw::scrape(admin).await;
-    let counted = raw::metric(
+    raw::metric(
         &metrics,
         &[
             "grpc_server_handled_total",
             "grpc_method=\"Recommend\"",
             "grpc_code=\"ResourceExhausted\"",
         ],
-    );
-    assert_eq!(counted, 44.0, "{metrics}");
+    )
 }
 
 /// Row 9: idle TCP connections to the TLS port used to pile up without limit (RSS 16 → 150 MB
@@ -181,21 +189,9 @@ async fn calls_past_the_server_limit_are_shed_on_every_connection() {
     .await;
     let admin = server.admin_addr().await;
     let codes = held_calls(addr, &pki, 4, 10).await;
-    let shed = codes
-        .iter()
-        .filter(|c| **c == Code::ResourceExhausted)
-        .count();
+    let shed = shed(&codes);
     assert_eq!((codes.len() - shed, shed), (10, 30), "{codes:?}");
-    let metrics = raw::scrape(admin).await;
-    let counted = raw::metric(
-        &metrics,
-        &[
-            "grpc_server_handled_total",
-            "grpc_method=\"Recommend\"",
-            "grpc_code=\"ResourceExhausted\"",
-        ],
-    );
-    assert_eq!(counted, 30.0, "{metrics}");
+    assert_eq!(shed_counted_by_server(admin).await, 30.0);
 }
 
 /// A connection that sends nothing (not even the HTTP/2 preface) is closed at the idle timeout,
