@@ -14,7 +14,7 @@
 //!   reading) is dropped;
 //! - **a shutdown that waits only for real work**: when `stop` fires every connection is told to
 //!   go (GOAWAY, or no more keep-alive); those with no request in flight (idle, or still sending
-//!   a head) are closed within half a second; the others finish their requests and close. The
+//!   a head) are closed in about half a second; the others finish their requests and close. The
 //!   caller bounds that wait ([`crate::shutdown::serve_until`]).
 //!
 //! Refusals are counted in `bookstore_connections_refused_total{listener, reason}`, and the
