@@ -487,7 +487,8 @@ impl Finish {
                     peer_addr = %peer_addr,
                     request_id = %self.request_id,
                     trace_id = %trace_id,
-                    message = status.message(),
+                    // Not `message`: that key is the event's own text in JSON logs.
+                    grpc_message = status.message(),
                     "gRPC call"
                 )
             };
