@@ -38,22 +38,19 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
-use metrics::Gauge;
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::Semaphore,
     task::JoinSet,
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{log_limit::LogLimit, metrics::Metrics};
+use crate::{
+    conn_cap::{ACCEPT_ERROR_PAUSE, ConnectionCap},
+    metrics::Metrics,
+};
 
 /// The hyper read buffer cannot be smaller than this (hyper panics below it).
 pub const MIN_HEAD_BYTES: usize = 8192;
-
-/// How long to wait before accepting again after an accept error such as EMFILE: the error
-/// would otherwise come back at once and spin the loop.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 /// How often a connection told to go (an HTTP/2 GOAWAY, or the end of HTTP/1.1 keep-alive) is
 /// checked; idle at two checks in a row, it is closed.
@@ -100,17 +97,7 @@ pub async fn serve(
     metrics: &Metrics,
     name: &'static str,
 ) {
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let refused_at_cap = metrics.counter(
-        "bookstore_connections_refused_total",
-        &[("listener", name), ("reason", "max_connections")],
-    );
-    let accept_errors = metrics.counter(
-        "bookstore_connections_refused_total",
-        &[("listener", name), ("reason", "accept_error")],
-    );
-    let open = metrics.gauge("bookstore_connections_open", &[("listener", name)]);
-    let mut refusal_log = LogLimit::per_minute(5);
+    let cap = ConnectionCap::new(metrics, name, limits.max_connections, 5);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -129,36 +116,23 @@ pub async fn serve(
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => accepted,
         };
-        let (tcp, _) = match accepted {
+        let (tcp, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
-                accept_errors.increment(1);
-                if let Some(suppressed) = refusal_log.admit() {
-                    tracing::warn!(listener = name, error = %e, suppressed, "cannot accept a connection");
-                }
+                cap.accept_failed(&e);
                 tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            refused_at_cap.increment(1);
-            if let Some(suppressed) = refusal_log.admit() {
-                tracing::warn!(
-                    listener = name,
-                    max_connections = limits.max_connections,
-                    suppressed,
-                    "connection refused: too many open connections"
-                );
-            }
+        let Some(slot) = cap.admit(peer) else {
             continue;
         };
         // Pages are small request/response pairs; Nagle would only add latency.
         let _ = tcp.set_nodelay(true);
         let (builder, router, stop) = (builder.clone(), router.clone(), stop.clone());
-        let counted = Counted::open(open.clone());
         connections.spawn(async move {
             serve_connection(tcp, router, &builder, limits, stop).await;
-            drop((counted, slot));
+            drop(slot);
         });
     }
     // Stop accepting: the listening socket closes here.
@@ -295,23 +269,6 @@ async fn serve_connection(
                 }
             }
         }
-    }
-}
-
-/// A connection counted in the open-connections gauge while it lives, even if its task is
-/// aborted.
-struct Counted(Gauge);
-
-impl Counted {
-    fn open(gauge: Gauge) -> Self {
-        gauge.increment(1.0);
-        Counted(gauge)
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.0.decrement(1.0);
     }
 }
 

@@ -3,6 +3,7 @@
 //! Domain code and wire types stay in the services.
 
 pub mod admin;
+pub mod conn_cap;
 pub mod context;
 pub mod grpc_call;
 pub mod http_server;

@@ -20,14 +20,14 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     sync::{
-        Arc, Mutex, RwLock,
+        Arc, RwLock,
         atomic::{AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
 };
 
-use metrics::{Counter, Gauge};
+use metrics::Counter;
 use rustls::{
     RootCertStore, ServerConfig, pki_types::CertificateDer, server::WebPkiClientVerifier,
 };
@@ -43,7 +43,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
 
 use crate::{
-    log_limit::LogLimit,
+    conn_cap::{ACCEPT_ERROR_PAUSE, ConnectionCap, Slot},
     metrics::Metrics,
     shutdown::ListenerClosedLog,
     tls::{TlsError, TlsFiles, TlsMode, load_ca_ders, load_certified_key, provider},
@@ -175,8 +175,7 @@ pub struct Conn {
     stopping: Pin<Box<WaitForCancellationFutureOwned>>,
     /// After the stop: the next check, and whether the last one found no call in flight.
     closing: Option<(Pin<Box<Sleep>>, bool)>,
-    open: Gauge,
-    _slot: OwnedSemaphorePermit,
+    _slot: Slot,
 }
 
 impl Conn {
@@ -362,7 +361,7 @@ pub struct Incoming {
     listener: TcpListener,
     tls: Option<Arc<ServerTls>>,
     limits: ConnLimits,
-    slots: Arc<Semaphore>,
+    cap: Arc<ConnectionCap>,
     handshake_slots: Arc<Semaphore>,
     counters: Counters,
     handshakes: JoinSet<Option<TlsStream<Conn>>>,
@@ -375,9 +374,6 @@ pub struct Incoming {
 /// After the server stops, how often an open connection is checked for calls in flight.
 const CLOSE_CHECK: Duration = Duration::from_millis(250);
 
-/// How long accepting pauses after an accept error.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
-
 impl std::fmt::Debug for Incoming {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Incoming")
@@ -387,47 +383,38 @@ impl std::fmt::Debug for Incoming {
     }
 }
 
-/// The listener's counters, and the limiter for its warnings.
+/// The listener's handshake counters, and its connection cap, whose rate limit its warnings
+/// share.
 #[derive(Clone)]
 struct Counters {
     /// `bookstore_tls_handshakes_total{result}`: completed, refused, timed out.
     completed: Counter,
     refused: Counter,
     timed_out: Counter,
-    /// `bookstore_connections_refused_total{listener="grpc", reason}`.
-    at_connection_cap: Counter,
+    /// `bookstore_connections_refused_total{listener="grpc", reason="max_handshakes"}`.
     at_handshake_cap: Counter,
-    accept_error: Counter,
-    /// `bookstore_connections_open{listener="grpc"}`.
-    open: Gauge,
-    log: Arc<Mutex<LogLimit>>,
+    cap: Arc<ConnectionCap>,
 }
 
 impl Counters {
-    fn new(metrics: &Metrics) -> Self {
+    fn new(metrics: &Metrics, cap: Arc<ConnectionCap>) -> Self {
         let handshakes =
             |result| metrics.counter("bookstore_tls_handshakes_total", &[("result", result)]);
-        let refused = |reason| {
-            metrics.counter(
-                "bookstore_connections_refused_total",
-                &[("listener", "grpc"), ("reason", reason)],
-            )
-        };
         Counters {
             completed: handshakes("completed"),
             refused: handshakes("refused"),
             timed_out: handshakes("timed_out"),
-            at_connection_cap: refused("max_connections"),
-            at_handshake_cap: refused("max_handshakes"),
-            accept_error: refused("accept_error"),
-            open: metrics.gauge("bookstore_connections_open", &[("listener", "grpc")]),
-            log: Arc::new(Mutex::new(LogLimit::per_minute(10))),
+            at_handshake_cap: metrics.counter(
+                "bookstore_connections_refused_total",
+                &[("listener", "grpc"), ("reason", "max_handshakes")],
+            ),
+            cap,
         }
     }
 
     /// Some(number left out since the last line) if a warning may be logged now.
     fn may_log(&self) -> Option<u64> {
-        self.log.lock().unwrap_or_else(|p| p.into_inner()).admit()
+        self.cap.may_log()
     }
 }
 
@@ -441,13 +428,19 @@ impl Incoming {
         metrics: &Metrics,
         stop: CancellationToken,
     ) -> Self {
+        let cap = Arc::new(ConnectionCap::new(
+            metrics,
+            "grpc",
+            limits.max_connections,
+            10,
+        ));
         Incoming {
             listener,
             tls,
-            slots: Arc::new(Semaphore::new(limits.max_connections)),
+            cap: cap.clone(),
             handshake_slots: Arc::new(Semaphore::new(limits.max_handshakes)),
             limits,
-            counters: Counters::new(metrics),
+            counters: Counters::new(metrics, cap),
             handshakes: JoinSet::new(),
             stop,
             paused: None,
@@ -457,21 +450,8 @@ impl Incoming {
 
     /// A new TCP connection within the caps, or None (closed and counted) past them.
     fn admit(&self, tcp: TcpStream, peer: SocketAddr) -> Option<Conn> {
-        let counters = &self.counters;
-        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
-            counters.at_connection_cap.increment(1);
-            if let Some(suppressed) = counters.may_log() {
-                tracing::warn!(
-                    %peer,
-                    max_connections = self.limits.max_connections,
-                    suppressed,
-                    "connection refused: too many open connections"
-                );
-            }
-            return None;
-        };
+        let slot = self.cap.admit(peer)?;
         let _ = tcp.set_nodelay(true);
-        counters.open.increment(1.0);
         Some(Conn {
             tcp,
             remote_addr: peer,
@@ -480,16 +460,8 @@ impl Incoming {
             idle: Box::pin(tokio::time::sleep(self.limits.idle_timeout)),
             stopping: Box::pin(self.stop.clone().cancelled_owned()),
             closing: None,
-            open: counters.open.clone(),
             _slot: slot,
         })
-    }
-}
-
-impl Drop for Conn {
-    fn drop(&mut self) {
-        // The slot itself goes back with `_slot`.
-        self.open.decrement(1.0);
     }
 }
 
@@ -573,10 +545,7 @@ impl tokio_stream::Stream for Incoming {
                 }
                 Poll::Ready(Err(e)) => {
                     // EMFILE, or a connection reset before accept.
-                    this.counters.accept_error.increment(1);
-                    if let Some(suppressed) = this.counters.may_log() {
-                        tracing::warn!(error = %e, suppressed, "cannot accept a connection");
-                    }
+                    this.cap.accept_failed(&e);
                     this.paused = Some(Box::pin(tokio::time::sleep(ACCEPT_ERROR_PAUSE)));
                     continue;
                 }
