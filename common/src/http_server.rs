@@ -87,8 +87,8 @@ impl HttpLimits {
     }
 }
 
-/// Serves `router` on `listener` until `stop` is cancelled, then closes idle connections at once
-/// and returns when the requests in flight have finished. `name` labels the metrics.
+/// Serves `router` on `listener` until `stop` is cancelled, then closes idle connections (in
+/// about half a second) and returns when the requests in flight have finished. `name` labels the metrics.
 pub async fn serve(
     listener: TcpListener,
     router: Router,

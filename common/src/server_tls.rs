@@ -12,8 +12,9 @@
 //! connections and on handshakes in progress (past either a new connection is closed on
 //! arrival), a handshake timeout, and an idle timeout (a connection on which nothing moves either
 //! way, not even an HTTP/2 ping, for that long is closed); once the server stops, a connection
-//! with no call in flight is closed at once. Each connection carries a [`PeerInfo`] to the
-//! request handlers, with its own count of calls in flight for the per-connection call limit.
+//! found with no call in flight at two checks 250 ms apart is closed. Each connection carries a
+//! [`PeerInfo`] to the request handlers, with its own count of calls in flight for the
+//! per-connection call limit.
 
 use std::{
     io,
@@ -132,7 +133,7 @@ pub struct ConnLimits {
     pub max_handshakes: usize,
     /// A TLS handshake taking longer is dropped.
     pub handshake_timeout: Duration,
-    /// A connection from which nothing arrives for this long is closed.
+    /// A connection on which nothing moves either way for this long is closed.
     pub idle_timeout: Duration,
 }
 
@@ -161,7 +162,7 @@ pub struct PeerInfo {
 }
 
 /// One accepted connection: holds its slot under the connection cap, and closes itself when
-/// nothing has arrived for the idle timeout.
+/// nothing has moved either way for the idle timeout.
 #[derive(Debug)]
 pub struct Conn {
     tcp: TcpStream,

@@ -57,8 +57,9 @@ pub struct Config {
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 2048,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_connections: u64,
-    /// Seconds a client has to send a whole request head; also how long a kept-alive HTTP/1.1
-    /// connection may wait for its next request.
+    /// Seconds a client has to send a whole request head, and a new connection its first
+    /// request (HTTP/2 included); also how long a kept-alive HTTP/1.1 connection may wait for
+    /// its next request.
     #[arg(long, env = "HEADER_READ_TIMEOUT_SECS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub header_read_timeout_secs: u64,

@@ -61,8 +61,8 @@ pub struct Config {
     #[arg(long, env = "TLS_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..=300))]
     pub tls_handshake_timeout_secs: u64,
-    /// Seconds a connection may send nothing at all (not even an HTTP/2 ping) before it is
-    /// closed.
+    /// Seconds a connection may go with nothing moving either way (not even an HTTP/2 ping)
+    /// before it is closed.
     #[arg(long, env = "IDLE_TIMEOUT_SECS", default_value_t = 300,
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub idle_timeout_secs: u64,
