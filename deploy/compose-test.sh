@@ -99,8 +99,11 @@ echo "browser OK: title, three books, category link; screenshot $screenshot"
 step "docker compose stop"
 compose stop
 for svc in recommendations marketplace; do
-    compose logs "$svc" | grep -q "Shut down gracefully" \
-        || { compose logs "$svc"; echo "$svc did not shut down gracefully"; exit 1; }
+    # Read the whole log first: `grep -q` stops at the first match, and under pipefail the
+    # writer's SIGPIPE would fail the pipeline whenever more lines follow the match.
+    log=$(compose logs "$svc")
+    grep -q "Shut down gracefully" <<<"$log" \
+        || { echo "$log"; echo "$svc did not shut down gracefully"; exit 1; }
 done
 echo "both services shut down gracefully"
 
