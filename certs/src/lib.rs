@@ -17,6 +17,8 @@ use rcgen::{
 };
 use time::{Duration, OffsetDateTime};
 
+pub mod kubernetes;
+
 /// Names the recommendations certificate answers to: local runs, the compose service name, and
 /// the Kubernetes Service in namespace `bookstore` in all its spellings.
 pub const SERVER_NAMES: &[&str] = &[
@@ -40,6 +42,14 @@ pub const FILES: &[&str] = &[
     "server.key",
     "client.pem",
     "client.key",
+];
+
+/// What each service is given: the CA certificate and its own certificate and key, never the
+/// CA's key or the other service's key. The names are the files in that service's `CERTS_DIR`,
+/// and the keys of its Kubernetes Secret `<service>-tls`.
+pub const SHARES: &[(&str, &[&str])] = &[
+    ("recommendations", &["ca.pem", "server.pem", "server.key"]),
+    ("marketplace", &["ca.pem", "client.pem", "client.key"]),
 ];
 
 /// What a leaf certificate is for.
@@ -73,6 +83,21 @@ impl std::fmt::Debug for Authority {
 impl Authority {
     /// A new self-signed CA valid for ten years.
     pub fn new(common_name: &str) -> Result<Self> {
+        let now = OffsetDateTime::now_utc();
+        Self::valid(
+            common_name,
+            now - Duration::hours(1),
+            now + Duration::days(3650),
+        )
+    }
+
+    /// A new self-signed CA with an explicit validity window (tests make renewed and expired
+    /// CAs).
+    pub fn valid(
+        common_name: &str,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<Self> {
         let mut params = CertificateParams::default();
         params
             .distinguished_name
@@ -83,9 +108,8 @@ impl Authority {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        let now = OffsetDateTime::now_utc();
-        params.not_before = now - Duration::hours(1);
-        params.not_after = now + Duration::days(3650);
+        params.not_before = not_before;
+        params.not_after = not_after;
         let key = KeyPair::generate().context("generating the CA key")?;
         let cert = params
             .self_signed(&key)
@@ -209,6 +233,29 @@ pub fn generate(dir: &Path, force: bool) -> Result<Generated> {
     }
     DevPki::new()?.write(dir)?;
     Ok(Generated::Created)
+}
+
+/// Copies each service's files ([`SHARES`]) from the PKI in `pki` into `<into>/<service>/`
+/// (created if needed): what docker-compose.yaml mounts into each container, so no long-running
+/// container can read the CA's key or another service's key. A file that differs is replaced
+/// (a renewed PKI reaches the services at their next reload); an identical one is left alone.
+pub fn share(pki: &Path, into: &Path) -> Result<()> {
+    for (service, files) in SHARES {
+        let dir = into.join(service);
+        fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+        for file in *files {
+            let from = pki.join(file);
+            let contents = fs::read_to_string(&from)
+                .with_context(|| format!("{}: cannot read", from.display()))?;
+            let to = dir.join(file);
+            if fs::read_to_string(&to).is_ok_and(|current| current == contents) {
+                continue;
+            }
+            let mode = if file.ends_with(".key") { 0o600 } else { 0o644 };
+            write_file(&to, &contents, mode)?;
+        }
+    }
+    Ok(())
 }
 
 /// A complete development PKI in memory: the CA (which can issue more) and the two service
@@ -371,6 +418,40 @@ mod tests {
             Generated::Created
         );
         assert_ne!(fs::read(dir.path().join("ca.pem")).expect("read"), before);
+    }
+
+    #[test]
+    fn each_service_share_holds_its_own_files_and_never_the_ca_key() {
+        let (pki, shared) = (
+            tempfile::tempdir().expect("dir"),
+            tempfile::tempdir().expect("dir"),
+        );
+        generate(pki.path(), false).expect("generate");
+        share(pki.path(), shared.path()).expect("share");
+        for (service, files) in SHARES {
+            let mut found: Vec<String> = fs::read_dir(shared.path().join(service))
+                .expect("dir")
+                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .collect();
+            found.sort();
+            let mut want: Vec<String> = files.iter().map(|f| (*f).to_owned()).collect();
+            want.sort();
+            assert_eq!(found, want, "{service}");
+            for file in *files {
+                assert_eq!(
+                    fs::read(shared.path().join(service).join(file)).expect("read"),
+                    fs::read(pki.path().join(file)).expect("read"),
+                    "{service}/{file}"
+                );
+            }
+        }
+        // A renewed PKI replaces the copies.
+        generate(pki.path(), true).expect("renew");
+        share(pki.path(), shared.path()).expect("share again");
+        assert_eq!(
+            fs::read(shared.path().join("marketplace/client.pem")).expect("read"),
+            fs::read(pki.path().join("client.pem")).expect("read")
+        );
     }
 
     #[test]

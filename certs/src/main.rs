@@ -2,7 +2,11 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use bookstore_certs::{Generated, generate};
+use bookstore_certs::{
+    Generated, generate,
+    kubernetes::{self, ApiServer, Outcome},
+    share,
+};
 use clap::Parser;
 
 /// Creates a development PKI for the bookstore: a private CA, the recommendations server
@@ -16,25 +20,65 @@ struct Args {
     /// Replace an existing PKI (every certificate and key is made anew).
     #[arg(long)]
     force: bool,
+    /// Also copy each service's files (the CA certificate, its own certificate and key) into
+    /// DIR/recommendations and DIR/marketplace, so each can be given only its own.
+    #[arg(long, value_name = "DIR")]
+    share: Option<PathBuf>,
+    /// Inside a Kubernetes pod: make the Secrets recommendations-tls and marketplace-tls unless
+    /// both exist, through the API with the pod's service account. Writes nothing to disk; the
+    /// CA's key is not kept.
+    #[arg(long, conflicts_with_all = ["force", "share"])]
+    kubernetes: bool,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    match generate(&args.out, args.force) {
-        Ok(Generated::Created) => {
-            eprintln!("created a development PKI in {}", args.out.display());
-            ExitCode::SUCCESS
-        }
-        Ok(Generated::AlreadyPresent) => {
-            eprintln!(
-                "a PKI is already in {}; left as is (--force to recreate)",
-                args.out.display()
-            );
-            ExitCode::SUCCESS
-        }
+    let outcome = if args.kubernetes {
+        in_cluster()
+    } else {
+        files(&args)
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn files(args: &Args) -> anyhow::Result<()> {
+    match generate(&args.out, args.force)? {
+        Generated::Created => {
+            eprintln!("created a development PKI in {}", args.out.display());
+        }
+        Generated::AlreadyPresent => eprintln!(
+            "a PKI is already in {}; left as is (--force to recreate)",
+            args.out.display()
+        ),
+    }
+    if let Some(into) = &args.share {
+        share(&args.out, into)?;
+        eprintln!(
+            "each service's files are in {}/{{recommendations,marketplace}}",
+            into.display()
+        );
+    }
+    Ok(())
+}
+
+fn in_cluster() -> anyhow::Result<()> {
+    let api = ApiServer::in_cluster()?;
+    match kubernetes::ensure_secrets(&api)? {
+        Outcome::AlreadyPresent => eprintln!(
+            "the Secrets are already in namespace {}; left as is",
+            api.namespace
+        ),
+        Outcome::Written(names) => eprintln!(
+            "wrote a new development PKI to {} in namespace {}",
+            names.join(" and "),
+            api.namespace
+        ),
+    }
+    Ok(())
 }
