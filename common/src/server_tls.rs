@@ -77,6 +77,12 @@ impl ServerTls {
         }
     }
 
+    /// Sets the expiry gauges from the files in use (see [`crate::tls::record_expiry`]).
+    pub fn record_expiry(&self, metrics: &crate::metrics::Metrics) {
+        let trust = (self.mode == TlsMode::Mutual).then_some(self.files.ca.as_path());
+        crate::tls::record_expiry(metrics, Some(&self.files.cert), trust);
+    }
+
     /// Loads the files again; new connections use them from now on. On error the
     /// configuration in use stays (see [`crate::watch::watch_files`], which logs both outcomes).
     pub fn reload(&self) -> Result<(), TlsError> {

@@ -236,10 +236,134 @@ pub fn key_exposure(path: &Path) -> Option<String> {
     }
 }
 
-/// Loads the CA bundle that verifies peers.
+/// Loads the CA bundle that verifies peers: its certificates valid now (see [`load_trust`]).
 pub fn load_ca(path: &Path) -> Result<Certificate, TlsError> {
-    let (pem, _) = load_certs(path)?;
-    Ok(Certificate::from_pem(pem))
+    Ok(Certificate::from_pem(load_trust(path)?.pem))
+}
+
+/// The CA certificates of a bundle that are valid now, in both forms.
+pub(crate) struct Trust {
+    /// The usable certificates' PEM blocks, for tonic's client.
+    pub(crate) pem: Vec<u8>,
+    /// The same certificates, for a rustls root store.
+    pub(crate) ders: Vec<CertificateDer<'static>>,
+}
+
+/// Reads a CA bundle. A CA certificate that has expired or is not yet valid is skipped with a
+/// warning rather than refusing the file: during a CA renewal the bundle holds the old and the
+/// new CA, and the old one expiring must not stop a service that (re)loads the bundle. The file
+/// is refused when no certificate in it is usable, or when any block is not a certificate.
+pub(crate) fn load_trust(path: &Path) -> Result<Trust, TlsError> {
+    let (trust, skipped) = read_trust(path)?;
+    for (subject, e) in skipped {
+        tracing::warn!(
+            %subject,
+            "{e}: this CA certificate is skipped; the bundle's others are used"
+        );
+    }
+    Ok(trust)
+}
+
+/// [`load_trust`] without the warnings: the usable certificates, and each skipped one's subject
+/// with the reason.
+fn read_trust(path: &Path) -> Result<(Trust, Vec<(String, TlsError)>), TlsError> {
+    let pem = read(path)?;
+    let mut trust = Trust {
+        pem: Vec::new(),
+        ders: Vec::new(),
+    };
+    let mut skipped = Vec::new();
+    for block in certificate_blocks(&pem) {
+        let der = CertificateDer::from_pem_slice(block).map_err(|e| TlsError::BadCertificate {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        match check_validity(path, &der) {
+            Ok(()) => {
+                trust.pem.extend_from_slice(block);
+                trust.pem.push(b'\n');
+                trust.ders.push(der);
+            }
+            Err(e @ (TlsError::Expired { .. } | TlsError::NotYetValid { .. })) => {
+                skipped.push((subject(&der), e));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if !trust.ders.is_empty() {
+        return Ok((trust, skipped));
+    }
+    Err(skipped.into_iter().next().map_or_else(
+        || TlsError::NoCertificate {
+            path: path.to_owned(),
+        },
+        |(_, e)| e,
+    ))
+}
+
+/// Each `-----BEGIN CERTIFICATE-----` … `-----END CERTIFICATE-----` block of a PEM file.
+fn certificate_blocks(pem: &[u8]) -> Vec<&[u8]> {
+    const BEGIN: &[u8] = b"-----BEGIN CERTIFICATE-----";
+    const END: &[u8] = b"-----END CERTIFICATE-----";
+    let find = |haystack: &[u8], needle: &[u8]| {
+        haystack
+            .windows(needle.len())
+            .position(|window| window == needle)
+    };
+    let mut blocks = Vec::new();
+    let mut rest = pem;
+    while let Some(start) = find(rest, BEGIN) {
+        let Some(len) = find(&rest[start..], END) else {
+            // An unterminated block: kept whole, so parsing it reports the error.
+            blocks.push(&rest[start..]);
+            break;
+        };
+        let end = start + len + END.len();
+        blocks.push(&rest[start..end]);
+        rest = &rest[end..];
+    }
+    blocks
+}
+
+/// A certificate's subject, for log lines.
+fn subject(der: &CertificateDer<'_>) -> String {
+    X509Certificate::from_der(der.as_ref())
+        .map(|(_, cert)| cert.subject().to_string())
+        .unwrap_or_default()
+}
+
+/// When a certificate stops being valid, in seconds since the Unix epoch.
+fn not_after(der: &CertificateDer<'_>) -> Option<i64> {
+    let (_, cert) = X509Certificate::from_der(der.as_ref()).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
+/// Sets `bookstore_tls_certificate_expiry_timestamp_seconds`: for `certificate="identity"` when
+/// this service's own certificate (`identity`) expires, for `certificate="trust"` when the last
+/// CA of the bundle (`trust`) does: in an overlap bundle the old CA expiring is expected, and
+/// trust ends with the last one. Called after every successful load, so an alert on
+/// `… - time()` sees each renewal. A file that cannot be read leaves its gauge as it was.
+pub fn record_expiry(
+    metrics: &crate::metrics::Metrics,
+    identity: Option<&Path>,
+    trust: Option<&Path>,
+) {
+    let identity = identity
+        .and_then(|path| load_certs(path).ok())
+        .and_then(|(_, chain)| chain.first().and_then(not_after));
+    let trust = trust
+        .and_then(|path| read_trust(path).ok())
+        .and_then(|(trust, _)| trust.ders.iter().filter_map(not_after).max());
+    for (certificate, expiry) in [("identity", identity), ("trust", trust)] {
+        if let Some(expiry) = expiry {
+            metrics
+                .gauge(
+                    "bookstore_tls_certificate_expiry_timestamp_seconds",
+                    &[("certificate", certificate)],
+                )
+                .set(expiry as f64);
+        }
+    }
 }
 
 /// Loads this service's certificate chain and private key, and checks that they belong together.
@@ -293,7 +417,7 @@ pub(crate) fn load_certified_key(cert_path: &Path, key_path: &Path) -> Result<Lo
 
 /// The CA certificates of a PEM bundle, checked as [`load_ca`] checks them.
 pub(crate) fn load_ca_ders(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    load_certs(path).map(|(_, ders)| ders)
+    load_trust(path).map(|trust| trust.ders)
 }
 
 /// The one crypto provider both services use (ring: no C toolchain beyond gcc needed).
@@ -449,6 +573,74 @@ mod tests {
         let c = write(dir.path(), "ca.pem", cert);
         let err = load_ca(&c).expect_err("must fail");
         assert!(matches!(err, TlsError::NotYetValid { .. }), "{err}");
+    }
+
+    #[test]
+    fn an_expired_ca_in_a_bundle_is_skipped_and_the_others_are_used() {
+        let now = OffsetDateTime::now_utc();
+        let (old, _) = self_signed(now - Duration::days(400), now - Duration::days(1));
+        let (current, _) = self_signed(now - Duration::days(1), now + Duration::days(300));
+        let (next, _) = self_signed(now - Duration::days(1), now + Duration::days(700));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bundle = write(
+            dir.path(),
+            "ca.pem",
+            format!("# the overlap bundle\n{old}{current}\n{next}"),
+        );
+        let ders = load_ca_ders(&bundle).expect("a bundle with usable CAs loads");
+        assert_eq!(ders, vec![der(&current).into(), der(&next).into()]);
+        let trust = load_trust(&bundle).expect("trust");
+        assert_eq!(
+            CertificateDer::pem_slice_iter(&trust.pem)
+                .collect::<Result<Vec<_>, _>>()
+                .expect("the PEM given to tonic parses"),
+            ders
+        );
+        load_ca(&bundle).expect("the client's loader agrees");
+
+        // Only expired ones: refused, naming the file and the date.
+        let expired = write(dir.path(), "old.pem", &old);
+        let err = load_ca(&expired).expect_err("nothing usable");
+        assert!(matches!(err, TlsError::Expired { .. }), "{err}");
+        assert!(err.to_string().contains("old.pem: certificate expired"));
+
+        // A block that is not a certificate still refuses the whole file.
+        let broken = write(
+            dir.path(),
+            "broken.pem",
+            format!(
+                "{current}-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n"
+            ),
+        );
+        assert!(matches!(
+            load_ca(&broken).expect_err("broken"),
+            TlsError::BadCertificate { .. }
+        ));
+    }
+
+    #[test]
+    fn expiry_gauges_show_the_identity_and_the_last_ca_to_expire() {
+        let now = OffsetDateTime::now_utc().replace_nanosecond(0).expect("ns");
+        let (leaf, key) = self_signed(now - Duration::days(1), now + Duration::days(30));
+        let (ca_soon, _) = self_signed(now - Duration::days(1), now + Duration::days(20));
+        let (ca_late, _) = self_signed(now - Duration::days(1), now + Duration::days(900));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cert = write(dir.path(), "server.pem", leaf);
+        write(dir.path(), "server.key", key);
+        let ca = write(dir.path(), "ca.pem", format!("{ca_late}{ca_soon}"));
+        let metrics = crate::metrics::Metrics::new("t", "0");
+        record_expiry(&metrics, Some(&cert), Some(&ca));
+        let text = metrics.render();
+        for (certificate, at) in [
+            ("identity", now + Duration::days(30)),
+            ("trust", now + Duration::days(900)),
+        ] {
+            let line = format!(
+                "bookstore_tls_certificate_expiry_timestamp_seconds{{certificate=\"{certificate}\"}} {}",
+                at.unix_timestamp()
+            );
+            assert!(text.contains(&line), "{line} missing from:\n{text}");
+        }
     }
 
     #[test]

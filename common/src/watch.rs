@@ -76,23 +76,33 @@ fn stamp(paths: &[PathBuf]) -> Stamp {
 
 /// Until `stop` is cancelled: every `interval`, if any of the files in `stamps` changed, calls
 /// `reload`; on SIGHUP, calls it whatever. Logs the outcome either way: reloaded, or refused
-/// with the reason, in which case `reload` must have left the material in use untouched.
+/// with the reason, in which case `reload` must have left the material in use untouched. Counts
+/// it in `bookstore_tls_reloads_total{outcome="reloaded"|"refused"}`.
 pub async fn watch_files<E: std::fmt::Display>(
     interval: Duration,
     stop: tokio_util::sync::CancellationToken,
     #[allow(unused_mut)] // not mutated off unix
     mut stamps: FileStamps,
+    metrics: &crate::metrics::Metrics,
     reload: impl Fn() -> Result<(), E> + Send,
 ) {
+    let [reloaded, refused] = ["reloaded", "refused"]
+        .map(|outcome| metrics.counter("bookstore_tls_reloads_total", &[("outcome", outcome)]));
     let attempt = || match reload() {
-        Ok(()) => tracing::info!(
-            files = ?stamps.paths,
-            "TLS certificates reloaded; new connections use them"
-        ),
-        Err(e) => tracing::warn!(
-            error = %e,
-            "new TLS files refused; keeping the certificates in use"
-        ),
+        Ok(()) => {
+            reloaded.increment(1);
+            tracing::info!(
+                files = ?stamps.paths,
+                "TLS certificates reloaded; new connections use them"
+            );
+        }
+        Err(e) => {
+            refused.increment(1);
+            tracing::warn!(
+                error = %e,
+                "new TLS files refused; keeping the certificates in use"
+            );
+        }
     };
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

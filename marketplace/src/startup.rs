@@ -64,6 +64,17 @@ pub fn channel_settings(config: &Config) -> anyhow::Result<ChannelSettings> {
     })
 }
 
+/// Sets the certificate expiry gauges from the files [`channel_settings`] loads.
+fn record_expiry(config: &Config, metrics: &Metrics) {
+    let mode = config.tls.tls_mode;
+    if mode == TlsMode::Off {
+        return;
+    }
+    let files = config.tls.files(Role::Client);
+    let identity = (mode == TlsMode::Mutual).then_some(files.cert.as_path());
+    tls::record_expiry(metrics, identity, Some(&files.ca));
+}
+
 impl Application {
     /// Loads TLS material, resolves the recommendations service and binds the listener. Every
     /// problem is reported here, before anything is served; recommendations being down (or not
@@ -86,6 +97,7 @@ impl Application {
             .then(|| FileStamps::of(&config.tls.files(Role::Client)));
         let metrics = Metrics::new("marketplace", env!("CARGO_PKG_VERSION"));
         let settings = channel_settings(config)?;
+        record_expiry(config, &metrics);
         tracing::info!(
             recommendations = %resolver.target(),
             tls_mode = %config.tls.tls_mode,
@@ -156,16 +168,21 @@ impl Application {
             // New files mean new connections with the new identity; calls in flight finish on
             // the old ones. Files that fail the start-up checks leave the connections alone.
             let (config, backends) = (self.config.clone(), self.backends.clone());
-            tokio::spawn(watch_files(
-                config.tls.reload_interval(),
+            let metrics = self.metrics.clone();
+            let reload = move || {
+                channel_settings(&config)
+                    .map_err(|e| format!("{e:#}"))
+                    .and_then(|settings| backends.reconfigure(settings))
+                    .map(|()| record_expiry(&config, &metrics))
+            };
+            let (interval, stop, metrics) = (
+                self.config.tls.reload_interval(),
                 stop.clone(),
-                stamps,
-                move || {
-                    channel_settings(&config)
-                        .map_err(|e| format!("{e:#}"))
-                        .and_then(|settings| backends.reconfigure(settings))
-                },
-            ));
+                self.metrics.clone(),
+            );
+            tokio::spawn(async move {
+                watch_files(interval, stop, stamps, &metrics, reload).await;
+            });
         }
         let limits = self.config.http_limits();
         limits.log("http");

@@ -141,3 +141,154 @@ async fn a_ca_rotation_under_load_fails_no_page() {
     })
     .await;
 }
+
+/// Both services' successful TLS reloads so far.
+async fn reloads(admin: SocketAddr) -> f64 {
+    let text = bookstore_testkit::raw::scrape(admin).await;
+    bookstore_testkit::raw::metric(
+        &text,
+        &["bookstore_tls_reloads_total", "outcome=\"reloaded\""],
+    )
+}
+
+/// The CA renewed with a new key while both services run, the way an operator (or a CA that
+/// rotates its key) does it: every `ca.pem` first holds the old and the new CA (plus an expired
+/// CA, which is skipped), then each leaf is re-issued by the new CA, then the old CA leaves the
+/// bundle. Both services share the files and reload them; the marketplace reconnects on each
+/// of its reloads, so every phase is crossed by fresh handshakes. Zero failed pages throughout,
+/// and a final restart of recommendations shows the pair handshakes on the new CA alone.
+#[tokio::test]
+async fn a_ca_renewed_with_a_new_key_fails_no_page_through_the_overlap_and_after() {
+    use time::{Duration as Days, OffsetDateTime};
+    let now = OffsetDateTime::now_utc();
+    let pki = TestPki::new();
+    let old_ca = &pki.pki.ca;
+    let new_ca =
+        Authority::valid("Bookstore CA, renewed", now, now + Days::days(4000)).expect("ca");
+    let expired_ca = Authority::valid(
+        "Bookstore CA, long gone",
+        now - Days::days(800),
+        now - Days::days(1),
+    )
+    .expect("ca");
+    let ca_file = pki.dir().join("ca.pem");
+    let server_config = recommendations_config(pki.dir());
+    let server = spawn_recommendations(&server_config).await;
+    let marketplace = spawn_marketplace(&marketplace_config(pki.dir(), server.addr)).await;
+    let web = marketplace.addr;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (pages, failures) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let load = {
+        let (stop, pages, failures) = (stop.clone(), pages.clone(), failures.clone());
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            while !stop.load(Ordering::Relaxed) {
+                pages.fetch_add(1, Ordering::Relaxed);
+                match http.get(format!("http://{web}/")).send().await {
+                    Ok(r) if r.status() == 200 => {}
+                    other => {
+                        eprintln!("page: {other:?}");
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    // Waits until each service has reloaded `want` times, then for some pages on top.
+    let phase = async |what: &str, server_reloads: f64, marketplace_reloads: f64| {
+        eventually(what, async || {
+            reloads(server.admin_addr).await >= server_reloads
+                && reloads(marketplace.admin_addr).await >= marketplace_reloads
+        })
+        .await;
+        let seen = pages.load(Ordering::Relaxed);
+        eventually("pages after the reload", async || {
+            pages.load(Ordering::Relaxed) > seen + 20
+        })
+        .await;
+    };
+
+    // 1. The overlap: every service trusts the old and the new CA.
+    std::fs::write(
+        &ca_file,
+        [expired_ca.issued(), old_ca.issued(), new_ca.issued()]
+            .map(|ca| ca.cert_pem.as_str())
+            .concat(),
+    )
+    .expect("write");
+    phase("both trust old and new", 1.0, 1.0).await;
+
+    // 2. and 3. Each leaf is re-issued by the new CA: first the server's, then the client's
+    // (the marketplace reconnects, verifying the new server certificate and presenting its own).
+    let leaf_until = now + Days::days(90);
+    let server_leaf = new_ca
+        .issue_valid(
+            "recommendations",
+            bookstore_certs::SERVER_NAMES,
+            Usage::Server,
+            now,
+            leaf_until,
+        )
+        .expect("cert");
+    pki.write("server", &server_leaf);
+    phase("the server's new certificate", 2.0, 1.0).await;
+    let client_leaf = new_ca
+        .issue_valid(
+            "marketplace",
+            &["marketplace"],
+            Usage::Client,
+            now,
+            leaf_until,
+        )
+        .expect("cert");
+    pki.write("client", &client_leaf);
+    phase("the marketplace's new certificate", 2.0, 2.0).await;
+
+    // 4. The old CA leaves every bundle.
+    std::fs::write(&ca_file, &new_ca.issued().cert_pem).expect("write");
+    phase("only the new CA", 3.0, 3.0).await;
+    let presenting = async |client: &bookstore_certs::Issued| {
+        let trust = tonic::transport::Certificate::from_pem(&new_ca.issued().cert_pem);
+        grpc_client(server.addr, trust, Some(identity(client)), "localhost")
+            .recommend(RecommendationRequest {
+                user_id: 1,
+                category: 0,
+                max_results: 1,
+            })
+            .await
+            .is_ok()
+    };
+    assert!(presenting(&client_leaf).await, "the new client certificate");
+    assert!(
+        !presenting(&pki.pki.client).await,
+        "the old CA's client certificate must no longer be accepted"
+    );
+    let metrics = bookstore_testkit::raw::scrape(marketplace.admin_addr).await;
+    let identity = bookstore_testkit::raw::metric(
+        &metrics,
+        &[
+            "bookstore_tls_certificate_expiry_timestamp_seconds",
+            "identity",
+        ],
+    );
+    assert_eq!(identity, leaf_until.unix_timestamp() as f64, "{metrics}");
+
+    stop.store(true, Ordering::Relaxed);
+    load.await.expect("load");
+    let total = pages.load(Ordering::Relaxed);
+    assert_eq!(failures.load(Ordering::Relaxed), 0, "of {total} pages");
+
+    // New handshakes on both sides with only the new CA: a restarted recommendations.
+    let addr = server.addr;
+    server.stop().await;
+    let mut restarted_config = server_config;
+    restarted_config.listen_addr = addr;
+    let _restarted = spawn_recommendations(&restarted_config).await;
+    let http = reqwest::Client::new();
+    eventually("pages after a restart on the new CA alone", async || {
+        matches!(http.get(format!("http://{web}/")).send().await, Ok(r) if r.status() == 200)
+    })
+    .await;
+}

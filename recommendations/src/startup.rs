@@ -165,7 +165,9 @@ impl Application {
             _ => {
                 let files = config.tls.files(Role::Server);
                 let stamps = FileStamps::of(&files);
-                Some((Arc::new(ServerTls::load(files, mode)?), stamps))
+                let tls = ServerTls::load(files, mode)?;
+                tls.record_expiry(&metrics);
+                Some((Arc::new(tls), stamps))
             }
         };
         let server = Server::builder()
@@ -276,10 +278,18 @@ impl Application {
         tracing::info!(%addr, "recommendations listening");
         self.limits.log();
         let tls = self.tls.map(|(tls, stamps)| {
-            tokio::spawn(watch_files(self.tls_reload, stop.clone(), stamps, {
-                let tls = tls.clone();
-                move || tls.reload()
-            }));
+            let reload = {
+                let (tls, metrics) = (tls.clone(), self.metrics.clone());
+                move || {
+                    tls.reload()?;
+                    tls.record_expiry(&metrics);
+                    Ok::<(), bookstore_common::tls::TlsError>(())
+                }
+            };
+            let (interval, stop, metrics) = (self.tls_reload, stop.clone(), self.metrics.clone());
+            tokio::spawn(async move {
+                watch_files(interval, stop, stamps, &metrics, reload).await;
+            });
             tls
         });
         let incoming = Incoming::new(self.listener, tls, self.limits, &self.metrics, stop.clone());
