@@ -6,8 +6,10 @@
 #      recommendations over the compose network with mutual TLS (its log names the caller);
 #   4. a real browser (headless Chromium) opens the page: title, three books, a working category
 #      link, and a screenshot;
-#   5. `docker compose stop`: both services log a graceful shutdown;
-#   6. image sizes, and the size of our own layer (the base images here are local stand-ins).
+#   5. what each container can read: its own key and the CA certificate, and only the one-shot
+#      certs step has the CA's key;
+#   6. `docker compose stop`: both services log a graceful shutdown;
+#   7. image sizes, and the size of our own layer (the base images here are local stand-ins).
 #
 # Needs a Docker-compatible engine with compose (on these machines:
 # ../shared/tools/container-setup.sh --compose) and chromium. Usage:
@@ -50,6 +52,17 @@ if grep -qi podman <<<"$engine" && command -v podman >/dev/null; then
     trap 'kill $scheduler 2>/dev/null || true; cleanup' EXIT
 fi
 
+# Where no registry can be reached (these machines) the base images exist only as local
+# stand-ins under their tags (../shared/tools/container-setup.sh), and a digest cannot be faked:
+# build against the tags the Dockerfiles pin.
+if [ -n "${BASE_IMAGES_BY_TAG:-}" ]; then
+    base_tag() { sed -n "s/^ARG $1=\(.*\)@sha256:.*/\1/p" Dockerfile.recommendations; }
+    RUST_IMAGE=$(base_tag RUST_IMAGE)
+    RUNTIME_IMAGE=$(base_tag RUNTIME_IMAGE)
+    export RUST_IMAGE RUNTIME_IMAGE
+    echo "base images by tag: $RUST_IMAGE, $RUNTIME_IMAGE"
+fi
+
 step "docker compose build, then up -d (MARKETPLACE_PORT=$port)"
 started=$(date +%s)
 # One image at a time: podman's compatibility API can wedge when several builds share cache
@@ -77,6 +90,25 @@ compose ps
 compose logs recommendations | grep -E 'gRPC call.*peer="?marketplace' >/dev/null \
     || { compose logs recommendations; echo "no mutual-TLS call from marketplace logged"; exit 1; }
 echo "recommendations logged calls from the certificate identity 'marketplace'"
+
+step "key material: the files in each container's mounts"
+mounted() { # every file in the volumes mounted into service $1's container, sorted
+    local id
+    id=$(compose ps -a -q "$1")
+    [ -n "$id" ] || { echo "no container for $1" >&2; return 1; }
+    docker inspect --format '{{range .Mounts}}{{println .Source}}{{end}}' "$id" |
+        while read -r dir; do [ -z "$dir" ] || ls -A "$dir"; done | sort | paste -sd' ' -
+}
+for want in "recommendations:ca.pem server.key server.pem" "marketplace:ca.pem client.key client.pem"; do
+    svc=${want%%:*}
+    got=$(mounted "$svc")
+    [ "$got" = "${want#*:}" ] || { echo "$svc can read: $got (expected ${want#*:})"; exit 1; }
+    echo "$svc can read: $got"
+done
+# The CA's key is made, and stays, in the certs step's own volume.
+certs_files=$(mounted certs)
+grep -qw ca.key <<<"$certs_files" || { echo "certs step: no ca.key in $certs_files"; exit 1; }
+echo "certs (one-shot, exited) has the CA key: $certs_files"
 
 step "a real browser"
 browser() {
