@@ -75,10 +75,10 @@ echo "up after $(( $(date +%s) - started )) s"
 step "waiting for the page"
 url="http://127.0.0.1:$port/"
 for _ in $(seq 120); do
-    curl -fsS -o /dev/null "$url" 2>/dev/null && break
+    curl -fsS -m 2 -o /dev/null "$url" 2>/dev/null && break
     sleep 1
 done
-page=$(curl -fsS "$url") || { compose ps; compose logs; echo "the page never came up"; exit 1; }
+page=$(curl -fsS -m 10 "$url") || { compose ps; compose logs; echo "the page never came up"; exit 1; }
 grep -q "<title>Online Books For You</title>" <<<"$page"
 items=$(grep -c "<li>" <<<"$page")
 [ "$items" = 3 ] || { echo "expected 3 books, got $items"; echo "$page"; exit 1; }
