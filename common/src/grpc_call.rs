@@ -36,6 +36,24 @@ use crate::{
     server_tls::PeerInfo,
 };
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An error and each of its causes, joined by `: `, with a cause left out when the text before
+/// it already says it (hyper and tonic often repeat their source in their own message).
+pub fn cause_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// The gRPC header carrying the caller's deadline.
 const GRPC_TIMEOUT_HEADER: &str = "grpc-timeout";
 
@@ -158,7 +176,7 @@ impl<S> Service<http::Request<Body>> for Call<S>
 where
     S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
     S::Future: Send + 'static,
-    S::Error: fmt::Display + Send + 'static,
+    S::Error: fmt::Display + Into<BoxError> + Send + 'static,
 {
     type Response = http::Response<Body>;
     type Error = S::Error;
@@ -238,8 +256,12 @@ where
                         if overdue {
                             deadline_exceeded(budget)
                         } else {
-                            Status::unavailable(format!("cannot reach the service: {error}"))
-                                .into_http()
+                            let error: BoxError = error.into();
+                            Status::unavailable(format!(
+                                "cannot reach the service: {}",
+                                cause_chain(error.as_ref())
+                            ))
+                            .into_http()
                         }
                     }
                     Some(Err(error)) => {
@@ -584,6 +606,36 @@ impl Drop for WatchedBody {
 
 #[cfg(test)]
 mod tests {
+    #[derive(Debug)]
+    struct Layered(&'static str, Option<Box<Layered>>);
+
+    impl std::fmt::Display for Layered {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Layered {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+
+    #[test]
+    fn a_cause_chain_names_every_cause_once() {
+        let error = Layered(
+            "transport error",
+            Some(Box::new(Layered(
+                "tcp connect error: Connection refused (os error 111)",
+                Some(Box::new(Layered("Connection refused (os error 111)", None))),
+            ))),
+        );
+        assert_eq!(
+            super::cause_chain(&error),
+            "transport error: tcp connect error: Connection refused (os error 111)"
+        );
+    }
+
     use super::*;
 
     #[test]

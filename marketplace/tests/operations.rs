@@ -177,6 +177,17 @@ async fn with_the_backend_down_pages_say_so_quickly_and_recover_without_a_restar
         }
     }
 
+    // The failed call's log line says why, down to the operating system's answer.
+    let mut web = web;
+    let line = web
+        .process
+        .wait_for_line("cannot reach the service", Duration::from_secs(5))
+        .await;
+    assert!(
+        line.contains("Connection refused") || line.contains("os error 111"),
+        "the cause is missing: {line}"
+    );
+
     let (_recommendations, _) = start_recommendations(&pki, &backend.to_string(), &[]).await;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -249,4 +260,87 @@ async fn a_backend_failing_every_call_is_not_hammered_by_retries() {
         ) > 0.0,
         "{text}"
     );
+}
+
+/// Checks a scrape the way Prometheus and dashboards read it: every series has a `# TYPE` and a
+/// `# HELP` (a histogram's `_bucket`, `_sum` and `_count` belong to its name).
+fn assert_described(service: &str, text: &str) {
+    use std::collections::{BTreeMap, BTreeSet};
+    let mut help = BTreeSet::new();
+    let mut types = BTreeMap::new();
+    let mut samples = BTreeSet::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            help.insert(rest.split(' ').next().unwrap_or("").to_owned());
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut words = rest.split(' ');
+            let name = words.next().unwrap_or("").to_owned();
+            types.insert(name, words.next().unwrap_or("").to_owned());
+        } else {
+            let name = line.split(['{', ' ']).next().unwrap_or("");
+            samples.insert(name.to_owned());
+        }
+    }
+    for sample in &samples {
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| {
+                let base = sample.strip_suffix(suffix)?;
+                (types.get(base).map(String::as_str) == Some("histogram")).then_some(base)
+            })
+            .unwrap_or(sample);
+        assert!(
+            types.contains_key(family),
+            "{service}: {sample} has no # TYPE"
+        );
+        assert!(help.contains(family), "{service}: {family} has no # HELP");
+    }
+    for name in types.keys() {
+        assert!(
+            samples.iter().any(|s| s.starts_with(name.as_str())),
+            "{service}: {name} typed but empty"
+        );
+    }
+}
+
+#[tokio::test]
+async fn every_series_is_described_and_alerting_counters_start_at_zero() {
+    let pki = TestPki::new();
+    let (mut recommendations, backend) = start_recommendations(&pki, "127.0.0.1:0", &[]).await;
+    let recommendations_admin = recommendations.admin_addr().await;
+    let web = start_marketplace(&pki, backend, &[]).await;
+
+    // Before any page: the retry outcomes an alert watches with increase() already exist.
+    let fresh = metrics(web.admin).await;
+    for outcome in ["attempted", "budget_exhausted", "past_deadline"] {
+        let line = format!("bookstore_client_retries_total{{outcome=\"{outcome}\"}} 0\n");
+        assert!(fresh.contains(&line), "{line} missing from:\n{fresh}");
+    }
+
+    for _ in 0..3 {
+        assert_eq!(
+            get(format!("http://{}/", web.addr), &[]).await.status(),
+            200
+        );
+    }
+    for (service, admin) in [
+        ("marketplace", web.admin),
+        ("recommendations", recommendations_admin),
+    ] {
+        let text = metrics(admin).await;
+        assert_described(service, &text);
+        for name in [
+            "process_resident_memory_bytes",
+            "process_cpu_seconds_total",
+            "process_open_fds",
+            "process_start_time_seconds",
+        ] {
+            assert!(
+                text.lines().any(|l| l.starts_with(&format!("{name} "))),
+                "{service}: {name} missing:\n{text}"
+            );
+        }
+        let rss = value(&text, &["process_resident_memory_bytes"]);
+        assert!(rss > 1e6 && rss < 1e9, "{service}: resident memory {rss}");
+    }
 }
