@@ -10,6 +10,7 @@ pub mod http_server;
 pub mod log_limit;
 pub mod metrics;
 pub mod panic;
+pub mod process_metrics;
 pub mod server_tls;
 pub mod shutdown;
 pub mod telemetry;

@@ -7,7 +7,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder};
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
@@ -18,6 +18,120 @@ use tokio_util::sync::CancellationToken;
 const LATENCY_BUCKETS: [f64; 15] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     10.0,
+];
+
+/// What kind of series a description is for.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every series either service exports, with its `# HELP` text. The exporter writes the text
+/// only for series that exist, so one table serves both services; a series missing here would
+/// go out without help, which the services' tests check for.
+const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
+    (
+        "grpc_server_started_total",
+        Kind::Counter,
+        "gRPC calls received, by method.",
+    ),
+    (
+        "grpc_server_handled_total",
+        Kind::Counter,
+        "gRPC calls finished, by method and status code.",
+    ),
+    (
+        "grpc_server_handling_seconds",
+        Kind::Histogram,
+        "Time from receiving a gRPC call to its final status.",
+    ),
+    (
+        "grpc_client_started_total",
+        Kind::Counter,
+        "gRPC calls sent, by method; each retry is a call.",
+    ),
+    (
+        "grpc_client_handled_total",
+        Kind::Counter,
+        "gRPC calls finished, by method and status code.",
+    ),
+    (
+        "grpc_client_handling_seconds",
+        Kind::Histogram,
+        "Time from sending a gRPC call to its final status.",
+    ),
+    (
+        "bookstore_client_retries_total",
+        Kind::Counter,
+        "Retries of backend calls, by outcome: attempted, budget_exhausted (cut off by the retry budget), past_deadline.",
+    ),
+    (
+        "bookstore_client_queue_rejected_total",
+        Kind::Counter,
+        "Pages answered 503 at once because every backend call slot was taken and the wait queue was full.",
+    ),
+    (
+        "bookstore_backend_calls_total",
+        Kind::Counter,
+        "Backend calls sent to each recommendations address (each retry is a call).",
+    ),
+    (
+        "bookstore_backend_ejections_total",
+        Kind::Counter,
+        "Times an address was taken out of the rotation after a call could not get through.",
+    ),
+    (
+        "bookstore_backend_readmissions_total",
+        Kind::Counter,
+        "Times an ejected address rejoined the rotation.",
+    ),
+    (
+        "http_requests_total",
+        Kind::Counter,
+        "HTTP requests answered, by method, route and status.",
+    ),
+    (
+        "http_request_duration_seconds",
+        Kind::Histogram,
+        "Time to answer an HTTP request, by method, route and status.",
+    ),
+    (
+        "bookstore_tls_handshakes_total",
+        Kind::Counter,
+        "TLS handshakes on the gRPC port, by result: completed, refused, timed_out.",
+    ),
+    (
+        "bookstore_tls_reloads_total",
+        Kind::Counter,
+        "Reloads of the TLS files, by outcome: reloaded, refused (the files in use stay).",
+    ),
+    (
+        "bookstore_tls_certificate_expiry_timestamp_seconds",
+        Kind::Gauge,
+        "When a certificate in use expires, in Unix seconds: identity (this service's own), trust (the last CA of the bundle).",
+    ),
+    (
+        "bookstore_connections_refused_total",
+        Kind::Counter,
+        "Connections closed on arrival, by listener and reason.",
+    ),
+    (
+        "bookstore_connections_open",
+        Kind::Gauge,
+        "Connections open now, by listener.",
+    ),
+    (
+        "bookstore_requests_refused_total",
+        Kind::Counter,
+        "Requests to the gRPC port that are not gRPC, by reason: method (405), content_type (415).",
+    ),
+    (
+        "bookstore_build_info",
+        Kind::Gauge,
+        "Always 1: the service and its version.",
+    ),
 ];
 
 /// How often histogram samples are folded into their buckets when nobody scrapes, so memory
@@ -62,6 +176,14 @@ impl Metrics {
             ],
         );
         metrics.recorder.register_gauge(&key, &METADATA).set(1.0);
+        for (name, kind, help) in DESCRIPTIONS {
+            let (name, help) = (KeyName::from_const_str(name), SharedString::const_str(help));
+            match kind {
+                Kind::Counter => metrics.recorder.describe_counter(name, None, help),
+                Kind::Gauge => metrics.recorder.describe_gauge(name, None, help),
+                Kind::Histogram => metrics.recorder.describe_histogram(name, None, help),
+            }
+        }
         metrics
     }
 
@@ -82,9 +204,11 @@ impl Metrics {
             .register_histogram(&key(name, labels), &METADATA)
     }
 
-    /// Everything recorded, in the Prometheus text format.
+    /// Everything recorded, in the Prometheus text format, then the process metrics.
     pub fn render(&self) -> String {
-        self.handle.render()
+        let mut text = self.handle.render();
+        crate::process_metrics::render(&mut text);
+        text
     }
 
     /// Folds histogram samples into buckets every few seconds until `stop`.

@@ -104,6 +104,29 @@ pub struct Backend {
     client: Client,
     ejected_until: Mutex<Option<Instant>>,
     slots: Arc<Semaphore>,
+    counters: AddressCounters,
+}
+
+/// `bookstore_backend_{calls,ejections,readmissions}_total{addr}`: how calls spread over the
+/// addresses, and each address leaving and rejoining the rotation. Kept per address seen since
+/// start (pods come and go: a restart forgets the old ones).
+#[derive(Debug, Clone)]
+struct AddressCounters {
+    calls: metrics::Counter,
+    ejections: metrics::Counter,
+    readmissions: metrics::Counter,
+}
+
+impl AddressCounters {
+    fn new(metrics: &Metrics, addr: SocketAddr) -> Self {
+        let addr = addr.to_string();
+        let counter = |name| metrics.counter(name, &[("addr", addr.as_str())]);
+        AddressCounters {
+            calls: counter("bookstore_backend_calls_total"),
+            ejections: counter("bookstore_backend_ejections_total"),
+            readmissions: counter("bookstore_backend_readmissions_total"),
+        }
+    }
 }
 
 impl Backend {
@@ -124,15 +147,25 @@ impl Backend {
 
     /// Skips this address for a while: a call to it could not get through.
     pub fn eject(&self) {
-        *self.ejected_until.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(Instant::now() + EJECTION);
+        let mut until = self.ejected_until.lock().unwrap_or_else(|p| p.into_inner());
+        if until.is_none() {
+            self.counters.ejections.increment(1);
+        }
+        *until = Some(Instant::now() + EJECTION);
     }
 
+    /// Whether the address sits out now; one whose time is up rejoins here.
     fn is_ejected(&self, now: Instant) -> bool {
-        self.ejected_until
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some_and(|until| now < until)
+        let mut until = self.ejected_until.lock().unwrap_or_else(|p| p.into_inner());
+        match *until {
+            Some(end) if now < end => true,
+            Some(_) => {
+                *until = None;
+                self.counters.readmissions.increment(1);
+                false
+            }
+            None => false,
+        }
     }
 }
 
@@ -179,11 +212,15 @@ impl Backends {
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
-        (0..current.len())
+        let picked = (0..current.len())
             .map(|i| &current[(start + i) % current.len()])
             .find(|b| !b.is_ejected(now))
             .or_else(|| current.get(start % current.len()))
-            .cloned()
+            .cloned();
+        if let Some(backend) = &picked {
+            backend.counters.calls.increment(1);
+        }
+        picked
     }
 
     /// The addresses in use.
@@ -281,6 +318,7 @@ impl Backends {
             client: RecommendationsClient::new(tower::Layer::layer(&layer, channel)),
             ejected_until: Mutex::new(None),
             slots: Arc::new(Semaphore::new(settings.max_calls)),
+            counters: AddressCounters::new(&self.metrics, addr),
         }))
     }
 }
@@ -339,6 +377,40 @@ mod tests {
             b.pick().is_some(),
             "with everything ejected, still try something"
         );
+    }
+
+    #[tokio::test]
+    async fn each_address_counts_its_calls_ejections_and_readmissions() {
+        let (_, b) = backends(vec![addr(1), addr(2)]);
+        b.refresh().await.expect("refresh");
+        for _ in 0..4 {
+            b.pick().expect("pick");
+        }
+        let first = b.current_map()[&addr(1)].clone();
+        first.eject();
+        first.eject(); // still out: one ejection
+        for _ in 0..2 {
+            assert_eq!(b.pick().expect("pick").addr, addr(2));
+        }
+        let series = |name: &str, a: SocketAddr| -> String {
+            let line = format!("{name}{{addr=\"{a}\"}} ");
+            let text = b.metrics.render();
+            text.lines()
+                .find_map(|l| l.strip_prefix(&line).map(str::to_owned))
+                .unwrap_or_else(|| panic!("{line} missing from:\n{text}"))
+        };
+        assert_eq!(series("bookstore_backend_calls_total", addr(1)), "2");
+        assert_eq!(series("bookstore_backend_calls_total", addr(2)), "4");
+        assert_eq!(series("bookstore_backend_ejections_total", addr(1)), "1");
+        assert_eq!(series("bookstore_backend_readmissions_total", addr(1)), "0");
+        // Once its time is up, the address takes calls again, and that is counted.
+        let deadline = Instant::now() + EJECTION + Duration::from_secs(3);
+        while series("bookstore_backend_readmissions_total", addr(1)) == "0" {
+            assert!(Instant::now() < deadline, "never re-admitted");
+            b.pick().expect("pick");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(series("bookstore_backend_ejections_total", addr(2)), "0");
     }
 
     #[tokio::test]

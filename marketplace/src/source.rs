@@ -123,9 +123,19 @@ impl std::fmt::Debug for GrpcSource {
     }
 }
 
+/// The `outcome` values of `bookstore_client_retries_total`.
+const RETRY_OUTCOMES: [&str; 3] = ["attempted", "budget_exhausted", "past_deadline"];
+
 impl GrpcSource {
     /// Calls through `backends`; every request, retries included, ends within `timeout`.
     pub fn new(backends: Arc<Backends>, timeout: Duration, metrics: Metrics) -> Self {
+        // Every outcome exists from the start, at zero, so an alert on `increase()` sees the
+        // first retry (a series born at 1 has no increase).
+        for outcome in RETRY_OUTCOMES {
+            metrics
+                .counter("bookstore_client_retries_total", &[("outcome", outcome)])
+                .increment(0);
+        }
         GrpcSource {
             backends,
             timeout,
