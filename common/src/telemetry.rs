@@ -22,11 +22,28 @@ pub struct LogArgs {
     /// `text` for people, `json` for log collectors.
     #[arg(long = "log-format", env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub format: LogFormat,
-    /// OpenTelemetry collector to export traces to over OTLP/gRPC, e.g.
-    /// `http://otel-collector:4317` (builds with the `otel` feature only; unset: no export).
-    #[cfg(feature = "otel")]
+    /// OpenTelemetry collector to export traces to, e.g. `http://otel-collector:4317` (OTLP/gRPC)
+    /// or `http://otel-collector:4318` (OTLP/HTTP). Unset: no export, and no cost. Needs a build
+    /// with the `otel` feature (the images have it); other builds warn once and go on.
     #[arg(long = "otlp-endpoint", env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// How to talk to the collector: `grpc` or `http/protobuf`. The service name comes from
+    /// `OTEL_SERVICE_NAME` (or `service.name` in `OTEL_RESOURCE_ATTRIBUTES`), else the
+    /// service's own; `OTEL_TRACES_SAMPLER`, its argument and `OTEL_RESOURCE_ATTRIBUTES` are
+    /// read by the OpenTelemetry SDK.
+    #[arg(long = "otlp-protocol", env = "OTEL_EXPORTER_OTLP_PROTOCOL", value_enum,
+          default_value_t = OtlpProtocol::Grpc)]
+    pub otlp_protocol: OtlpProtocol,
+}
+
+/// The OTLP transports the exporter speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OtlpProtocol {
+    /// OTLP over gRPC (collector port 4317).
+    Grpc,
+    /// OTLP over HTTP with protobuf bodies (collector port 4318, path `/v1/traces`).
+    #[value(name = "http/protobuf")]
+    HttpProtobuf,
 }
 
 impl Default for LogArgs {
@@ -34,8 +51,8 @@ impl Default for LogArgs {
         LogArgs {
             filter: "info".into(),
             format: LogFormat::Text,
-            #[cfg(feature = "otel")]
             otlp_endpoint: None,
+            otlp_protocol: OtlpProtocol::Grpc,
         }
     }
 }
@@ -93,7 +110,7 @@ pub fn init(args: &LogArgs, service: &'static str) -> Telemetry {
     #[cfg(feature = "otel")]
     let (registry, telemetry, exporter_error) = {
         let (layer, provider, error) = match &args.otlp_endpoint {
-            Some(endpoint) => match otel::provider(endpoint, service) {
+            Some(endpoint) => match otel::provider(endpoint, args.otlp_protocol, service) {
                 Ok(provider) => {
                     use opentelemetry::trace::TracerProvider as _;
                     let layer =
@@ -108,7 +125,7 @@ pub fn init(args: &LogArgs, service: &'static str) -> Telemetry {
     };
     #[cfg(not(feature = "otel"))]
     let telemetry = {
-        let _ = service;
+        let _ = (service, args.otlp_protocol);
         Telemetry::default()
     };
     // A second call (tests start several apps in one process) keeps the first subscriber.
@@ -122,9 +139,21 @@ pub fn init(args: &LogArgs, service: &'static str) -> Telemetry {
     if let Some(e) = bad {
         tracing::warn!(error = %e, "invalid RUST_LOG directive; logging at info");
     }
+    #[cfg(not(feature = "otel"))]
+    if let Some(endpoint) = &args.otlp_endpoint {
+        tracing::warn!(
+            %endpoint,
+            "OTEL_EXPORTER_OTLP_ENDPOINT is set, but this build has no trace export (cargo \
+             feature `otel`; the images have it): no traces are sent"
+        );
+    }
     #[cfg(feature = "otel")]
     match (&args.otlp_endpoint, exporter_error) {
-        (Some(endpoint), None) => tracing::info!(%endpoint, "exporting traces over OTLP"),
+        (Some(endpoint), None) => tracing::info!(
+            %endpoint,
+            protocol = ?args.otlp_protocol,
+            "exporting traces over OTLP"
+        ),
         (Some(endpoint), Some(e)) => {
             tracing::warn!(%endpoint, error = %e, "cannot export traces; going on without")
         }
@@ -155,27 +184,54 @@ fn log_panic(info: &std::panic::PanicHookInfo<'_>) {
 
 #[cfg(feature = "otel")]
 mod otel {
+    use opentelemetry::KeyValue;
     use opentelemetry_otlp::WithExportConfig;
     use opentelemetry_sdk::{
         Resource, runtime,
         trace::{SdkTracerProvider, span_processor_with_async_runtime::BatchSpanProcessor},
     };
 
-    /// Spans batched and sent from a task on the service's own runtime: the exporter's gRPC
-    /// client needs Tokio, which the SDK's default batch thread does not have.
+    use super::OtlpProtocol;
+
+    /// Spans batched and sent from a task on the service's own runtime: the exporter's clients
+    /// need Tokio, which the SDK's default batch thread does not have.
     pub(super) fn provider(
         endpoint: &str,
+        protocol: OtlpProtocol,
         service: &'static str,
     ) -> Result<SdkTracerProvider, String> {
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(endpoint)
-            .build()
-            .map_err(|e| e.to_string())?;
+        let exporter = match protocol {
+            OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build(),
+            OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
+                .build(),
+        }
+        .map_err(|e| e.to_string())?;
         let processor = BatchSpanProcessor::builder(exporter, runtime::Tokio).build();
         Ok(SdkTracerProvider::builder()
             .with_span_processor(processor)
-            .with_resource(Resource::builder().with_service_name(service).build())
+            .with_resource(resource(service))
             .build())
+    }
+
+    /// The SDK's resource, read from `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`; the
+    /// service's own name only where neither names it (the SDK would say `unknown_service`).
+    fn resource(service: &'static str) -> Resource {
+        let from_env = Resource::builder().build();
+        let named = from_env
+            .get(&opentelemetry::Key::from_static_str("service.name"))
+            .is_some_and(|name| !name.as_str().starts_with("unknown_service"));
+        if named {
+            from_env
+        } else {
+            Resource::builder()
+                .with_attribute(KeyValue::new("service.name", service))
+                .build()
+        }
     }
 }

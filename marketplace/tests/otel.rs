@@ -128,3 +128,98 @@ async fn both_services_spans_join_the_callers_trace_in_the_collector() {
     );
     assert!(grpc.end_time_unix_nano >= grpc.start_time_unix_nano);
 }
+
+/// The real binary, configured only by the standard OpenTelemetry variables: OTLP over HTTP to a
+/// collector that decodes what it gets, with the service name and resource attributes taken
+/// from the environment.
+#[tokio::test]
+async fn the_binary_exports_over_otlp_http_under_the_name_the_environment_gives() {
+    use prost::Message;
+
+    let requests = Arc::new(Mutex::new(Vec::<ExportTraceServiceRequest>::new()));
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post({
+            let requests = requests.clone();
+            move |body: axum::body::Bytes| async move {
+                match ExportTraceServiceRequest::decode(body) {
+                    Ok(request) => {
+                        requests.lock().expect("lock").push(request);
+                        axum::http::StatusCode::OK
+                    }
+                    Err(_) => axum::http::StatusCode::BAD_REQUEST,
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let collector = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let pki = TestPki::new();
+    // No backend there: the page is a 503, and its span is exported all the same.
+    let backend = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port");
+    let (_web, web) = bookstore_testkit::process::start_marketplace(
+        pki.dir(),
+        backend,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}")),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".to_owned()),
+            ("OTEL_SERVICE_NAME", "shop-frontend".to_owned()),
+            (
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "deployment.environment=test".to_owned(),
+            ),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
+        ],
+    )
+    .await;
+    let status = reqwest::get(format!("http://{web}/"))
+        .await
+        .expect("page")
+        .status();
+    assert_eq!(status, 503);
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let resource = loop {
+        let found = requests.lock().expect("lock").iter().find_map(|request| {
+            request.resource_spans.iter().find_map(|r| {
+                let page = r
+                    .scope_spans
+                    .iter()
+                    .flat_map(|s| &s.spans)
+                    .any(|s| s.name == "GET /");
+                page.then(|| r.resource.clone())
+            })
+        });
+        if let Some(resource) = found {
+            break resource.expect("a resource");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no page span arrived over OTLP/HTTP"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let attribute = |key: &str| {
+        resource
+            .attributes
+            .iter()
+            .find(|a| a.key == key)
+            .and_then(|a| a.value.clone()?.value)
+            .map(|v| format!("{v:?}"))
+            .unwrap_or_default()
+    };
+    assert!(
+        attribute("service.name").contains("shop-frontend"),
+        "{resource:?}"
+    );
+    assert!(
+        attribute("deployment.environment").contains("test"),
+        "{resource:?}"
+    );
+}
