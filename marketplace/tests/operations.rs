@@ -344,3 +344,99 @@ async fn every_series_is_described_and_alerting_counters_start_at_zero() {
         assert!(rss > 1e6 && rss < 1e9, "{service}: resident memory {rss}");
     }
 }
+
+/// A build without trace export, asked for it by the standard variable, says so once and
+/// serves as usual.
+#[cfg(not(feature = "otel"))]
+#[tokio::test]
+async fn a_build_without_trace_export_says_so_when_asked_for_it() {
+    let pki = TestPki::new();
+    let (_recommendations, backend) = start_recommendations(&pki, "127.0.0.1:0", &[]).await;
+    let mut web = start_marketplace(
+        &pki,
+        backend,
+        &[(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "http://127.0.0.1:4317".to_owned(),
+        )],
+    )
+    .await;
+    let line = web
+        .process
+        .wait_for_line("this build has no trace export", Duration::from_secs(5))
+        .await;
+    assert!(line.contains("WARN"), "{line}");
+    assert_eq!(
+        get(format!("http://{}/", web.addr), &[]).await.status(),
+        200
+    );
+    let warnings = web
+        .process
+        .read_available()
+        .iter()
+        .filter(|l| l.contains("no trace export"))
+        .count();
+    assert_eq!(warnings, 1, "one warning, not one per page");
+}
+
+/// With `LOG_FORMAT=json`, every line both services write through pages, a 404, failed and
+/// retried calls, a backend going away and a shutdown is one JSON object with each key once.
+#[tokio::test]
+async fn every_json_log_line_of_both_services_has_each_key_once() {
+    let pki = TestPki::new();
+    let json = ("LOG_FORMAT", "json".to_owned());
+    let (recommendations, backend) = start_recommendations(
+        &pki,
+        "127.0.0.1:0",
+        &[json.clone(), ("FAILURE_RATE", "0.5".to_owned())],
+    )
+    .await;
+    let mut web = start_marketplace(
+        &pki,
+        backend,
+        &[
+            json,
+            ("RUST_LOG", "debug,h2=info,hyper=info,tower=info".to_owned()),
+        ],
+    )
+    .await;
+    for path in [
+        "/",
+        "/",
+        "/",
+        "/nowhere",
+        "/api/recommendations?category=mystery",
+    ] {
+        get(format!("http://{}{path}", web.addr), &[]).await;
+    }
+    recommendations.signal("TERM");
+    let (_, recommendations_log) = recommendations.wait(Duration::from_secs(40)).await;
+    get(format!("http://{}/", web.addr), &[]).await; // the backend is gone
+    web.process
+        .wait_for_line("cannot reach the service", Duration::from_secs(5))
+        .await;
+    web.process.signal("TERM");
+    let (_, web_log) = web.process.wait(Duration::from_secs(40)).await;
+    for (service, log, needles) in [
+        (
+            "recommendations",
+            &recommendations_log,
+            &["\"gRPC call\"", "Shut down gracefully"][..],
+        ),
+        (
+            "marketplace",
+            &web_log,
+            &["\"HTTP request\"", "\"gRPC call\"", "Shut down gracefully"][..],
+        ),
+    ] {
+        for line in log {
+            bookstore_testkit::json_log::parse_line(line);
+        }
+        for needle in needles {
+            assert!(
+                log.iter().any(|l| l.contains(needle)),
+                "{service}: no {needle} line was checked"
+            );
+        }
+    }
+}

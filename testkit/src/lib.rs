@@ -2,6 +2,7 @@
 //! on port 0 through its real `startup` path, and gRPC clients with chosen TLS identities.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
+pub mod json_log;
 pub mod process;
 pub mod raw;
 

@@ -169,10 +169,7 @@ impl ServiceProcess {
         let line = self
             .wait_for_line("listening", Duration::from_secs(20))
             .await;
-        let addr = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("addr="))
-            .unwrap_or_else(|| panic!("no addr= in {line:?}"));
+        let addr = field(&line, "addr").unwrap_or_else(|| panic!("no addr in {line:?}"));
         addr.parse()
             .unwrap_or_else(|e| panic!("bad addr {addr:?}: {e}"))
     }
@@ -182,10 +179,8 @@ impl ServiceProcess {
         let line = self
             .wait_for_line("admin endpoints up", Duration::from_secs(60))
             .await;
-        let addr = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("admin_addr="))
-            .unwrap_or_else(|| panic!("no admin_addr= in {line:?}"));
+        let addr =
+            field(&line, "admin_addr").unwrap_or_else(|| panic!("no admin_addr in {line:?}"));
         addr.parse()
             .unwrap_or_else(|e| panic!("bad admin_addr {addr:?}: {e}"))
     }
@@ -218,6 +213,18 @@ impl ServiceProcess {
         }
         (status, self.log)
     }
+}
+
+/// A field of a log line, in either format: `name=value` (text) or `"name":"value"` (JSON).
+fn field(line: &str, name: &str) -> Option<String> {
+    if line.starts_with('{') {
+        let event: serde_json::Value = serde_json::from_str(line).ok()?;
+        return event.get(name)?.as_str().map(str::to_owned);
+    }
+    let prefix = format!("{name}=");
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(prefix.as_str()))
+        .map(|v| v.trim_matches('"').to_owned())
 }
 
 /// Starts the recommendations binary on a free loopback port with the PKI in `certs`; `extra`
