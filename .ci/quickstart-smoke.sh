@@ -6,6 +6,10 @@ cd "$(dirname "$0")/.."
 port=${SMOKE_PORT:-5055}
 grpc_port=${SMOKE_GRPC_PORT:-50555}
 log=$(mktemp)
+# Build what `cargo xtask up` builds first, so the wait below times the start-up and not a
+# compile (earlier CI steps leave builds with other features behind).
+cargo build --locked --quiet -p xtask
+cargo build --locked --quiet --bin recommendations --bin marketplace
 setsid cargo xtask up --port "$port" --grpc-port "$grpc_port" >"$log" 2>&1 &
 pid=$!
 cleanup() { kill -KILL -- "-$pid" 2>/dev/null || true; rm -f "$log"; }
