@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Static checks of the Kubernetes manifests, as CI runs them: every kustomization rendered,
 # validated for the oldest and newest Kubernetes we support (kubernetes-validate --strict; it
-# warns about the cert-manager kinds, which it has no schema for), then scanned by checkov.
+# warns about the cert-manager and Prometheus Operator kinds, which it has no schema for), then
+# scanned by checkov.
 # Needs kubectl, kubernetes-validate and checkov (python3 -m pip install kubernetes-validate
 # checkov). Findings are fixed or skipped on the object itself (checkov.io/skipN annotations,
 # each with its reason), never in a config file.

@@ -80,7 +80,7 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
     (
         "bookstore_backend_ejections_total",
         Kind::Counter,
-        "Times an address was taken out of the rotation after a call could not get through.",
+        "Times an address was taken out of the rotation after a call to it failed UNAVAILABLE.",
     ),
     (
         "bookstore_backend_readmissions_total",
@@ -156,7 +156,7 @@ static METADATA: Metadata<'static> =
     Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
 
 impl Metrics {
-    /// A registry whose `*_seconds` metrics are histograms, with `<service>_build_info` set.
+    /// A registry whose `*_seconds` metrics are histograms, with `bookstore_build_info{service}` set.
     pub fn new(service: &'static str, version: &'static str) -> Self {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)

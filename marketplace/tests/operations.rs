@@ -312,9 +312,23 @@ async fn every_series_is_described_and_alerting_counters_start_at_zero() {
 
     // Before any page: the retry outcomes an alert watches with increase() already exist.
     let fresh = metrics(web.admin).await;
-    for outcome in ["attempted", "budget_exhausted", "past_deadline"] {
-        let line = format!("bookstore_client_retries_total{{outcome=\"{outcome}\"}} 0\n");
-        assert!(fresh.contains(&line), "{line} missing from:\n{fresh}");
+    let mut at_zero: Vec<String> = ["attempted", "budget_exhausted", "past_deadline"]
+        .iter()
+        .map(|outcome| format!("bookstore_client_retries_total{{outcome=\"{outcome}\"}} 0\n"))
+        .collect();
+    at_zero.extend(
+        [
+            "bookstore_client_queue_rejected_total 0\n",
+            "bookstore_connections_refused_total{listener=\"http\",reason=\"max_connections\"} 0\n",
+            "bookstore_tls_reloads_total{outcome=\"refused\"} 0\n",
+        ]
+        .map(str::to_owned),
+    );
+    for line in &at_zero {
+        assert!(
+            fresh.contains(line.as_str()),
+            "{line} missing from:\n{fresh}"
+        );
     }
 
     for _ in 0..3 {
