@@ -233,7 +233,7 @@ PICTURE = [
     ("Pages per second, by status",
      'sum by (status) (rate(http_requests_total{route="/"}[5s]))', "{status}"),
     ("Recommend calls served, by code",
-     'sum by (grpc_code) (rate(grpc_server_handled_total{grpc_method="Recommend"}[5s]))',
+     'sum by (grpc_code) (rate(grpc_server_handled_total{grpc_method="Recommend"}[5s])) > 0',
      "{grpc_code}"),
     ("Backend calls per second: each address, and retries",
      'sum by (addr) (rate(bookstore_backend_calls_total[5s])) or '

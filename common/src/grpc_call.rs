@@ -119,29 +119,41 @@ impl CallLayer {
         methods: &'static [KnownMethod],
         max_duration: Duration,
     ) -> Self {
-        CallLayer {
-            shared: Arc::new(Shared {
-                side: Side::Server,
-                handles: Handles::for_methods(methods),
-                metrics,
-                methods,
-                max_duration: Some(max_duration),
-                peer: None,
-            }),
-        }
+        Self::new(Shared {
+            side: Side::Server,
+            handles: Handles::for_methods(methods),
+            metrics,
+            methods,
+            max_duration: Some(max_duration),
+            peer: None,
+        })
     }
 
     /// The client side, for a connection to `peer`.
     pub fn client(metrics: Metrics, methods: &'static [KnownMethod], peer: String) -> Self {
+        Self::new(Shared {
+            side: Side::Client,
+            handles: Handles::for_methods(methods),
+            metrics,
+            methods,
+            max_duration: None,
+            peer: Some(peer),
+        })
+    }
+
+    /// Every known method's `started_total` and its `handled_total` for each status code start
+    /// at zero, as go-grpc-prometheus' initialisation does: the label values are known in
+    /// advance, so an alert on `increase()` sees the first call of each kind.
+    fn new(shared: Shared) -> Self {
+        for slot in 0..shared.methods.len() {
+            shared.started(slot).increment(0);
+            for code in 0..CODES {
+                let code = Code::from(i32::try_from(code).unwrap_or_default());
+                shared.handled(slot, code).increment(0);
+            }
+        }
         CallLayer {
-            shared: Arc::new(Shared {
-                side: Side::Client,
-                handles: Handles::for_methods(methods),
-                metrics,
-                methods,
-                max_duration: None,
-                peer: Some(peer),
-            }),
+            shared: Arc::new(shared),
         }
     }
 }

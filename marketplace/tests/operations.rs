@@ -324,11 +324,20 @@ async fn every_series_is_described_and_alerting_counters_start_at_zero() {
         ]
         .map(str::to_owned),
     );
+    let recommend = r#"grpc_type="unary",grpc_service="Recommendations",grpc_method="Recommend""#;
+    at_zero.push(format!(
+        "grpc_client_handled_total{{{recommend},grpc_code=\"Unavailable\"}} 0\n"
+    ));
     for line in &at_zero {
         assert!(
             fresh.contains(line.as_str()),
             "{line} missing from:\n{fresh}"
         );
+    }
+    let served = metrics(recommendations_admin).await;
+    for code in ["OK", "Internal", "ResourceExhausted", "Unavailable"] {
+        let line = format!("grpc_server_handled_total{{{recommend},grpc_code=\"{code}\"}} 0\n");
+        assert!(served.contains(&line), "{line} missing from:\n{served}");
     }
 
     for _ in 0..3 {
