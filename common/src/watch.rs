@@ -77,17 +77,32 @@ fn stamp(paths: &[PathBuf]) -> Stamp {
 /// Until `stop` is cancelled: every `interval`, if any of the files in `stamps` changed, calls
 /// `reload`; on SIGHUP, calls it whatever. Logs the outcome either way: reloaded, or refused
 /// with the reason, in which case `reload` must have left the material in use untouched. Counts
-/// it in `bookstore_tls_reloads_total{outcome="reloaded"|"refused"}`.
-pub async fn watch_files<E: std::fmt::Display>(
+/// it in `bookstore_tls_reloads_total{outcome="reloaded"|"refused"}`, whose series exist from
+/// this call on (before the returned future first runs), at zero.
+pub fn watch_files<E: std::fmt::Display>(
+    interval: Duration,
+    stop: tokio_util::sync::CancellationToken,
+    stamps: FileStamps,
+    metrics: crate::metrics::Metrics,
+    reload: impl Fn() -> Result<(), E> + Send,
+) -> impl std::future::Future<Output = ()> {
+    let [reloaded, refused] = ["reloaded", "refused"].map(|outcome| {
+        let counter = metrics.counter("bookstore_tls_reloads_total", &[("outcome", outcome)]);
+        counter.increment(0);
+        counter
+    });
+    watch(interval, stop, stamps, reload, reloaded, refused)
+}
+
+async fn watch<E: std::fmt::Display>(
     interval: Duration,
     stop: tokio_util::sync::CancellationToken,
     #[allow(unused_mut)] // not mutated off unix
     mut stamps: FileStamps,
-    metrics: &crate::metrics::Metrics,
     reload: impl Fn() -> Result<(), E> + Send,
+    reloaded: metrics::Counter,
+    refused: metrics::Counter,
 ) {
-    let [reloaded, refused] = ["reloaded", "refused"]
-        .map(|outcome| metrics.counter("bookstore_tls_reloads_total", &[("outcome", outcome)]));
     let attempt = || match reload() {
         Ok(()) => {
             reloaded.increment(1);

@@ -180,9 +180,7 @@ impl Application {
                 stop.clone(),
                 self.metrics.clone(),
             );
-            tokio::spawn(async move {
-                watch_files(interval, stop, stamps, &metrics, reload).await;
-            });
+            tokio::spawn(watch_files(interval, stop, stamps, metrics, reload));
         }
         let limits = self.config.http_limits();
         limits.log("http");

@@ -319,7 +319,6 @@ async fn every_series_is_described_and_alerting_counters_start_at_zero() {
     at_zero.extend(
         [
             "bookstore_client_queue_rejected_total 0\n",
-            "bookstore_connections_refused_total{listener=\"http\",reason=\"max_connections\"} 0\n",
             "bookstore_tls_reloads_total{outcome=\"refused\"} 0\n",
         ]
         .map(str::to_owned),

@@ -287,9 +287,7 @@ impl Application {
                 }
             };
             let (interval, stop, metrics) = (self.tls_reload, stop.clone(), self.metrics.clone());
-            tokio::spawn(async move {
-                watch_files(interval, stop, stamps, &metrics, reload).await;
-            });
+            tokio::spawn(watch_files(interval, stop, stamps, metrics, reload));
             tls
         });
         let incoming = Incoming::new(self.listener, tls, self.limits, &self.metrics, stop.clone());
