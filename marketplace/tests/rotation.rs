@@ -28,20 +28,93 @@ async fn eventually(what: &str, mut probe: impl AsyncFnMut() -> bool) {
     }
 }
 
-async fn accepts(addr: SocketAddr, pki: &TestPki, client: &bookstore_certs::Issued) -> bool {
-    grpc_client(
-        addr,
-        pki.ca_certificate(),
-        Some(identity(client)),
-        "localhost",
-    )
-    .recommend(RecommendationRequest {
-        user_id: 1,
-        category: 0,
-        max_results: 1,
+/// Whether a new connection presenting `client`, and verifying the server with `trust`, gets a
+/// call through.
+/// Pages fetched one after another until [`PageLoad::finish`], counting those not answered 200.
+struct PageLoad {
+    stop: Arc<AtomicBool>,
+    pages: Arc<AtomicUsize>,
+    failures: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PageLoad {
+    fn start(web: SocketAddr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (pages, failures) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let task = {
+            let (stop, pages, failures) = (stop.clone(), pages.clone(), failures.clone());
+            tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                while !stop.load(Ordering::Relaxed) {
+                    pages.fetch_add(1, Ordering::Relaxed);
+                    match http.get(format!("http://{web}/")).send().await {
+                        Ok(r) if r.status() == 200 => {}
+                        other => {
+                            eprintln!("page: {other:?}");
+                            failures.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        };
+        PageLoad {
+            stop,
+            pages,
+            failures,
+            task,
+        }
+    }
+
+    /// Pages requested so far.
+    fn pages(&self) -> usize {
+        self.pages.load(Ordering::Relaxed)
+    }
+
+    /// Stops the load; the pages requested, and how many failed.
+    async fn finish(self) -> (usize, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("load");
+        (
+            self.pages.load(Ordering::Relaxed),
+            self.failures.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Stops recommendations and starts it again on the same address with `config`, which forces
+/// new handshakes; waits until the marketplace at `web` serves a page again.
+async fn restart_then_page(
+    server: bookstore_testkit::Running,
+    mut config: recommendations::config::Config,
+    web: SocketAddr,
+    what: &str,
+) {
+    let addr = server.addr;
+    server.stop().await;
+    config.listen_addr = addr;
+    let _restarted = spawn_recommendations(&config).await;
+    let http = reqwest::Client::new();
+    eventually(what, async || {
+        matches!(http.get(format!("http://{web}/")).send().await, Ok(r) if r.status() == 200)
     })
-    .await
-    .is_ok()
+    .await;
+}
+
+async fn accepts(
+    addr: SocketAddr,
+    trust: tonic::transport::Certificate,
+    client: &bookstore_certs::Issued,
+) -> bool {
+    grpc_client(addr, trust, Some(identity(client)), "localhost")
+        .recommend(RecommendationRequest {
+            user_id: 1,
+            category: 0,
+            max_results: 1,
+        })
+        .await
+        .is_ok()
 }
 
 #[tokio::test]
@@ -59,32 +132,7 @@ async fn a_ca_rotation_under_load_fails_no_page() {
     let marketplace = spawn_marketplace(&marketplace_config(pki.dir(), server.addr)).await;
     let web = marketplace.addr;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (pages, failures) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let load = {
-        let (stop, pages, failures) = (stop.clone(), pages.clone(), failures.clone());
-        tokio::spawn(async move {
-            let http = reqwest::Client::new();
-            while !stop.load(Ordering::Relaxed) {
-                pages.fetch_add(1, Ordering::Relaxed);
-                let ok = match http.get(format!("http://{web}/")).send().await {
-                    Ok(r) if r.status() == 200 => true,
-                    Ok(r) => {
-                        eprintln!("page: {}", r.status());
-                        false
-                    }
-                    Err(e) => {
-                        eprintln!("page: {e}");
-                        false
-                    }
-                };
-                if !ok {
-                    failures.fetch_add(1, Ordering::Relaxed);
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-    };
+    let load = PageLoad::start(web);
 
     // 1. The server trusts both CAs.
     let new_client = new_ca
@@ -96,28 +144,26 @@ async fn a_ca_rotation_under_load_fails_no_page() {
     )
     .expect("write");
     eventually("server trusts the new CA", async || {
-        accepts(server.addr, &pki, &new_client).await
+        accepts(server.addr, pki.ca_certificate(), &new_client).await
     })
     .await;
 
     // 2. The marketplace gets its certificate from the new CA.
     pki.write("client", &new_client);
-    let pages_before_switch = pages.load(Ordering::Relaxed);
+    let pages_before_switch = load.pages();
 
     // 3. The server drops the old CA: only the new client certificate works from here.
     tokio::time::sleep(Duration::from_millis(2500)).await; // the marketplace's reload (1 s polls)
     std::fs::write(&trust, &new_ca.issued().cert_pem).expect("write");
     let old_client = pki.pki.client.clone();
     eventually("server drops the old CA", async || {
-        !accepts(server.addr, &pki, &old_client).await
+        !accepts(server.addr, pki.ca_certificate(), &old_client).await
     })
     .await;
-    let pages_at_cutover = pages.load(Ordering::Relaxed);
+    let pages_at_cutover = load.pages();
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    stop.store(true, Ordering::Relaxed);
-    load.await.expect("load");
-    let total = pages.load(Ordering::Relaxed);
+    let (total, failures) = load.finish().await;
     assert!(
         pages_at_cutover > pages_before_switch,
         "no load during the switch"
@@ -126,19 +172,17 @@ async fn a_ca_rotation_under_load_fails_no_page() {
         total > pages_at_cutover + 10,
         "too few pages after the old CA was dropped: {total}"
     );
-    assert_eq!(failures.load(Ordering::Relaxed), 0, "of {total} pages");
+    assert_eq!(failures, 0, "of {total} pages");
 
     // Open connections are never re-verified, so the pages above could still ride the old
     // connection. A recommendations restart (same address, trusting only the new CA) forces a
     // new handshake: the marketplace, not restarted, gets back in only with its new certificate.
-    let addr = server.addr;
-    server.stop().await;
-    server_config.listen_addr = addr;
-    let _restarted = spawn_recommendations(&server_config).await;
-    let http = reqwest::Client::new();
-    eventually("the marketplace reconnects with its new identity", async || {
-        matches!(http.get(format!("http://{web}/")).send().await, Ok(r) if r.status() == 200)
-    })
+    restart_then_page(
+        server,
+        server_config,
+        web,
+        "the marketplace reconnects with its new identity",
+    )
     .await;
 }
 
@@ -177,25 +221,7 @@ async fn a_ca_renewed_with_a_new_key_fails_no_page_through_the_overlap_and_after
     let marketplace = spawn_marketplace(&marketplace_config(pki.dir(), server.addr)).await;
     let web = marketplace.addr;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (pages, failures) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let load = {
-        let (stop, pages, failures) = (stop.clone(), pages.clone(), failures.clone());
-        tokio::spawn(async move {
-            let http = reqwest::Client::new();
-            while !stop.load(Ordering::Relaxed) {
-                pages.fetch_add(1, Ordering::Relaxed);
-                match http.get(format!("http://{web}/")).send().await {
-                    Ok(r) if r.status() == 200 => {}
-                    other => {
-                        eprintln!("page: {other:?}");
-                        failures.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-    };
+    let load = PageLoad::start(web);
     // Waits until each service has reloaded `want` times, then for some pages on top.
     let phase = async |what: &str, server_reloads: f64, marketplace_reloads: f64| {
         eventually(what, async || {
@@ -203,11 +229,8 @@ async fn a_ca_renewed_with_a_new_key_fails_no_page_through_the_overlap_and_after
                 && reloads(marketplace.admin_addr).await >= marketplace_reloads
         })
         .await;
-        let seen = pages.load(Ordering::Relaxed);
-        eventually("pages after the reload", async || {
-            pages.load(Ordering::Relaxed) > seen + 20
-        })
-        .await;
+        let seen = load.pages();
+        eventually("pages after the reload", async || load.pages() > seen + 20).await;
     };
 
     // 1. The overlap: every service trusts the old and the new CA.
@@ -249,20 +272,13 @@ async fn a_ca_renewed_with_a_new_key_fails_no_page_through_the_overlap_and_after
     // 4. The old CA leaves every bundle.
     std::fs::write(&ca_file, &new_ca.issued().cert_pem).expect("write");
     phase("only the new CA", 3.0, 3.0).await;
-    let presenting = async |client: &bookstore_certs::Issued| {
-        let trust = tonic::transport::Certificate::from_pem(&new_ca.issued().cert_pem);
-        grpc_client(server.addr, trust, Some(identity(client)), "localhost")
-            .recommend(RecommendationRequest {
-                user_id: 1,
-                category: 0,
-                max_results: 1,
-            })
-            .await
-            .is_ok()
-    };
-    assert!(presenting(&client_leaf).await, "the new client certificate");
+    let new_trust = || tonic::transport::Certificate::from_pem(&new_ca.issued().cert_pem);
     assert!(
-        !presenting(&pki.pki.client).await,
+        accepts(server.addr, new_trust(), &client_leaf).await,
+        "the new client certificate"
+    );
+    assert!(
+        !accepts(server.addr, new_trust(), &pki.pki.client).await,
         "the old CA's client certificate must no longer be accepted"
     );
     let metrics = bookstore_testkit::raw::scrape(marketplace.admin_addr).await;
@@ -275,20 +291,15 @@ async fn a_ca_renewed_with_a_new_key_fails_no_page_through_the_overlap_and_after
     );
     assert_eq!(identity, leaf_until.unix_timestamp() as f64, "{metrics}");
 
-    stop.store(true, Ordering::Relaxed);
-    load.await.expect("load");
-    let total = pages.load(Ordering::Relaxed);
-    assert_eq!(failures.load(Ordering::Relaxed), 0, "of {total} pages");
+    let (total, failures) = load.finish().await;
+    assert_eq!(failures, 0, "of {total} pages");
 
     // New handshakes on both sides with only the new CA: a restarted recommendations.
-    let addr = server.addr;
-    server.stop().await;
-    let mut restarted_config = server_config;
-    restarted_config.listen_addr = addr;
-    let _restarted = spawn_recommendations(&restarted_config).await;
-    let http = reqwest::Client::new();
-    eventually("pages after a restart on the new CA alone", async || {
-        matches!(http.get(format!("http://{web}/")).send().await, Ok(r) if r.status() == 200)
-    })
+    restart_then_page(
+        server,
+        server_config,
+        web,
+        "pages after a restart on the new CA alone",
+    )
     .await;
 }
