@@ -31,6 +31,17 @@ trap cleanup EXIT
 
 step() { printf '\n--> %s\n' "$*"; }
 
+# Fails, printing the log, unless both services' logs have a line containing $1 ($2 says what
+# that means). The whole log is read first: `grep -q` stops at the first match, and under
+# pipefail the writer's SIGPIPE would fail the pipeline whenever more lines follow it.
+each_log_has() {
+    local svc log
+    for svc in recommendations marketplace; do
+        log=$(compose logs "$svc")
+        grep -qF -- "$1" <<<"$log" || { echo "$log"; echo "$svc: $2"; exit 1; }
+    done
+}
+
 step "fresh clone of HEAD"
 git clone --quiet "$repo" "$work/clone"
 cd "$work/clone"
@@ -93,11 +104,7 @@ compose logs recommendations | grep -E 'gRPC call.*peer="?marketplace' >/dev/nul
     || { compose logs recommendations; echo "no mutual-TLS call from marketplace logged"; exit 1; }
 echo "recommendations logged calls from the certificate identity 'marketplace'"
 
-for svc in recommendations marketplace; do
-    log=$(compose logs "$svc")
-    grep -q "exporting traces over OTLP" <<<"$log" \
-        || { echo "$log"; echo "$svc: the image does not export traces"; exit 1; }
-done
+each_log_has "exporting traces over OTLP" "the image does not export traces"
 echo "both images export traces when OTEL_EXPORTER_OTLP_ENDPOINT is set"
 
 step "key material: the files in each container's mounts"
@@ -139,13 +146,7 @@ echo "browser OK: title, three books, category link; screenshot $screenshot"
 
 step "docker compose stop"
 compose stop
-for svc in recommendations marketplace; do
-    # Read the whole log first: `grep -q` stops at the first match, and under pipefail the
-    # writer's SIGPIPE would fail the pipeline whenever more lines follow the match.
-    log=$(compose logs "$svc")
-    grep -q "Shut down gracefully" <<<"$log" \
-        || { echo "$log"; echo "$svc did not shut down gracefully"; exit 1; }
-done
+each_log_has "Shut down gracefully" "did not shut down gracefully"
 echo "both services shut down gracefully"
 
 step "image sizes"
