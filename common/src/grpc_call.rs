@@ -33,6 +33,7 @@ use tracing::Instrument;
 use crate::{
     context::{REQUEST_ID_HEADER, RequestId, TRACEPARENT_HEADER, TraceContext, continue_trace},
     metrics::Metrics,
+    request_log::RequestLog,
     server_tls::PeerInfo,
 };
 
@@ -102,6 +103,8 @@ struct Shared {
     max_duration: Option<Duration>,
     /// Client: the address this connection goes to.
     peer: Option<String>,
+    /// Which calls get a line of their own.
+    lines: RequestLog,
 }
 
 impl fmt::Debug for CallLayer {
@@ -126,6 +129,7 @@ impl CallLayer {
             methods,
             max_duration: Some(max_duration),
             peer: None,
+            lines: RequestLog::from_settings(),
         })
     }
 
@@ -138,6 +142,7 @@ impl CallLayer {
             methods,
             max_duration: None,
             peer: Some(peer),
+            lines: RequestLog::from_settings(),
         })
     }
 
@@ -222,13 +227,9 @@ where
         shared.started(slot).increment(1);
         let (span, trace) = match side {
             Side::Server => {
-                let span = tracing::info_span!(
-                    "grpc",
-                    request_id = %request_id,
-                    trace_id = tracing::field::Empty,
-                    otel.name = %format_args!("{service}/{method}"),
-                    otel.kind = "server",
-                );
+                // The call's own line carries its ids; the span is for trace export.
+                let span =
+                    crate::server_span!("grpc", request_id, format_args!("{service}/{method}"));
                 let trace = continue_trace(&span, parent);
                 // Formatted only when someone reads it.
                 if !span.is_disabled() {
@@ -529,6 +530,8 @@ impl Finish {
         }
         if is_server_fault(status.code()) {
             call_line!(warn);
+        } else if !shared.lines.admit(status.code() != Code::Ok, elapsed) {
+            // Counted and timed above; not every call needs a line of its own.
         } else if shared.side == Side::Server {
             call_line!(info);
         } else {

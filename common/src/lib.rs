@@ -11,6 +11,7 @@ pub mod log_limit;
 pub mod metrics;
 pub mod panic;
 pub mod process_metrics;
+pub mod request_log;
 pub mod server_tls;
 pub mod shutdown;
 pub mod telemetry;

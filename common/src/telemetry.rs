@@ -1,8 +1,13 @@
 //! Log set-up for both services.
 
-use std::io::IsTerminal;
+use std::{
+    io::IsTerminal,
+    sync::atomic::{AtomicBool, Ordering},
+};
 
 use tracing_subscriber::EnvFilter;
+
+use crate::request_log;
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -34,6 +39,13 @@ pub struct LogArgs {
     #[arg(long = "otlp-protocol", env = "OTEL_EXPORTER_OTLP_PROTOCOL", value_enum,
           default_value_t = OtlpProtocol::Grpc)]
     pub otlp_protocol: OtlpProtocol,
+    /// A line for one in this many successful, fast requests and calls (the first included);
+    /// every failed or slow one always gets its line. 1: a line for every one; 0: none.
+    #[arg(long = "log-sample", env = "LOG_SAMPLE", default_value_t = request_log::DEFAULT_SAMPLE)]
+    pub sample: u64,
+    /// A request or call taking at least this many milliseconds is slow, and always logged.
+    #[arg(long = "log-slow-ms", env = "LOG_SLOW_MS", default_value_t = request_log::DEFAULT_SLOW_MS)]
+    pub slow_ms: u64,
 }
 
 /// The OTLP transports the exporter speaks.
@@ -53,8 +65,48 @@ impl Default for LogArgs {
             format: LogFormat::Text,
             otlp_endpoint: None,
             otlp_protocol: OtlpProtocol::Grpc,
+            sample: request_log::DEFAULT_SAMPLE,
+            slow_ms: request_log::DEFAULT_SLOW_MS,
         }
     }
+}
+
+/// Whether spans are exported (the `otel` feature, an endpoint, and an exporter that started).
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process exports trace spans. A span per request or call is worth its cost only
+/// then: each costs the log formatter a few microseconds, about a tenth of Recommend's CPU, and
+/// the lines that matter carry their request and trace ids themselves. So without export the
+/// services make those spans at debug level only (`RUST_LOG=debug` brings them back, with the
+/// ids on every line logged inside them).
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
+/// The span of one request (`"http"`) or call (`"grpc"`) served: its `request_id`, a `trace_id`
+/// to record, and the OpenTelemetry name and kind. Made at `info` when trace export is on and at
+/// `debug` otherwise (see [`exporting`]).
+#[macro_export]
+macro_rules! server_span {
+    ($name:literal, $request_id:expr, $otel_name:expr) => {
+        if $crate::telemetry::exporting() {
+            ::tracing::info_span!(
+                $name,
+                request_id = %$request_id,
+                trace_id = ::tracing::field::Empty,
+                otel.name = %$otel_name,
+                otel.kind = "server",
+            )
+        } else {
+            ::tracing::debug_span!(
+                $name,
+                request_id = %$request_id,
+                trace_id = ::tracing::field::Empty,
+                otel.name = %$otel_name,
+                otel.kind = "server",
+            )
+        }
+    };
 }
 
 /// What must outlive the service for its telemetry to be complete: with trace export on, the
@@ -129,7 +181,11 @@ pub fn init(args: &LogArgs, service: &'static str) -> Telemetry {
         Telemetry::default()
     };
     // A second call (tests start several apps in one process) keeps the first subscriber.
-    let _ = registry.try_init();
+    if registry.try_init().is_ok() {
+        #[cfg(feature = "otel")]
+        EXPORTING.store(telemetry.provider.is_some(), Ordering::Relaxed);
+    }
+    request_log::configure(args.sample, std::time::Duration::from_millis(args.slow_ms));
     if args.format == LogFormat::Json {
         // The default hook writes a plain-text paragraph to standard error, which a collector
         // expecting one JSON object per line cannot read. (The catch-panic layers still answer

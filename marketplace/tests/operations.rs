@@ -71,8 +71,10 @@ async fn metrics(admin: SocketAddr) -> String {
 #[tokio::test]
 async fn a_request_id_and_trace_are_followed_through_both_services() {
     let pki = TestPki::new();
-    let (mut recommendations, backend) = start_recommendations(&pki, "127.0.0.1:0", &[]).await;
-    let mut web = start_marketplace(&pki, backend, &[]).await;
+    // A line for every request and call, as an operator following one request would ask.
+    let every = [("LOG_SAMPLE", "1".to_owned())];
+    let (mut recommendations, backend) = start_recommendations(&pki, "127.0.0.1:0", &every).await;
+    let mut web = start_marketplace(&pki, backend, &every).await;
 
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let response = get(
@@ -407,10 +409,15 @@ async fn a_build_without_trace_export_says_so_when_asked_for_it() {
 async fn every_json_log_line_of_both_services_has_each_key_once() {
     let pki = TestPki::new();
     let json = ("LOG_FORMAT", "json".to_owned());
+    let every = ("LOG_SAMPLE", "1".to_owned());
     let (recommendations, backend) = start_recommendations(
         &pki,
         "127.0.0.1:0",
-        &[json.clone(), ("FAILURE_RATE", "0.5".to_owned())],
+        &[
+            json.clone(),
+            every.clone(),
+            ("FAILURE_RATE", "0.5".to_owned()),
+        ],
     )
     .await;
     let mut web = start_marketplace(
@@ -418,6 +425,7 @@ async fn every_json_log_line_of_both_services_has_each_key_once() {
         backend,
         &[
             json,
+            every,
             ("RUST_LOG", "debug,h2=info,hyper=info,tower=info".to_owned()),
         ],
     )
@@ -461,4 +469,69 @@ async fn every_json_log_line_of_both_services_has_each_key_once() {
             );
         }
     }
+}
+
+/// Lines of `log` that contain `needle`.
+fn count(log: &[String], needle: &str) -> usize {
+    log.iter().filter(|l| l.contains(needle)).count()
+}
+
+/// Pages served, then the two services stopped: their whole logs.
+async fn logs_after_pages(
+    pki: &TestPki,
+    env: &[(&'static str, String)],
+    pages: usize,
+    missing: usize,
+) -> (Vec<String>, Vec<String>) {
+    let (recommendations, backend) = start_recommendations(pki, "127.0.0.1:0", env).await;
+    let web = start_marketplace(pki, backend, env).await;
+    let client = reqwest::Client::new();
+    for _ in 0..pages {
+        let page = client.get(format!("http://{}/", web.addr)).send().await;
+        assert_eq!(page.expect("page").status(), 200);
+    }
+    for _ in 0..missing {
+        let page = client
+            .get(format!("http://{}/nowhere", web.addr))
+            .send()
+            .await;
+        assert_eq!(page.expect("page").status(), 404);
+    }
+    web.process.signal("TERM");
+    let (_, web_log) = web.process.wait(Duration::from_secs(40)).await;
+    recommendations.signal("TERM");
+    let (_, recommendations_log) = recommendations.wait(Duration::from_secs(40)).await;
+    (web_log, recommendations_log)
+}
+
+/// By default a request or call gets its own line when it fails or is slow, and one in 100 of
+/// the rest does (the first included; a 404 counts as the rest too, so a scanner cannot fill a
+/// disk); `LOG_SAMPLE=1` gives every one its line, and a slow one is logged whatever the sample.
+#[tokio::test]
+async fn failed_slow_and_one_in_a_hundred_requests_get_a_line_by_default() {
+    let pki = TestPki::new();
+    let (web, recommendations) = logs_after_pages(&pki, &[], 250, 4).await;
+    // Requests 1, 101 and 201 (all pages; the 404s are 251 to 254).
+    assert_eq!(count(&web, "HTTP request method="), 3, "{web:#?}");
+    assert_eq!(count(&web, "status=404"), 0);
+    // Calls 1, 101 and 201.
+    assert_eq!(
+        count(&recommendations, "gRPC call side="),
+        3,
+        "{recommendations:#?}"
+    );
+
+    let every = [("LOG_SAMPLE", "1".to_owned())];
+    let (web, recommendations) = logs_after_pages(&pki, &every, 250, 4).await;
+    assert_eq!(count(&web, "HTTP request method="), 254);
+    assert_eq!(count(&recommendations, "gRPC call side="), 250);
+
+    let slow_only = [
+        ("LOG_SAMPLE", "0".to_owned()),
+        ("LOG_SLOW_MS", "20".to_owned()),
+        ("ARTIFICIAL_DELAY_MS", "25".to_owned()),
+    ];
+    let (web, recommendations) = logs_after_pages(&pki, &slow_only, 5, 0).await;
+    assert_eq!(count(&web, "HTTP request method="), 5, "{web:#?}");
+    assert_eq!(count(&recommendations, "gRPC call side="), 5);
 }

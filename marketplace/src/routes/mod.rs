@@ -26,6 +26,7 @@ use bookstore_common::{
     },
     metrics::Metrics,
     panic::CatchPanicLayer,
+    request_log::RequestLog,
 };
 use metrics::{Counter, Histogram};
 use tracing::Instrument;
@@ -84,10 +85,12 @@ pub fn router(source: Arc<dyn RecommendationSource>, metrics: Metrics) -> Router
         ))
 }
 
-/// The HTTP series, with each (method, route, status) handle registered once.
+/// The HTTP series, with each (method, route, status) handle registered once, and which
+/// requests get a log line.
 struct HttpMetrics {
     metrics: Metrics,
     handles: Mutex<HashMap<SeriesKey, (Counter, Histogram)>>,
+    lines: RequestLog,
 }
 
 /// (method, route, status).
@@ -98,6 +101,7 @@ impl HttpMetrics {
         HttpMetrics {
             metrics,
             handles: Mutex::default(),
+            lines: RequestLog::from_settings(),
         }
     }
 
@@ -138,13 +142,8 @@ async fn observe(
         .and_then(|v| TraceContext::parse(v.as_bytes()));
     let method = method_label(request.method());
     let route = route_label(request.uri().path());
-    let span = tracing::info_span!(
-        "http",
-        request_id = %request_id,
-        trace_id = tracing::field::Empty,
-        otel.name = %format_args!("{method} {route}"),
-        otel.kind = "server",
-    );
+    // The request's own line carries its ids; the span is for trace export.
+    let span = bookstore_common::server_span!("http", request_id, format_args!("{method} {route}"));
     // Our span in the caller's trace (or the first of a new one): the parent of our calls.
     let trace = continue_trace(&span, parent);
     if !span.is_disabled() {
@@ -159,6 +158,14 @@ async fn observe(
     let elapsed = started.elapsed();
     let status = response.status();
     metrics.record(method, route, status, elapsed.as_secs_f64());
+    // Our own failures always get their line. A 4xx (a scanner's flood looks like that) and a
+    // 503 (shedding an overload, or a backend outage, which error.rs reports a few times a
+    // minute) are sampled like successes: a flood of them cannot fill a disk, and the metrics
+    // count every one by status.
+    let failed = status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE;
+    if !metrics.lines.admit(failed, elapsed) {
+        return response;
+    }
     span.in_scope(|| {
         tracing::info!(
             target: "bookstore::http",
@@ -166,6 +173,8 @@ async fn observe(
             route,
             status = status.as_u16(),
             latency_ms = elapsed.as_secs_f64() * 1e3,
+            request_id = %context.request_id,
+            trace_id = %context.trace.trace_id_display(),
             "HTTP request"
         )
     });
