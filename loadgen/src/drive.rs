@@ -47,6 +47,8 @@ fn histogram() -> Histogram<u64> {
 /// What each caller collects.
 struct Tally {
     latency: Histogram<u64>,
+    /// Of calls that were sent and failed: how fast the refusal came.
+    failed_latency: Histogram<u64>,
     requests: u64,
     ok: u64,
     errors: BTreeMap<String, u64>,
@@ -56,6 +58,7 @@ impl Tally {
     fn new() -> Self {
         Tally {
             latency: histogram(),
+            failed_latency: histogram(),
             requests: 0,
             ok: 0,
             errors: BTreeMap::new(),
@@ -64,19 +67,26 @@ impl Tally {
 
     fn record(&mut self, outcome: Outcome, took: Duration) {
         self.requests += 1;
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1);
         match outcome {
             Outcome::Ok => {
                 self.ok += 1;
-                let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1);
                 self.latency.saturating_record(micros);
             }
-            Outcome::Failed(kind) => *self.errors.entry(kind).or_default() += 1,
+            Outcome::Failed(kind) => {
+                // A call never sent (the open loop's own cap) has no latency to speak of.
+                if !took.is_zero() {
+                    self.failed_latency.saturating_record(micros);
+                }
+                *self.errors.entry(kind).or_default() += 1;
+            }
         }
     }
 
     fn merge(&mut self, other: Tally) {
         // Same bounds on both sides, so adding cannot fail.
         let _ = self.latency.add(&other.latency);
+        let _ = self.failed_latency.add(&other.failed_latency);
         self.requests += other.requests;
         self.ok += other.ok;
         for (kind, n) in other.errors {
@@ -121,6 +131,7 @@ pub async fn run(target: Arc<Target>, load: Load, stop: Stop, progress: bool) ->
         ok: tally.ok,
         throughput: tally.ok as f64 / elapsed.as_secs_f64().max(1e-9),
         latency_ms: Latency::from_micros(&tally.latency),
+        failed_latency_ms: Latency::from_micros(&tally.failed_latency),
         errors: tally.errors,
     }
 }

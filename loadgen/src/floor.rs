@@ -1,18 +1,31 @@
 //! The floors: the least a server can do and still answer the same bytes. A minimal tonic
 //! server whose `Recommend` returns one constant response, and a minimal axum server whose `/`
 //! returns one constant page. The benchmark reports the services as a fraction of these.
+//!
+//! The chain floor is the least a page can do: an axum handler that makes one mutual-TLS tonic
+//! call to the gRPC floor and puts the three titles into the page. The marketplace's page is
+//! measured against it.
 
 use std::{net::SocketAddr, path::Path, sync::Arc};
 
 use anyhow::Context;
-use axum::{Router, http::header, routing::get, serve::ListenerExt};
+use axum::{
+    Router,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+    serve::ListenerExt,
+};
 use bookstore_common::tls;
 use bookstore_proto::{
-    BookRecommendation, RecommendationRequest, RecommendationResponse,
+    BookCategory, BookRecommendation, RecommendationRequest, RecommendationResponse,
+    recommendations_client::RecommendationsClient,
     recommendations_server::{Recommendations, RecommendationsServer},
 };
 use tokio::net::TcpListener;
-use tonic::transport::{Server, ServerTlsConfig, server::TcpIncoming};
+use tonic::transport::{Channel, Server, ServerTlsConfig, server::TcpIncoming};
+
+use crate::target::{GrpcTls, channel};
 
 /// The answer of the floor: three mystery books, as the service answers the default query.
 pub fn constant_response() -> RecommendationResponse {
@@ -82,12 +95,107 @@ pub async fn http(listen: SocketAddr, body: Vec<u8>) -> anyhow::Result<()> {
             }
         }),
     );
+    serve(listen, "floor-http", router).await
+}
+
+/// Serves `router` on `listen` with TCP_NODELAY, as the marketplace sets it. Prints
+/// `<name> listening addr=…`.
+async fn serve(listen: SocketAddr, name: &str, router: Router) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen).await?;
-    eprintln!("floor-http listening addr={}", listener.local_addr()?);
-    // TCP_NODELAY, as the marketplace sets it.
+    eprintln!("{name} listening addr={}", listener.local_addr()?);
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
     axum::serve(listener, router).await?;
     Ok(())
+}
+
+/// The marketplace's page split around its list of books: what comes before the first entry,
+/// and what follows the last.
+fn split_page(page: &str) -> anyhow::Result<(Arc<str>, Arc<str>)> {
+    const LIST: &str = "<ul class=\"books\">";
+    const END: &str = "\n    </ul>";
+    let start = page.find(LIST).context("the page has no list of books")? + LIST.len();
+    let end = page[start..]
+        .find(END)
+        .context("the page's list of books never ends")?
+        + start;
+    Ok((page[..start].into(), page[end..].into()))
+}
+
+/// `text` with the five characters HTML gives meaning to escaped, as the page's template does.
+fn push_escaped(out: &mut String, text: &str) {
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#x27;"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// Serves the chain floor on `listen`: each `GET /` calls `Recommend` on `backend` over one
+/// HTTP/2 connection made with `tls`, and answers `page` (the marketplace's own page) with the
+/// titles that came back in place of its list. Prints `listening addr=…`.
+pub async fn chain(
+    listen: SocketAddr,
+    backend: &str,
+    tls: Option<GrpcTls>,
+    page: &str,
+) -> anyhow::Result<()> {
+    let (head, tail) = split_page(page)?;
+    let client = RecommendationsClient::new(channel(backend, tls.as_ref()).await?);
+    let router = Router::new().route(
+        "/",
+        get(move || titles_page(client.clone(), head.clone(), tail.clone())),
+    );
+    serve(listen, "floor-chain", router).await
+}
+
+async fn titles_page(
+    mut client: RecommendationsClient<Channel>,
+    head: Arc<str>,
+    tail: Arc<str>,
+) -> Response {
+    let request = RecommendationRequest {
+        user_id: 1,
+        category: BookCategory::Mystery as i32,
+        max_results: 3,
+    };
+    match client.recommend(request).await {
+        Ok(response) => {
+            let mut body = String::with_capacity(head.len() + tail.len() + 256);
+            body.push_str(&head);
+            for book in &response.get_ref().recommendations {
+                body.push_str("\n      <li>");
+                push_escaped(&mut body, &book.title);
+                body.push_str("</li>");
+            }
+            body.push_str(&tail);
+            ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], body).into_response()
+        }
+        Err(status) => {
+            (StatusCode::SERVICE_UNAVAILABLE, status.message().to_owned()).into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_page_splits_around_its_list_and_titles_are_escaped() {
+        let page = "<h1>x</h1>\n    <ul class=\"books\">\n      <li>A</li>\n    </ul>\n</main>";
+        let (head, tail) = split_page(page).expect("split");
+        assert_eq!(&*head, "<h1>x</h1>\n    <ul class=\"books\">");
+        assert_eq!(&*tail, "\n    </ul>\n</main>");
+        let mut out = String::new();
+        push_escaped(&mut out, "Tom & \"Jerry\" <3 'x'");
+        assert_eq!(out, "Tom &amp; &quot;Jerry&quot; &lt;3 &#x27;x&#x27;");
+        assert!(split_page("<p>no list</p>").is_err());
+    }
 }

@@ -63,6 +63,24 @@ enum Command {
         #[arg(long)]
         body_file: PathBuf,
     },
+    /// Serve the chain floor: each page is one Recommend call to --backend (mutual TLS with
+    /// --certs) with the titles put into the page read from --body-file.
+    FloorChain {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// host:port of a gRPC server answering Recommend (the gRPC floor).
+        #[arg(long)]
+        backend: String,
+        /// Folder with ca.pem, client.pem and client.key; without it, plaintext.
+        #[arg(long)]
+        certs: Option<PathBuf>,
+        /// Name the server certificate must carry.
+        #[arg(long, default_value = "localhost")]
+        tls_name: String,
+        /// The marketplace's page, whose list of books is replaced by the titles.
+        #[arg(long)]
+        body_file: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -134,6 +152,16 @@ async fn drive(target: Target, args: RunArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// Mutual TLS as the marketplace's client, from a folder with `ca.pem`, `client.pem` and
+/// `client.key`; none means plaintext.
+fn grpc_tls(certs: Option<PathBuf>, server_name: String) -> Option<GrpcTls> {
+    certs.map(|dir| GrpcTls {
+        ca: dir.join("ca.pem"),
+        identity: Some((dir.join("client.pem"), dir.join("client.key"))),
+        server_name,
+    })
+}
+
 async fn main_inner(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Grpc {
@@ -144,12 +172,8 @@ async fn main_inner(cli: Cli) -> anyhow::Result<ExitCode> {
             max_results,
             run,
         } => {
-            let tls = certs.map(|dir| GrpcTls {
-                ca: dir.join("ca.pem"),
-                identity: Some((dir.join("client.pem"), dir.join("client.key"))),
-                server_name: tls_name,
-            });
-            let target = Target::grpc(&addr, tls, connections, max_results).await?;
+            let target =
+                Target::grpc(&addr, grpc_tls(certs, tls_name), connections, max_results).await?;
             drive(target, run).await
         }
         Command::Http {
@@ -170,6 +194,17 @@ async fn main_inner(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::FloorHttp { listen, body_file } => {
             let body = std::fs::read(&body_file)?;
             floor::http(listen, body).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::FloorChain {
+            listen,
+            backend,
+            certs,
+            tls_name,
+            body_file,
+        } => {
+            let page = std::fs::read_to_string(&body_file)?;
+            floor::chain(listen, &backend, grpc_tls(certs, tls_name), &page).await?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -27,6 +27,9 @@ pub struct Report {
     pub throughput: f64,
     /// Latency of successful calls, in milliseconds.
     pub latency_ms: Latency,
+    /// Latency of calls that were sent and failed: how fast a refusal came.
+    #[serde(default)]
+    pub failed_latency_ms: Latency,
 }
 
 /// Latency percentiles in milliseconds.
@@ -96,6 +99,14 @@ impl fmt::Display for Report {
         )?;
         for (kind, n) in &self.errors {
             writeln!(f, "error       {kind}: {n}")?;
+        }
+        let l = &self.failed_latency_ms;
+        if l.max > 0.0 {
+            writeln!(
+                f,
+                "failed ms   p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
+                l.p50, l.p90, l.p99, l.p999, l.max
+            )?;
         }
         Ok(())
     }

@@ -21,6 +21,28 @@ pub struct GrpcTls {
     pub server_name: String,
 }
 
+/// One HTTP/2 connection to `addr`, established now: mutual TLS with `tls`, else plaintext.
+pub async fn channel(addr: &str, tls: Option<&GrpcTls>) -> anyhow::Result<Channel> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+        .context("bad address")?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5));
+    if let Some(tls) = tls {
+        let mut config = ClientTlsConfig::new()
+            .ca_certificate(tls::load_ca(&tls.ca)?)
+            .domain_name(tls.server_name.clone());
+        if let Some((cert, key)) = &tls.identity {
+            config = config.identity(tls::load_identity(cert, key)?);
+        }
+        endpoint = endpoint.tls_config(config)?;
+    }
+    endpoint
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {addr}"))
+}
+
 /// A target and its open connections.
 #[derive(Debug, Clone)]
 pub enum Target {
@@ -53,27 +75,11 @@ impl Target {
         connections: usize,
         max_results: i32,
     ) -> anyhow::Result<Self> {
-        let scheme = if tls.is_some() { "https" } else { "http" };
-        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
-            .context("bad address")?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(5));
-        if let Some(tls) = &tls {
-            let mut config = ClientTlsConfig::new()
-                .ca_certificate(tls::load_ca(&tls.ca)?)
-                .domain_name(tls.server_name.clone());
-            if let Some((cert, key)) = &tls.identity {
-                config = config.identity(tls::load_identity(cert, key)?);
-            }
-            endpoint = endpoint.tls_config(config)?;
-        }
         let mut clients = Vec::with_capacity(connections);
         for _ in 0..connections.max(1) {
-            let channel = endpoint
-                .connect()
-                .await
-                .with_context(|| format!("cannot connect to {addr}"))?;
-            clients.push(RecommendationsClient::new(channel));
+            clients.push(RecommendationsClient::new(
+                channel(addr, tls.as_ref()).await?,
+            ));
         }
         let kind = match &tls {
             Some(t) if t.identity.is_some() => "grpc+mtls",

@@ -158,9 +158,9 @@ async fn start_service(
         .env_clear()
         .env("LISTEN_ADDR", addr.to_string())
         .env("ADMIN_ADDR", admin.to_string())
-        // Per-call log lines off: the benchmark measures serving, not terminal output (the
-        // cost of the info-level call log is measured separately).
-        .env("RUST_LOG", "warn")
+        // As the images run them: JSON lines at the default level and sampling (a case may
+        // override either; the cost of a line per call is measured as its own case).
+        .env("LOG_FORMAT", "json")
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -571,10 +571,17 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
         &work,
     )
     .await?;
-    let rec_logged = start_service(
-        "recommendations (RUST_LOG=info)",
+    let rec_text = start_service(
+        "recommendations (text log)",
         &bin.join("recommendations"),
-        &[certs_env.clone(), ("RUST_LOG", "info".into())],
+        &[certs_env.clone(), ("LOG_FORMAT", "text".into())],
+        &work,
+    )
+    .await?;
+    let rec_every_call = start_service(
+        "recommendations (a line per call)",
+        &bin.join("recommendations"),
+        &[certs_env.clone(), ("LOG_SAMPLE", "1".into())],
         &work,
     )
     .await?;
@@ -624,6 +631,20 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
         ],
     )
     .await?;
+    let floor_chain = start_floor(
+        "floor-chain",
+        &loadgen,
+        &[
+            "floor-chain".into(),
+            "--backend".into(),
+            floor_mtls.addr.to_string(),
+            "--certs".into(),
+            certs.display().to_string(),
+            "--body-file".into(),
+            page_file.display().to_string(),
+        ],
+    )
+    .await?;
 
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut idle_rss_kib = BTreeMap::new();
@@ -656,9 +677,14 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
             grpc_args(&rec_big, Some(&certs), GRPC_CONCURRENCY, duration),
         ),
         (
-            "recommend_mtls_info_log",
-            &rec_logged,
-            grpc_args(&rec_logged, Some(&certs), GRPC_CONCURRENCY, duration),
+            "recommend_mtls_text_log",
+            &rec_text,
+            grpc_args(&rec_text, Some(&certs), GRPC_CONCURRENCY, duration),
+        ),
+        (
+            "recommend_mtls_every_call",
+            &rec_every_call,
+            grpc_args(&rec_every_call, Some(&certs), GRPC_CONCURRENCY, duration),
         ),
         (
             "recommend_plain",
@@ -674,6 +700,11 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
             "page",
             &market,
             http_args(&market, HTTP_CONCURRENCY, duration),
+        ),
+        (
+            "floor_chain",
+            &floor_chain,
+            http_args(&floor_chain, HTTP_CONCURRENCY, duration),
         ),
         (
             "floor_page",
@@ -763,9 +794,11 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     for server in [
         rec_mtls,
         rec_plain,
-        rec_logged,
+        rec_text,
+        rec_every_call,
         rec_big,
         market,
+        floor_chain,
         floor_mtls,
         floor_plain,
         floor_page,
@@ -778,7 +811,13 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
         (
             "recommend_mtls",
             "floor_grpc_mtls",
-            "Recommend, mutual TLS",
+            "Recommend, mutual TLS, as shipped (JSON log)",
+            "≥ 0.9× floor",
+        ),
+        (
+            "recommend_mtls_text_log",
+            "floor_grpc_mtls",
+            "Recommend, mutual TLS, text log",
             "≥ 0.9× floor",
         ),
         (
@@ -786,6 +825,18 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
             "floor_grpc_plain",
             "Recommend, plaintext",
             "≥ 0.9× floor",
+        ),
+        (
+            "recommend_mtls_every_call",
+            "floor_grpc_mtls",
+            "Recommend with a line per call (LOG_SAMPLE=1)",
+            "(its cost)",
+        ),
+        (
+            "page",
+            "floor_chain",
+            "Page end to end vs its chain floor",
+            "≥ 0.9× chain floor",
         ),
         (
             "page",
@@ -805,12 +856,6 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
             &format!("Recommend, {big} books vs 9"),
             "≥ 0.9×",
         ),
-        (
-            "recommend_mtls_info_log",
-            "recommend_mtls",
-            "Recommend with the info call log vs without",
-            "(cost of logging)",
-        ),
     ] {
         if let Some(row) = summarize(&runs, case, floor, what, target) {
             summary.push(row);
@@ -827,7 +872,7 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
         date: date.clone(),
         machine: machine(),
         args: format!(
-            "duration {duration} s, {rounds} rounds, sweep {sweep_duration} s, {big} books; gRPC {GRPC_CONCURRENCY} callers over {GRPC_CONNECTIONS} connections, HTTP {HTTP_CONCURRENCY} keep-alive connections; services at RUST_LOG=warn"
+            "duration {duration} s, {rounds} rounds, sweep {sweep_duration} s, {big} books; gRPC {GRPC_CONCURRENCY} callers over {GRPC_CONNECTIONS} connections, HTTP {HTTP_CONCURRENCY} keep-alive connections; services as the images run them (JSON log, default level and sampling)"
         ),
         binaries_bytes,
         ready_ms,
@@ -850,6 +895,10 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     let markdown = markdown(&results);
     std::fs::write(out.join(format!("{date}.md")), &markdown)?;
     std::fs::write(out.join(format!("{date}.svg")), svg(&results))?;
+    std::fs::write(
+        out.join(format!("{date}-overload.svg")),
+        crate::overload::curve_svg(&results.overload, &date),
+    )?;
     let _ = std::fs::remove_dir_all(&work);
     println!("{markdown}");
     println!("written to {}", out.join(&date).display());

@@ -2,6 +2,9 @@
 //! closed loops ask of it, over HTTP/1.1 with many connections and over a few h2c connections
 //! with many streams each. For each: pages per second, failures and p99; and the marketplace's
 //! memory before, at its peak, and after a pause, to show it comes back.
+//!
+//! Then the overload curve: an open loop (pages sent on a fixed schedule, whatever the answers
+//! do, each timed from when it was due) from a quarter of the closed-loop peak to twice it.
 
 use std::{fmt::Write as _, path::Path, time::Duration};
 
@@ -21,16 +24,47 @@ pub struct OverloadRun {
     pub peak_rss_kib: Option<u64>,
 }
 
+/// One point of the open-loop curve.
+#[derive(Debug, Clone, Serialize)]
+pub struct CurvePoint {
+    /// Pages a second sent, as a fraction of the closed-loop peak.
+    pub fraction: f64,
+    pub offered_per_s: f64,
+    /// Pages answered 200 a second.
+    pub goodput_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub failed: u64,
+    pub requests: u64,
+    /// Failures by kind (`http:503`, `http:transport`…).
+    pub failed_by_kind: std::collections::BTreeMap<String, u64>,
+    /// How long a failed page took to be refused.
+    pub failed_p99_ms: f64,
+    pub peak_rss_kib: Option<u64>,
+}
+
+/// Offered load of the curve, as fractions of the closed-loop peak.
+const CURVE: [f64; 8] = [0.25, 0.5, 0.75, 0.9, 1.0, 1.25, 1.5, 2.0];
+
 /// The whole overload section.
 #[derive(Debug, Clone, Serialize)]
 pub struct Overload {
     pub runs: Vec<OverloadRun>,
+    /// The best HTTP/1.1 closed-loop pages per second, which the curve's rates are fractions of.
+    pub peak_per_s: f64,
+    pub curve: Vec<CurvePoint>,
     pub rss_before_kib: Option<u64>,
     pub rss_peak_kib: Option<u64>,
     /// After `settle_s` without load.
     pub rss_after_kib: Option<u64>,
     pub settle_s: f64,
 }
+
+/// The open loop's cap on pages outstanding at once, per 1,000 pages a second offered (the load
+/// generator's `--concurrency` in open loop): 4,000 at the rates measured here, above the
+/// marketplace's own bounds (2,048 connections; 192 calls in flight and 2,048 waiting per
+/// address), so that what refuses the excess is the marketplace, not the load generator.
+const OPEN_LOOP_CONNECTIONS_PER_1000: usize = 500;
 
 /// Drives `market` at 32, 256 and 1,000 HTTP/1.1 connections and 8 h2c connections × 200
 /// streams, `duration` seconds each, then waits `settle` and measures its memory again.
@@ -71,11 +105,43 @@ pub async fn run(
             peak_rss_kib,
         });
     }
-    let rss_peak_kib = runs.iter().filter_map(|r| r.peak_rss_kib).max();
+    // The curve is HTTP/1.1, so its peak is the best HTTP/1.1 closed loop.
+    let peak_per_s = runs
+        .iter()
+        .filter(|r| r.what.starts_with("HTTP/1.1"))
+        .map(|r| r.pages_per_s)
+        .fold(0.0, f64::max);
+    let mut curve = Vec::new();
+    for fraction in CURVE {
+        let rate = (peak_per_s * fraction).round().max(1.0);
+        eprintln!("overload curve: {rate:.0} pages/s offered ({fraction}× the peak)");
+        let mut args = http_args(market, OPEN_LOOP_CONNECTIONS_PER_1000, duration);
+        args.extend(["--rate".into(), rate.to_string()]);
+        let (report, peak_rss_kib) = load(loadgen, &args, market).await?;
+        curve.push(CurvePoint {
+            fraction,
+            offered_per_s: rate,
+            goodput_per_s: report.throughput,
+            p50_ms: report.latency_ms.p50,
+            p99_ms: report.latency_ms.p99,
+            failed: report.errors.values().sum(),
+            requests: report.requests,
+            failed_by_kind: report.errors.clone(),
+            failed_p99_ms: report.failed_latency_ms.p99,
+            peak_rss_kib,
+        });
+    }
+    let rss_peak_kib = runs
+        .iter()
+        .filter_map(|r| r.peak_rss_kib)
+        .chain(curve.iter().filter_map(|p| p.peak_rss_kib))
+        .max();
     eprintln!("overload: waiting {settle:?} for memory to come back");
     tokio::time::sleep(settle).await;
     Ok(Overload {
         runs,
+        peak_per_s,
+        curve,
         rss_before_kib,
         rss_peak_kib,
         rss_after_kib: rss(),
@@ -110,10 +176,159 @@ pub fn markdown(md: &mut String, o: &Overload) {
     }
     let _ = writeln!(
         md,
+        "\nThe overload curve (open loop over HTTP/1.1: pages sent on a schedule whatever the \
+         answers do, latency from when each was due; the peak is the best HTTP/1.1 closed-loop \
+         figure above, {:.0} pages/s; the load generator shares the two CPUs):\n",
+        o.peak_per_s
+    );
+    let _ = writeln!(
+        md,
+        "| Offered | Pages/s offered | Goodput (200/s) | Of the peak | p50 ms | p99 ms | Failed | Failed p99 ms | Failures |"
+    );
+    let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    for p in &o.curve {
+        let kinds = p
+            .failed_by_kind
+            .iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let _ = writeln!(
+            md,
+            "| {:.2}× | {:.0} | {:.0} | {:.0} % | {:.1} | {:.1} | {} | {:.1} | {} |",
+            p.fraction,
+            p.offered_per_s,
+            p.goodput_per_s,
+            100.0 * p.goodput_per_s / o.peak_per_s.max(1e-9),
+            p.p50_ms,
+            p.p99_ms,
+            p.failed,
+            p.failed_p99_ms,
+            kinds
+        );
+    }
+    let _ = writeln!(
+        md,
         "\nMarketplace RSS: {} MiB before, {} MiB at the peak, {} MiB {:.0} s after the last run.",
         mib(o.rss_before_kib),
         mib(o.rss_peak_kib),
         mib(o.rss_after_kib),
         o.settle_s
     );
+}
+
+/// The curve as a picture: pages answered and refused per second against the offered rate, and
+/// beside it the latency of the answered ones.
+pub fn curve_svg(o: &Overload, date: &str) -> String {
+    let (w, h, top, panel_w, gap) = (940.0, 340.0, 50.0, 360.0, 110.0);
+    let plot_h = h - top - 60.0;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"10\" y=\"20\" font-size=\"14\">The page, open loop from a quarter of its peak ({:.0} pages/s) to twice it, {date}</text>",
+        o.peak_per_s
+    );
+    let max_offered = o.curve.iter().map(|p| p.offered_per_s).fold(1.0, f64::max);
+    let per_s = |p: &CurvePoint| p.failed as f64 / p.requests.max(1) as f64 * p.offered_per_s;
+    let rates: [Series<'_>; 3] = [
+        ("offered", "#bbbbbb", &|p| p.offered_per_s),
+        ("answered 200", "#7a3b1d", &|p| p.goodput_per_s),
+        ("failed", "#d08c2c", &per_s),
+    ];
+    panel(
+        &mut s,
+        (70.0, top, panel_w, plot_h),
+        "pages/s",
+        max_offered,
+        max_offered,
+        o,
+        &rates,
+    );
+    let max_ms = o.curve.iter().map(|p| p.p99_ms).fold(1.0, f64::max);
+    let latencies: [Series<'_>; 2] = [
+        ("p50 of 200s", "#2f5d8a", &|p| p.p50_ms),
+        ("p99 of 200s", "#7a3b1d", &|p| p.p99_ms),
+    ];
+    panel(
+        &mut s,
+        (70.0 + panel_w + gap, top, panel_w, plot_h),
+        "ms",
+        max_offered,
+        max_ms,
+        o,
+        &latencies,
+    );
+    s.push_str("</svg>\n");
+    s
+}
+
+type Series<'a> = (&'a str, &'a str, &'a dyn Fn(&CurvePoint) -> f64);
+
+/// One chart: x the offered rate, y up to `max_y`, a line per series, the legend underneath.
+fn panel(
+    s: &mut String,
+    (left, top, w, h): (f64, f64, f64, f64),
+    unit: &str,
+    max_x: f64,
+    max_y: f64,
+    o: &Overload,
+    series: &[Series<'_>],
+) {
+    let x = |v: f64| left + v / max_x * w;
+    let y = |v: f64| top + h - v / max_y * h;
+    let _ = writeln!(
+        s,
+        "<line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n<line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"black\"/>",
+        top + h,
+        left + w,
+        top + h,
+        top + h
+    );
+    for tick in [0.0, 0.5, 1.0] {
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{:.0}</text>\n<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{:.0}</text>",
+            left - 6.0,
+            y(tick * max_y) + 4.0,
+            tick * max_y,
+            x(tick * max_x),
+            top + h + 16.0,
+            tick * max_x
+        );
+    }
+    let _ = writeln!(
+        s,
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">pages/s offered</text>\n<text x=\"{left}\" y=\"{}\">{unit}</text>",
+        left + w / 2.0,
+        top + h + 32.0,
+        top - 8.0
+    );
+    if o.peak_per_s > 0.0 {
+        let _ = writeln!(
+            s,
+            "<line x1=\"{0:.1}\" y1=\"{top}\" x2=\"{0:.1}\" y2=\"{1}\" stroke=\"#999999\" stroke-dasharray=\"4 4\"/>",
+            x(o.peak_per_s),
+            top + h
+        );
+    }
+    for (i, (name, colour, value)) in series.iter().enumerate() {
+        let points: Vec<String> = o
+            .curve
+            .iter()
+            .map(|p| format!("{:.1},{:.1}", x(p.offered_per_s), y(value(p))))
+            .collect();
+        let _ = writeln!(
+            s,
+            "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/>",
+            points.join(" ")
+        );
+        let lx = left + i as f64 * 120.0;
+        let _ = writeln!(
+            s,
+            "<rect x=\"{lx}\" y=\"{}\" width=\"12\" height=\"4\" fill=\"{colour}\"/><text x=\"{}\" y=\"{}\">{name}</text>",
+            top + h + 44.0,
+            lx + 16.0,
+            top + h + 50.0
+        );
+    }
 }
