@@ -40,7 +40,8 @@ pub struct LogArgs {
           default_value_t = OtlpProtocol::Grpc)]
     pub otlp_protocol: OtlpProtocol,
     /// A line for one in this many successful, fast requests and calls (the first included);
-    /// every failed or slow one always gets its line. 1: a line for every one; 0: none.
+    /// every failed or slow one always gets its line. 1: a line for every one; 0: only the failed
+    /// and slow ones.
     #[arg(long = "log-sample", env = "LOG_SAMPLE", default_value_t = request_log::DEFAULT_SAMPLE)]
     pub sample: u64,
     /// A request or call taking at least this many milliseconds is slow, and always logged.

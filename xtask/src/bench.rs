@@ -478,8 +478,8 @@ fn summarize(runs: &[Measured], case: &str, floor: &str, what: &str, target: &st
         let mut v: Vec<f64> = ms.iter().map(|m| f(&m.report)).collect();
         median(&mut v)
     };
-    // Each round's pair was measured back to back, so its ratio is freer of the machine's drift
-    // than a ratio of medians taken minutes apart.
+    // Each round's pair was measured within the same round, a few runs apart at most, so its
+    // ratio is freer of the machine's drift than a ratio of medians taken minutes apart.
     let mut ratios: Vec<f64> = ours
         .iter()
         .filter_map(|m| {
@@ -658,8 +658,11 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
         }
     }
 
-    // Each comparison's two cases run back to back (the original's page follows the floor page),
-    // so a drift of the machine between rounds touches both sides of a ratio alike.
+    // Each comparison's two cases run close together in each round: a floor runs once a round,
+    // just before the first case compared with it (the text-log and line-per-call cases are the
+    // third and fourth runs after it; the constant page is the second after the page, the
+    // original's the third), so a drift of the machine between rounds touches both sides of a
+    // ratio alike.
     let cases: Vec<(&str, &Server, Vec<String>)> = vec![
         (
             "floor_grpc_mtls",
