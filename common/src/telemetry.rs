@@ -91,22 +91,27 @@ pub fn exporting() -> bool {
 macro_rules! server_span {
     ($name:literal, $request_id:expr, $otel_name:expr) => {
         if $crate::telemetry::exporting() {
-            ::tracing::info_span!(
-                $name,
-                request_id = %$request_id,
-                trace_id = ::tracing::field::Empty,
-                otel.name = %$otel_name,
-                otel.kind = "server",
-            )
+            $crate::__server_span_at!(::tracing::Level::INFO, $name, $request_id, $otel_name)
         } else {
-            ::tracing::debug_span!(
-                $name,
-                request_id = %$request_id,
-                trace_id = ::tracing::field::Empty,
-                otel.name = %$otel_name,
-                otel.kind = "server",
-            )
+            $crate::__server_span_at!(::tracing::Level::DEBUG, $name, $request_id, $otel_name)
         }
+    };
+}
+
+/// [`server_span!`]'s one list of fields, at a level fixed where it is written (a span's level
+/// is part of its static call site, so the two levels need two call sites).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __server_span_at {
+    ($level:expr, $name:literal, $request_id:expr, $otel_name:expr) => {
+        ::tracing::span!(
+            $level,
+            $name,
+            request_id = %$request_id,
+            trace_id = ::tracing::field::Empty,
+            otel.name = %$otel_name,
+            otel.kind = "server",
+        )
     };
 }
 
