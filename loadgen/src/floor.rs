@@ -25,7 +25,7 @@ use bookstore_proto::{
 use tokio::net::TcpListener;
 use tonic::transport::{Channel, Server, ServerTlsConfig, server::TcpIncoming};
 
-use crate::target::{GrpcTls, channel};
+use crate::target::{GrpcTls, connect, endpoint};
 
 /// The answer of the floor: three mystery books, as the service answers the default query.
 pub fn constant_response() -> RecommendationResponse {
@@ -147,7 +147,8 @@ pub async fn chain(
     page: &str,
 ) -> anyhow::Result<()> {
     let (head, tail) = split_page(page)?;
-    let client = RecommendationsClient::new(channel(backend, tls.as_ref()).await?);
+    let channel = connect(&endpoint(backend, tls.as_ref())?, backend).await?;
+    let client = RecommendationsClient::new(channel);
     let router = Router::new().route(
         "/",
         get(move || titles_page(client.clone(), head.clone(), tail.clone())),

@@ -21,8 +21,8 @@ pub struct GrpcTls {
     pub server_name: String,
 }
 
-/// One HTTP/2 connection to `addr`, established now: mutual TLS with `tls`, else plaintext.
-pub async fn channel(addr: &str, tls: Option<&GrpcTls>) -> anyhow::Result<Channel> {
+/// Where to connect for `addr`: mutual TLS with `tls` (its files read now), else plaintext.
+pub fn endpoint(addr: &str, tls: Option<&GrpcTls>) -> anyhow::Result<Endpoint> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
         .context("bad address")?
@@ -37,6 +37,11 @@ pub async fn channel(addr: &str, tls: Option<&GrpcTls>) -> anyhow::Result<Channe
         }
         endpoint = endpoint.tls_config(config)?;
     }
+    Ok(endpoint)
+}
+
+/// One HTTP/2 connection to `endpoint` (which is `addr`), established now.
+pub async fn connect(endpoint: &Endpoint, addr: &str) -> anyhow::Result<Channel> {
     endpoint
         .connect()
         .await
@@ -75,11 +80,10 @@ impl Target {
         connections: usize,
         max_results: i32,
     ) -> anyhow::Result<Self> {
+        let endpoint = endpoint(addr, tls.as_ref())?;
         let mut clients = Vec::with_capacity(connections);
         for _ in 0..connections.max(1) {
-            clients.push(RecommendationsClient::new(
-                channel(addr, tls.as_ref()).await?,
-            ));
+            clients.push(RecommendationsClient::new(connect(&endpoint, addr).await?));
         }
         let kind = match &tls {
             Some(t) if t.identity.is_some() => "grpc+mtls",
