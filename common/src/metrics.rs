@@ -70,7 +70,7 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
     (
         "bookstore_client_queue_rejected_total",
         Kind::Counter,
-        "Pages answered 503 at once because every backend call slot was taken and the wait queue was full.",
+        "Pages answered 503 because every backend call slot was taken and the queue for them was full (reason=full) or made calls wait past MAX_QUEUE_WAIT_MS (reason=wait).",
     ),
     (
         "bookstore_backend_calls_total",
@@ -111,6 +111,11 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
         "bookstore_tls_certificate_expiry_timestamp_seconds",
         Kind::Gauge,
         "When a certificate in use expires, in Unix seconds: identity (this service's own), trust (the last CA of the bundle).",
+    ),
+    (
+        "bookstore_requests_shed_total",
+        Kind::Counter,
+        "Requests answered 503 at once because MAX_REQUESTS_IN_FLIGHT were being answered.",
     ),
     (
         "bookstore_connections_refused_total",

@@ -72,11 +72,21 @@ pub struct Config {
     #[arg(long, env = "MAX_HEAD_BYTES", default_value_t = 24 * 1024,
           value_parser = clap::value_parser!(u64).range(8192..=1024 * 1024))]
     pub max_head_bytes: u64,
+    /// Requests on LISTEN_ADDR being answered at once at most (about a tenth of a second of
+    /// pages at one core's peak); past it a request gets a 503 with Retry-After at once.
+    #[arg(long, env = "MAX_REQUESTS_IN_FLIGHT", default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_requests_in_flight: u64,
     /// Page requests waiting for a free call slot at most (each recommendations address takes
     /// CALLS_PER_BACKEND calls at once); past it a page gets a fast 503 with Retry-After.
     #[arg(long, env = "MAX_QUEUED_CALLS", default_value_t = 2048,
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub max_queued_calls: u64,
+    /// Milliseconds a page request may wait for a free call slot at most; past it the page gets
+    /// a 503 with Retry-After, and while the queue takes that long new arrivals get it at once.
+    #[arg(long, env = "MAX_QUEUE_WAIT_MS", default_value_t = 250,
+          value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub max_queue_wait_ms: u64,
     /// Calls in flight to one recommendations address at most (its server sheds past 256 on
     /// one connection).
     #[arg(long, env = "CALLS_PER_BACKEND", default_value_t = 192,
@@ -108,6 +118,14 @@ impl Config {
 
     pub fn recommendations_timeout(&self) -> Duration {
         Duration::from_millis(self.recommendations_timeout_ms)
+    }
+
+    pub fn max_requests_in_flight(&self) -> usize {
+        to_usize(self.max_requests_in_flight)
+    }
+
+    pub fn max_queue_wait(&self) -> Duration {
+        Duration::from_millis(self.max_queue_wait_ms)
     }
 
     /// The limits of the public HTTP listener.

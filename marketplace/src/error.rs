@@ -17,7 +17,8 @@ use crate::{
     source::SourceError,
 };
 
-/// Seconds a client is asked to wait before retrying when recommendations are unavailable.
+/// Seconds a client is asked to wait before retrying when recommendations are unavailable or
+/// the marketplace is busy.
 const RETRY_AFTER_SECS: &str = "5";
 
 /// What can go wrong with a request.
@@ -32,6 +33,9 @@ pub enum AppError {
     /// The recommendations service is down, slow or failing.
     #[error("recommendations are unavailable right now; please try again in a moment")]
     Unavailable,
+    /// More requests are being answered than the marketplace lets in at once.
+    #[error("the bookstore is busy; please try again in a moment")]
+    Busy,
     /// No such page.
     #[error("there is no page at this address")]
     NotFound,
@@ -86,7 +90,7 @@ impl AppError {
             AppError::NoBooks | AppError::NotFound => StatusCode::NOT_FOUND,
             AppError::UriTooLong => StatusCode::URI_TOO_LONG,
             AppError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            AppError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::Unavailable | AppError::Busy => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -97,6 +101,7 @@ impl AppError {
             AppError::BadRequest(_) => "invalid_argument",
             AppError::NoBooks => "category_not_found",
             AppError::Unavailable => "unavailable",
+            AppError::Busy => "busy",
             AppError::NotFound => "not_found",
             AppError::UriTooLong => "uri_too_long",
             AppError::HeadersTooLarge => "headers_too_large",
@@ -109,6 +114,7 @@ impl AppError {
             AppError::BadRequest(_) => "That request did not make sense",
             AppError::NoBooks => "No books here yet",
             AppError::Unavailable => "Recommendations are unavailable",
+            AppError::Busy => "The bookstore is busy",
             AppError::NotFound => "Page not found",
             AppError::UriTooLong | AppError::HeadersTooLarge => "That request was too large",
             AppError::Internal => "Something went wrong",
@@ -123,6 +129,9 @@ impl AppError {
             AppError::Unavailable => {
                 "We could not fetch recommendations just now. Please try again in a moment.".into()
             }
+            AppError::Busy => {
+                "Too many people are asking at once. Please try again in a moment.".into()
+            }
             AppError::NotFound => "There is no page at this address.".into(),
             AppError::UriTooLong => "The address is longer than any link on this site.".into(),
             AppError::HeadersTooLarge => "The request carried more headers than we accept.".into(),
@@ -131,7 +140,7 @@ impl AppError {
     }
 
     fn with_retry_after(&self, mut response: Response) -> Response {
-        if *self == AppError::Unavailable {
+        if matches!(self, AppError::Unavailable | AppError::Busy) {
             response.headers_mut().insert(
                 header::RETRY_AFTER,
                 HeaderValue::from_static(RETRY_AFTER_SECS),

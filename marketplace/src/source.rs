@@ -1,15 +1,18 @@
 //! Where recommendations come from: a trait the routes depend on, and its gRPC implementation,
 //! which balances calls over every address of the service and retries the unreachable ones.
 //!
-//! Each address takes a bounded number of calls at once; past it a call waits in a bounded
-//! queue (within its deadline), and past the queue the page gets a fast 503: a burst of pages
-//! waits a little instead of being shed by the server, and an overload costs no memory beyond
-//! the queue.
+//! Each address takes a bounded number of calls at once; past it a call waits in a queue bounded
+//! in length and in time, and past either bound the page gets a 503: a burst of pages waits a
+//! little instead of being shed by the server, and an overload costs no memory beyond the queue.
+//! A call that would only wait out the time bound is refused on arrival: while the last call
+//! to leave the queue had waited the whole bound, newcomers are turned away at once, so under a
+//! standing overload the excess is answered fast and the pages served wait no longer than the
+//! bound (a queue that only grows adds delay to every page and serves none more).
 
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -40,6 +43,8 @@ pub const METHODS: &[KnownMethod] = &[KnownMethod {
 
 /// Calls waiting for a slot at most, unless set otherwise (`MAX_QUEUED_CALLS`).
 const DEFAULT_MAX_QUEUED: usize = 2048;
+/// How long a call may wait for a slot, unless set otherwise (`MAX_QUEUE_WAIT_MS`).
+const DEFAULT_MAX_WAIT: Duration = Duration::from_millis(250);
 
 /// A place in the queue for call slots, given back when dropped (the page's request may be
 /// abandoned while it waits).
@@ -85,7 +90,7 @@ pub enum SourceError {
     /// The service is down, unreachable, refused us, or failed. The text is for logs only.
     #[error("recommendations service failed: {0}")]
     Unavailable(String),
-    /// Every call slot is taken and the queue for them is full.
+    /// Every call slot is taken and the queue for them is full, or moves too slowly.
     #[error("too many requests waiting for the recommendations service")]
     Overloaded,
 }
@@ -110,8 +115,13 @@ pub struct GrpcSource {
     /// Calls waiting for a slot now, and at most.
     queued: AtomicUsize,
     max_queued: usize,
-    /// `bookstore_client_queue_rejected_total`: calls refused because the queue was full.
-    rejected: metrics::Counter,
+    /// How long a call may wait for a slot, and how long (in µs) the last one to leave the queue
+    /// waited (the whole bound if it gave up).
+    max_wait: Duration,
+    last_wait_us: AtomicU64,
+    /// `bookstore_client_queue_rejected_total`, by reason: the queue was full, or too slow.
+    rejected_full: metrics::Counter,
+    rejected_wait: metrics::Counter,
 }
 
 impl std::fmt::Debug for GrpcSource {
@@ -121,6 +131,13 @@ impl std::fmt::Debug for GrpcSource {
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
+}
+
+/// Calls refused by the queue for call slots, by `reason`.
+const QUEUE_REJECTED: &str = "bookstore_client_queue_rejected_total";
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// The `outcome` values of `bookstore_client_retries_total`.
@@ -140,17 +157,33 @@ impl GrpcSource {
             backends,
             timeout,
             budget: TpsBudget::new(RETRY_WINDOW, RETRY_FLOOR_PER_SEC, RETRY_PERCENT),
-            rejected: metrics.counter("bookstore_client_queue_rejected_total", &[]),
+            rejected_full: metrics.counter(QUEUE_REJECTED, &[("reason", "full")]),
+            rejected_wait: metrics.counter(QUEUE_REJECTED, &[("reason", "wait")]),
             metrics,
             queued: AtomicUsize::new(0),
             max_queued: DEFAULT_MAX_QUEUED,
+            max_wait: DEFAULT_MAX_WAIT,
+            last_wait_us: AtomicU64::new(0),
         }
     }
 
-    /// At most `max_queued` calls wait for a slot; more are refused at once.
-    pub fn with_queue(mut self, max_queued: usize) -> Self {
+    /// At most `max_queued` calls wait for a slot, each for at most `max_wait`; past either
+    /// bound a call is refused.
+    pub fn with_queue(mut self, max_queued: usize, max_wait: Duration) -> Self {
         self.max_queued = max_queued;
+        self.max_wait = max_wait;
         self
+    }
+
+    /// Whether a call joining the queue now would only wait out the bound: someone is waiting,
+    /// and the last call to leave the queue had waited all of it.
+    fn queue_too_slow(&self) -> bool {
+        self.queued.load(Ordering::Acquire) > 0
+            && self.last_wait_us.load(Ordering::Relaxed) >= micros(self.max_wait)
+    }
+
+    fn left_queue_after(&self, waited: Duration) {
+        self.last_wait_us.store(micros(waited), Ordering::Relaxed);
     }
 
     /// A slot for a call to `backend`: at once if one is free, else after waiting in the queue
@@ -163,16 +196,30 @@ impl GrpcSource {
         if let Some(slot) = backend.try_slot() {
             return Ok(slot);
         }
+        if self.queue_too_slow() {
+            self.rejected_wait.increment(1);
+            return Err(SourceError::Overloaded);
+        }
         let Some(_waiting) = Waiting::join(&self.queued, self.max_queued) else {
-            self.rejected.increment(1);
+            self.rejected_full.increment(1);
             return Err(SourceError::Overloaded);
         };
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(remaining, backend.slot()).await {
-            Ok(Some(slot)) => Ok(slot),
+        let joined = Instant::now();
+        let remaining = deadline.saturating_duration_since(joined);
+        let patience = remaining.min(self.max_wait);
+        match tokio::time::timeout(patience, backend.slot()).await {
+            Ok(Some(slot)) => {
+                self.left_queue_after(joined.elapsed());
+                Ok(slot)
+            }
             Ok(None) => Err(SourceError::Unavailable(
                 "the call slots were closed".into(),
             )),
+            Err(_) if patience < remaining => {
+                self.left_queue_after(self.max_wait);
+                self.rejected_wait.increment(1);
+                Err(SourceError::Overloaded)
+            }
             Err(_) => Err(SourceError::Timeout(self.timeout)),
         }
     }

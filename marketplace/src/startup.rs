@@ -104,6 +104,7 @@ impl Application {
             tls_name = config.recommendations_tls_name(),
             calls_per_backend = config.calls_per_backend,
             max_queued_calls = config.max_queued_calls,
+            max_queue_wait_ms = config.max_queue_wait_ms,
             "recommendations endpoint"
         );
         let backends = Arc::new(Backends::new(resolver, settings, metrics.clone()));
@@ -116,9 +117,12 @@ impl Application {
                 config.recommendations_timeout(),
                 metrics.clone(),
             )
-            .with_queue(usize::try_from(config.max_queued_calls).unwrap_or(usize::MAX)),
+            .with_queue(
+                usize::try_from(config.max_queued_calls).unwrap_or(usize::MAX),
+                config.max_queue_wait(),
+            ),
         );
-        let router = routes::router(source, metrics.clone());
+        let router = routes::router(source, metrics.clone(), config.max_requests_in_flight());
         let admin::Bound {
             listener,
             admin,
@@ -157,7 +161,11 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<Drained> {
-        tracing::info!(addr = %self.local_addr(), "marketplace listening");
+        tracing::info!(
+            addr = %self.local_addr(),
+            max_requests_in_flight = self.config.max_requests_in_flight,
+            "marketplace listening"
+        );
         let stop = CancellationToken::new();
         tokio::spawn(
             self.backends

@@ -32,6 +32,16 @@ async fn marketplace_alone(
     process::start_marketplace(pki.dir(), vacant, extra).await
 }
 
+/// A deadline, a queue wait and an in-flight limit far off, for tests of reach rather than of
+/// speed or shedding.
+fn patient() -> [(&'static str, String); 3] {
+    [
+        ("RECOMMENDATIONS_TIMEOUT_MS", "10000".into()),
+        ("MAX_QUEUE_WAIT_MS", "10000".into()),
+        ("MAX_REQUESTS_IN_FLIGHT", "100000".into()),
+    ]
+}
+
 fn secs(n: u64) -> String {
     n.to_string()
 }
@@ -253,10 +263,9 @@ async fn sigterm_closes_unfinished_connections_at_once() {
 #[tokio::test]
 async fn a_thousand_concurrent_http1_connections_get_every_page() {
     let pki = TestPki::new();
-    // A deadline far off: this is about how the marketplace reaches its backend, not about
-    // how fast a debug build on a shared machine is.
-    let (_recommendations, _marketplace, web) =
-        stack(&pki, &[("RECOMMENDATIONS_TIMEOUT_MS", "10000".into())]).await;
+    // A deadline and a queue wait far off: this is about how the marketplace reaches its
+    // backend, not about how fast a debug build on a shared machine is.
+    let (_recommendations, _marketplace, web) = stack(&pki, &patient()).await;
     let mut clients = JoinSet::new();
     for _ in 0..1000 {
         clients.spawn(async move {
@@ -278,8 +287,7 @@ async fn a_thousand_concurrent_http1_connections_get_every_page() {
 #[tokio::test]
 async fn eight_h2c_connections_of_200_streams_get_every_page() {
     let pki = TestPki::new();
-    let (_recommendations, _marketplace, web) =
-        stack(&pki, &[("RECOMMENDATIONS_TIMEOUT_MS", "10000".into())]).await;
+    let (_recommendations, _marketplace, web) = stack(&pki, &patient()).await;
     let mut connections = JoinSet::new();
     for _ in 0..8 {
         connections.spawn(async move {
@@ -319,6 +327,59 @@ async fn eight_h2c_connections_of_200_streams_get_every_page() {
     assert_eq!(failed, 0, "{failed} of {} pages failed", statuses.len());
 }
 
+/// Past MAX_REQUESTS_IN_FLIGHT a request is answered 503 at once, counted, while the ones let in
+/// are served; when they are done, requests are let in again.
+#[tokio::test]
+async fn past_the_in_flight_limit_requests_get_a_fast_503_and_the_rest_are_served() {
+    let pki = TestPki::new();
+    let (recommendations, backend) =
+        process::start_recommendations(pki.dir(), &[("ARTIFICIAL_DELAY_MS", "2000".into())]).await;
+    let (mut marketplace, web) = process::start_marketplace(
+        pki.dir(),
+        backend,
+        &[
+            ("MAX_REQUESTS_IN_FLIGHT", "2".into()),
+            ("RECOMMENDATIONS_TIMEOUT_MS", "5000".into()),
+        ],
+    )
+    .await;
+    let admin = marketplace.admin_addr().await;
+    let holders: Vec<_> = (0..2).map(|_| tokio::spawn(raw::get(web, "/"))).collect();
+    let started = Instant::now();
+    while raw::metric(
+        &raw::scrape(admin).await,
+        &["bookstore_backend_calls_total"],
+    ) < 2.0
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "holders never called"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut refused = JoinSet::new();
+    for path in ["/", "/style.css", "/api/recommendations", "/nope"].repeat(5) {
+        refused.spawn(async move {
+            let started = Instant::now();
+            (raw::get(web, path).await, started.elapsed())
+        });
+    }
+    for (status, took) in refused.join_all().await {
+        assert_eq!(status, Some(503));
+        assert!(took < Duration::from_millis(1000), "{took:?}");
+    }
+    for holder in holders {
+        assert_eq!(holder.await.expect("page"), Some(200));
+    }
+    assert_eq!(raw::get(web, "/style.css").await, Some(200));
+    let metrics = raw::scrape(admin).await;
+    assert_eq!(
+        raw::metric(&metrics, &["bookstore_requests_shed_total"]),
+        20.0
+    );
+    drop(recommendations);
+}
+
 /// Past real capacity, the queue in front of recommendations is bounded: the excess gets a fast
 /// 503 (the page that says when to retry), counted.
 #[tokio::test]
@@ -332,6 +393,8 @@ async fn past_the_queue_pages_get_a_fast_503() {
         &[
             ("CALLS_PER_BACKEND", "4".into()),
             ("MAX_QUEUED_CALLS", "4".into()),
+            // Long enough to wait out two rounds: this test is about the length bound.
+            ("MAX_QUEUE_WAIT_MS", "5000".into()),
             ("RECOMMENDATIONS_TIMEOUT_MS", "5000".into()),
         ],
     )
@@ -359,8 +422,86 @@ async fn past_the_queue_pages_get_a_fast_503() {
     assert_eq!(ok + fast_503, 40, "{answers:?}");
     let metrics = raw::scrape(admin).await;
     assert_eq!(
-        raw::metric(&metrics, &["bookstore_client_queue_rejected_total"]),
+        raw::metric(
+            &metrics,
+            &["bookstore_client_queue_rejected_total", "reason=\"full\""]
+        ),
         fast_503 as f64
     );
+    drop(recommendations);
+}
+
+/// The queue is bounded in time as well as length: a page waits for a call slot at most
+/// MAX_QUEUE_WAIT_MS, and while the queue takes that long a newcomer is refused on arrival
+/// instead of waiting it out too. The pages already holding slots are served.
+#[tokio::test]
+async fn a_queue_that_moves_too_slowly_refuses_newcomers_at_once() {
+    let pki = TestPki::new();
+    let (recommendations, backend) =
+        process::start_recommendations(pki.dir(), &[("ARTIFICIAL_DELAY_MS", "4000".into())]).await;
+    let (mut marketplace, web) = process::start_marketplace(
+        pki.dir(),
+        backend,
+        &[
+            ("CALLS_PER_BACKEND", "2".into()),
+            ("MAX_QUEUE_WAIT_MS", "1000".into()),
+            ("RECOMMENDATIONS_TIMEOUT_MS", "8000".into()),
+        ],
+    )
+    .await;
+    let admin = marketplace.admin_addr().await;
+    let timed_page = move || async move {
+        let started = Instant::now();
+        let status = raw::get(web, "/").await;
+        (status, started.elapsed())
+    };
+    let rejected_for_waiting = move || async move {
+        let metrics = raw::scrape(admin).await;
+        raw::metric(
+            &metrics,
+            &["bookstore_client_queue_rejected_total", "reason=\"wait\""],
+        )
+    };
+    let until_rejected = move |n: f64| async move {
+        let waited = Instant::now();
+        while rejected_for_waiting().await < n {
+            assert!(waited.elapsed() < Duration::from_secs(10), "no refusal {n}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+
+    // Both slots taken for 4 s.
+    let holders: Vec<_> = (0..2).map(|_| tokio::spawn(timed_page())).collect();
+    let served = Instant::now();
+    while raw::metric(
+        &raw::scrape(admin).await,
+        &["bookstore_backend_calls_total"],
+    ) < 2.0
+    {
+        assert!(
+            served.elapsed() < Duration::from_secs(10),
+            "holders never called"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The first to queue waits the whole bound, then gets a 503.
+    let first = timed_page().await;
+    assert_eq!(first.0, Some(503), "{first:?}");
+    assert!(first.1 >= Duration::from_millis(1000), "{first:?}");
+    until_rejected(1.0).await;
+    // The next one joins an empty queue and waits; while it does, a newcomer is told at once.
+    let waiting = tokio::spawn(timed_page());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let newcomer = timed_page().await;
+    assert_eq!(newcomer.0, Some(503), "{newcomer:?}");
+    assert!(newcomer.1 < Duration::from_millis(500), "{newcomer:?}");
+    let waiting = waiting.await.expect("page");
+    assert_eq!(waiting.0, Some(503), "{waiting:?}");
+    assert!(waiting.1 >= Duration::from_millis(1000), "{waiting:?}");
+    assert_eq!(rejected_for_waiting().await, 3.0);
+    for holder in holders {
+        let (status, _) = holder.await.expect("page");
+        assert_eq!(status, Some(200));
+    }
     drop(recommendations);
 }

@@ -320,7 +320,9 @@ async fn every_series_is_described_and_alerting_counters_start_at_zero() {
         .collect();
     at_zero.extend(
         [
-            "bookstore_client_queue_rejected_total 0\n",
+            "bookstore_requests_shed_total 0\n",
+            "bookstore_client_queue_rejected_total{reason=\"full\"} 0\n",
+            "bookstore_client_queue_rejected_total{reason=\"wait\"} 0\n",
             "bookstore_tls_reloads_total{outcome=\"refused\"} 0\n",
         ]
         .map(str::to_owned),

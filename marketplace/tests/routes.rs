@@ -69,7 +69,7 @@ struct Reply {
 }
 
 async fn send(source: Arc<StandIn>, method: &str, uri: &str) -> Reply {
-    let response = router(source, Metrics::new("test", "0"))
+    let response = router(source, Metrics::new("test", "0"), 1024)
         .oneshot(
             Request::builder()
                 .method(method)
@@ -338,7 +338,7 @@ async fn oversized_uris_and_headers_are_refused_before_any_handler() {
     for i in 0..20 {
         request = request.header(format!("x-filler-{i}"), "y".repeat(1000));
     }
-    let response = router(source.clone(), Metrics::new("test", "0"))
+    let response = router(source.clone(), Metrics::new("test", "0"), 1024)
         .oneshot(request.body(Body::empty()).expect("request"))
         .await
         .expect("infallible");
@@ -368,7 +368,7 @@ impl RecommendationSource for Panics {
 
 #[tokio::test]
 async fn a_panic_behind_a_handler_is_a_500_page_and_the_app_keeps_serving() {
-    let app = router(Arc::new(Panics), Metrics::new("test", "0"));
+    let app = router(Arc::new(Panics), Metrics::new("test", "0"), 1024);
     for _ in 0..2 {
         let response = app
             .clone()
@@ -418,7 +418,7 @@ async fn get_with(
 #[tokio::test]
 async fn the_callers_request_id_and_trace_reach_the_source_and_the_id_comes_back() {
     let source = StandIn::books(&["A"]);
-    let app = router(source.clone(), Metrics::new("test", "0"));
+    let app = router(source.clone(), Metrics::new("test", "0"), 1024);
     let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let response = get_with(
         &app,
@@ -442,7 +442,7 @@ async fn the_callers_request_id_and_trace_reach_the_source_and_the_id_comes_back
 #[tokio::test]
 async fn a_missing_or_unfit_request_id_is_replaced_with_a_fresh_one() {
     let source = StandIn::books(&["A"]);
-    let app = router(source.clone(), Metrics::new("test", "0"));
+    let app = router(source.clone(), Metrics::new("test", "0"), 1024);
     let mut ids = Vec::new();
     for headers in [&[][..], &[("x-request-id", "has space")][..]] {
         let response = get_with(&app, "/api/recommendations", headers).await;
@@ -467,7 +467,7 @@ async fn a_missing_or_unfit_request_id_is_replaced_with_a_fresh_one() {
 #[tokio::test]
 async fn http_metrics_count_requests_by_route_and_status() {
     let metrics = Metrics::new("marketplace", "9.9.9");
-    let app = router(StandIn::books(&["A"]), metrics.clone());
+    let app = router(StandIn::books(&["A"]), metrics.clone(), 1024);
     for uri in [
         "/",
         "/",
@@ -490,4 +490,87 @@ async fn http_metrics_count_requests_by_route_and_status() {
     assert!(text.contains(
         r#"http_request_duration_seconds_bucket{method="GET",route="/",status="200",le="0.005"}"#
     ));
+}
+
+/// Holds every call until released, so requests stay in flight; says when each arrives.
+struct Held {
+    release: tokio::sync::Semaphore,
+    arrived: tokio::sync::mpsc::UnboundedSender<()>,
+}
+
+#[async_trait]
+impl RecommendationSource for Held {
+    async fn recommend(
+        &self,
+        _query: &RecommendationQuery,
+        _context: &RequestContext,
+    ) -> Result<Vec<Book>, SourceError> {
+        let _ = self.arrived.send(());
+        let _released = self.release.acquire().await;
+        Ok(vec![Book {
+            id: 1,
+            title: "A".into(),
+        }])
+    }
+}
+
+async fn body_text(response: axum::response::Response) -> String {
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+#[tokio::test]
+async fn past_the_in_flight_limit_a_request_is_answered_busy_at_once_and_counted() {
+    let (arrived, mut arrivals) = tokio::sync::mpsc::unbounded_channel();
+    let held = Arc::new(Held {
+        release: tokio::sync::Semaphore::new(0),
+        arrived,
+    });
+    let metrics = Metrics::new("marketplace", "0");
+    let app = router(held.clone(), metrics.clone(), 2);
+    let in_flight: Vec<_> = (0..2)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move { get_with(&app, "/", &[]).await.status() })
+        })
+        .collect();
+    for _ in 0..2 {
+        arrivals.recv().await.expect("a held request");
+    }
+    // Both are let in and held: the next ones are refused without waiting for them.
+    let at_once = std::time::Duration::from_secs(5);
+    let page = tokio::time::timeout(at_once, get_with(&app, "/", &[]))
+        .await
+        .expect("refused, not held");
+    assert_eq!(page.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(page.headers()[header::RETRY_AFTER], "5");
+    assert!(page.headers().contains_key("x-request-id"));
+    assert!(page.headers().contains_key(header::CONTENT_SECURITY_POLICY));
+    let page = body_text(page).await;
+    assert!(page.contains("The bookstore is busy"), "{page}");
+    let api = tokio::time::timeout(at_once, get_with(&app, "/api/recommendations", &[]))
+        .await
+        .expect("refused, not held");
+    assert_eq!(api.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let api = body_text(api).await;
+    assert!(api.contains(r#""code":"busy""#), "{api}");
+
+    held.release.add_permits(3);
+    for request in in_flight {
+        assert_eq!(request.await.expect("request"), StatusCode::OK);
+    }
+    assert_eq!(get_with(&app, "/", &[]).await.status(), StatusCode::OK);
+    let text = metrics.render();
+    for line in [
+        "bookstore_requests_shed_total 2",
+        r#"http_requests_total{method="GET",route="/",status="503"} 1"#,
+        r#"http_requests_total{method="GET",route="/",status="200"} 3"#,
+    ] {
+        assert!(text.contains(line), "missing {line} in:\n{text}");
+    }
 }

@@ -1,6 +1,7 @@
 //! The HTTP surface: the router and its handlers.
 
 mod api;
+pub mod in_flight;
 mod page;
 pub mod query;
 pub mod templates;
@@ -35,6 +36,7 @@ use crate::{
     error::{AppError, HtmlError},
     source::RecommendationSource,
 };
+use in_flight::InFlight;
 
 /// The longest request target accepted; ours are a path and three short parameters.
 const MAX_URI_BYTES: usize = 2048;
@@ -67,9 +69,14 @@ impl std::fmt::Debug for AppState {
     }
 }
 
-/// The whole app, with recommendations from `source`, counted in `metrics`. Tests call this
-/// with a fake source and drive it without a socket.
-pub fn router(source: Arc<dyn RecommendationSource>, metrics: Metrics) -> Router {
+/// The whole app, with recommendations from `source`, counted in `metrics`, answering at most
+/// `max_in_flight` requests at once. Tests call this with a fake source and drive it without a
+/// socket.
+pub fn router(
+    source: Arc<dyn RecommendationSource>,
+    metrics: Metrics,
+    max_in_flight: usize,
+) -> Router {
     Router::new()
         .route("/", get(page::recommendations))
         .route("/api/recommendations", get(api::recommendations))
@@ -78,6 +85,12 @@ pub fn router(source: Arc<dyn RecommendationSource>, metrics: Metrics) -> Router
         .with_state(AppState { source })
         .layer(CatchPanicLayer::new(internal_error as fn() -> Response))
         .layer(middleware::from_fn(limit_request_size))
+        // Inside the layers that count, identify and dress every answer, so a shed request is
+        // all three too.
+        .layer(middleware::from_fn_with_state(
+            InFlight::new(max_in_flight, &metrics),
+            in_flight::limit,
+        ))
         .layer(middleware::from_fn(security_headers))
         .layer(middleware::from_fn_with_state(
             Arc::new(HttpMetrics::new(metrics)),
