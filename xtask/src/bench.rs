@@ -337,7 +337,25 @@ pub(crate) async fn load(
     args: &[String],
     server: &Server,
 ) -> Result<(Report, Option<u64>)> {
-    let run = Command::new(loadgen)
+    load_on(None, loadgen, args, server).await
+}
+
+/// [`load`], with the load generator kept to CPU `cpu` if given (through `taskset`).
+pub(crate) async fn load_on(
+    cpu: Option<usize>,
+    loadgen: &Path,
+    args: &[String],
+    server: &Server,
+) -> Result<(Report, Option<u64>)> {
+    let mut command = match cpu {
+        Some(cpu) => {
+            let mut taskset = Command::new("taskset");
+            taskset.args(["-c", &cpu.to_string()]).arg(loadgen);
+            taskset
+        }
+        None => Command::new(loadgen),
+    };
+    let run = command
         .args(args)
         .arg("--json")
         .stdin(Stdio::null())
@@ -789,7 +807,7 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     }
     let overload = crate::overload::run(
         &loadgen,
-        &market,
+        [&market, &rec_mtls],
         duration,
         Duration::from_secs(if args.quick { 5 } else { 60 }),
     )

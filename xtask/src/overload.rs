@@ -4,14 +4,17 @@
 //! memory before, at its peak, and after a pause, to show it comes back.
 //!
 //! Then the overload curve: an open loop (pages sent on a fixed schedule, whatever the answers
-//! do, each timed from when it was due) from a quarter of the closed-loop peak to twice it.
+//! do, each timed from when it was due) from a quarter of the closed-loop peak to twice it. On a
+//! machine of two or more CPUs the curve keeps the load generator on one CPU and both services on
+//! another, and measures its own peak that way: sending twice the peak costs the generator
+//! about as much CPU as the services spend, and on shared CPUs it would take that from them.
 
 use std::{fmt::Write as _, path::Path, time::Duration};
 
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::bench::{Server, http_args, load, rss_kib};
+use crate::bench::{Server, http_args, load, load_on, rss_kib};
 
 /// One overload run.
 #[derive(Debug, Clone, Serialize)]
@@ -50,8 +53,12 @@ const CURVE: [f64; 8] = [0.25, 0.5, 0.75, 0.9, 1.0, 1.25, 1.5, 2.0];
 #[derive(Debug, Clone, Serialize)]
 pub struct Overload {
     pub runs: Vec<OverloadRun>,
-    /// The best HTTP/1.1 closed-loop pages per second, which the curve's rates are fractions of.
+    /// The curve's closed-loop pages per second (32 HTTP/1.1 connections, CPUs as for the
+    /// curve), which its rates are fractions of.
     pub peak_per_s: f64,
+    /// Whether the curve ran with the load generator and the services on CPUs of their own.
+    #[serde(default)]
+    pub pinned: bool,
     pub curve: Vec<CurvePoint>,
     pub rss_before_kib: Option<u64>,
     pub rss_peak_kib: Option<u64>,
@@ -62,19 +69,61 @@ pub struct Overload {
 
 /// The open loop's cap on pages outstanding at once, per 1,000 pages a second offered (the load
 /// generator's `--concurrency` in open loop; at least 1,000 in all). Meant to be above what the
-/// marketplace lets in (2,048 connections; 192 calls in flight per address and 2,048 waiting in
-/// one queue), so that the marketplace refuses the excess; in the 2026-12-01 run the generator's
-/// cap still refused most of it (docs/performance.md).
+/// marketplace lets in (1,024 requests in flight, on at most 2,048 connections), so that the
+/// marketplace refuses the excess, not the generator.
 const OPEN_LOOP_CONNECTIONS_PER_1000: usize = 500;
 
+/// Closed-loop connections for the curve's own peak (the benchmark's page figure).
+const PEAK_CONNECTIONS: usize = 32;
+
+/// The CPUs for the curve, (services, load generator), if this machine has two and `taskset`
+/// can keep each process to its own: `services` (every thread of each) now, the generator when
+/// it is started.
+async fn pin(services: &[&Server]) -> Option<(usize, usize)> {
+    if std::thread::available_parallelism().map_or(1, usize::from) < 2 {
+        return None;
+    }
+    for server in services {
+        let pid = server.pid()?;
+        let pinned = tokio::process::Command::new("taskset")
+            .args(["-a", "-p", "-c", "0", &pid.to_string()])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .await
+            .ok()?;
+        if !pinned.success() {
+            return None;
+        }
+    }
+    Some((0, 1))
+}
+
+/// Gives `services` every CPU again.
+async fn unpin(services: &[&Server]) {
+    let all = format!(
+        "0-{}",
+        std::thread::available_parallelism().map_or(1, usize::from) - 1
+    );
+    for pid in services.iter().filter_map(|s| s.pid()) {
+        let _ = tokio::process::Command::new("taskset")
+            .args(["-a", "-p", "-c", &all, &pid.to_string()])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .await;
+    }
+}
+
 /// Drives `market` at 32, 256 and 1,000 HTTP/1.1 connections and 8 h2c connections × 200
-/// streams, `duration` seconds each, then waits `settle` and measures its memory again.
+/// streams, `duration` seconds each, then the open-loop curve (with `services`, the marketplace
+/// and the recommendations behind it, pinned if it can be), then waits `settle` and measures
+/// the marketplace's memory again.
 pub async fn run(
     loadgen: &Path,
-    market: &Server,
+    services: [&Server; 2],
     duration: f64,
     settle: Duration,
 ) -> Result<Overload> {
+    let market = services[0];
     let rss = || market.pid().and_then(rss_kib);
     let rss_before_kib = rss();
     let mut runs = Vec::new();
@@ -106,19 +155,24 @@ pub async fn run(
             peak_rss_kib,
         });
     }
-    // The curve is HTTP/1.1, so its peak is the best HTTP/1.1 closed loop.
-    let peak_per_s = runs
-        .iter()
-        .filter(|r| r.what.starts_with("HTTP/1.1"))
-        .map(|r| r.pages_per_s)
-        .fold(0.0, f64::max);
+    let cpus = pin(&services).await;
+    let generator_cpu = cpus.map(|(_, generator)| generator);
+    match cpus {
+        Some((services, generator)) => eprintln!(
+            "overload curve: services on CPU {services}, the load generator on CPU {generator}"
+        ),
+        None => eprintln!("overload curve: CPUs shared (fewer than two, or no taskset)"),
+    }
+    let peak_args = http_args(market, PEAK_CONNECTIONS, duration);
+    let (peak, _) = load_on(generator_cpu, loadgen, &peak_args, market).await?;
+    let peak_per_s = peak.throughput;
     let mut curve = Vec::new();
     for fraction in CURVE {
         let rate = (peak_per_s * fraction).round().max(1.0);
         eprintln!("overload curve: {rate:.0} pages/s offered ({fraction}× the peak)");
         let mut args = http_args(market, OPEN_LOOP_CONNECTIONS_PER_1000, duration);
         args.extend(["--rate".into(), rate.to_string()]);
-        let (report, peak_rss_kib) = load(loadgen, &args, market).await?;
+        let (report, peak_rss_kib) = load_on(generator_cpu, loadgen, &args, market).await?;
         curve.push(CurvePoint {
             fraction,
             offered_per_s: rate,
@@ -132,6 +186,7 @@ pub async fn run(
             peak_rss_kib,
         });
     }
+    unpin(&services).await;
     let rss_peak_kib = runs
         .iter()
         .filter_map(|r| r.peak_rss_kib)
@@ -142,6 +197,7 @@ pub async fn run(
     Ok(Overload {
         runs,
         peak_per_s,
+        pinned: cpus.is_some(),
         curve,
         rss_before_kib,
         rss_peak_kib,
@@ -175,11 +231,16 @@ pub fn markdown(md: &mut String, o: &Overload) {
             mib(r.peak_rss_kib)
         );
     }
+    let cpus = if o.pinned {
+        "the load generator on one CPU, both services on another"
+    } else {
+        "the load generator and the services sharing the CPUs"
+    };
     let _ = writeln!(
         md,
         "\nThe overload curve (open loop over HTTP/1.1: pages sent on a schedule whatever the \
-         answers do, latency from when each was due; the peak is the best HTTP/1.1 closed-loop \
-         figure above, {:.0} pages/s; the load generator shares the two CPUs):\n",
+         answers do, latency from when each was due; {cpus}; the peak is a closed loop of \
+         {PEAK_CONNECTIONS} connections in that setting, {:.0} pages/s):\n",
         o.peak_per_s
     );
     let _ = writeln!(
