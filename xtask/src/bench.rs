@@ -927,9 +927,10 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     if errors > 0 {
         bail!("{errors} calls failed during the benchmark");
     }
+    // A 503 is the marketplace shedding what it does not let in; anything else is a fault.
     let failed_pages: u64 = results.overload.runs.iter().map(|r| r.failed).sum();
     if failed_pages > 0 {
-        bail!("{failed_pages} pages failed under overload");
+        bail!("{failed_pages} pages failed under overload other than by a 503");
     }
     Ok(())
 }

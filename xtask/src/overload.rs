@@ -21,6 +21,9 @@ use crate::bench::{Server, http_args, load, load_on, rss_kib};
 pub struct OverloadRun {
     pub what: String,
     pub pages_per_s: f64,
+    /// Pages answered 503, the marketplace's answer past MAX_REQUESTS_IN_FLIGHT or its queue.
+    pub shed: u64,
+    /// Pages that failed any other way.
     pub failed: u64,
     pub requests: u64,
     pub p99_ms: f64,
@@ -45,6 +48,9 @@ pub struct CurvePoint {
     pub failed_p99_ms: f64,
     pub peak_rss_kib: Option<u64>,
 }
+
+/// How the load generator names a 503 answer.
+const SHED: &str = "http:503";
 
 /// Offered load of the curve, as fractions of the closed-loop peak.
 const CURVE: [f64; 8] = [0.25, 0.5, 0.75, 0.9, 1.0, 1.25, 1.5, 2.0];
@@ -146,10 +152,12 @@ pub async fn run(
     for (what, args) in cases {
         eprintln!("overload: {what}");
         let (report, peak_rss_kib) = load(loadgen, &args, market).await?;
+        let shed = report.errors.get(SHED).copied().unwrap_or(0);
         runs.push(OverloadRun {
             what: what.into(),
             pages_per_s: report.throughput,
-            failed: report.errors.values().sum(),
+            shed,
+            failed: report.errors.values().sum::<u64>() - shed,
             requests: report.requests,
             p99_ms: report.latency_ms.p99,
             peak_rss_kib,
@@ -216,15 +224,16 @@ pub fn markdown(md: &mut String, o: &Overload) {
     );
     let _ = writeln!(
         md,
-        "| Load | Pages/s | Failed | Of | p99 ms | Peak RSS (MiB) |"
+        "| Load | Pages/s | Shed (503) | Failed otherwise | Of | p99 ms | Peak RSS (MiB) |"
     );
-    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|");
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|");
     for r in &o.runs {
         let _ = writeln!(
             md,
-            "| {} | {:.0} | {} | {} | {:.1} | {} |",
+            "| {} | {:.0} | {} | {} | {} | {:.1} | {} |",
             r.what,
             r.pages_per_s,
+            r.shed,
             r.failed,
             r.requests,
             r.p99_ms,
