@@ -17,11 +17,20 @@ use std::{
 };
 
 use async_trait::async_trait;
-use bookstore_common::{grpc_call::CallLayer, metrics::Metrics};
+use bookstore_common::{
+    grpc_call::{CallLayer, KnownMethod},
+    metrics::Metrics,
+};
 use bookstore_proto::recommendations_client::RecommendationsClient;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
+/// The methods the marketplace calls, as its client metrics name them.
+pub const METHODS: &[KnownMethod] = &[KnownMethod {
+    path: "/Recommendations/Recommend",
+    kind: "unary",
+}];
 
 /// The client every call goes through: one connection, wrapped in the call layer.
 pub type Client = RecommendationsClient<bookstore_common::grpc_call::Call<Channel>>;
@@ -308,11 +317,7 @@ impl Backends {
         let channel = settings
             .channel(addr)
             .map_err(|e| format!("cannot configure a channel to {addr}: {e}"))?;
-        let layer = CallLayer::client(
-            self.metrics.clone(),
-            crate::source::METHODS,
-            addr.to_string(),
-        );
+        let layer = CallLayer::client(self.metrics.clone(), METHODS, addr.to_string());
         Ok(Arc::new(Backend {
             addr,
             client: RecommendationsClient::new(tower::Layer::layer(&layer, channel)),

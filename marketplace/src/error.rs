@@ -13,8 +13,8 @@ use bookstore_common::log_limit::LogLimit;
 use serde_json::json;
 
 use crate::{
-    routes::templates::{ErrorPage, NavLink},
     source::SourceError,
+    templates::{ErrorPage, NavLink},
 };
 
 /// Seconds a client is asked to wait before retrying when recommendations are unavailable or

@@ -2,7 +2,9 @@
 //! recommendations service over mutual-TLS gRPC.
 //!
 //! `books` is the domain, `source` the gRPC client adapter behind a trait (`backends` balances
-//! it over every address of the service), `routes` the HTTP surface, `error` where errors meet HTTP, `config` the settings and `startup` the wiring.
+//! it over every address of the service), `routes` the HTTP surface, `templates` the pages it
+//! and `error` render, `error` where errors meet HTTP, `config` the settings and `startup` the
+//! wiring.
 
 pub mod backends;
 pub mod books;
@@ -11,3 +13,4 @@ pub mod error;
 pub mod routes;
 pub mod source;
 pub mod startup;
+pub mod templates;

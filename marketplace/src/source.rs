@@ -20,7 +20,6 @@ use std::{
 use async_trait::async_trait;
 use bookstore_common::{
     context::{REQUEST_ID_HEADER, RequestContext, TRACEPARENT_HEADER},
-    grpc_call::KnownMethod,
     metrics::Metrics,
 };
 use bookstore_proto::{BookCategory, RecommendationRequest};
@@ -34,12 +33,6 @@ use crate::{
     backends::{Backend, Backends},
     books::{Book, Category, RecommendationQuery},
 };
-
-/// The methods the marketplace calls, as its client metrics name them.
-pub const METHODS: &[KnownMethod] = &[KnownMethod {
-    path: "/Recommendations/Recommend",
-    kind: "unary",
-}];
 
 /// Calls waiting for a slot at most, unless set otherwise (`MAX_QUEUED_CALLS`).
 const DEFAULT_MAX_QUEUED: usize = 2048;

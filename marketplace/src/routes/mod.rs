@@ -4,7 +4,6 @@ mod api;
 pub mod in_flight;
 mod page;
 pub mod query;
-pub mod templates;
 
 use std::{
     collections::HashMap,

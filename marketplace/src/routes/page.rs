@@ -8,13 +8,11 @@ use axum::{
 };
 use bookstore_common::context::RequestContext;
 
-use super::{
-    AppState, query,
-    templates::{NavLink, RecommendationsPage},
-};
+use super::{AppState, query};
 use crate::{
     error::{AppError, HtmlError},
     source::SourceError,
+    templates::{NavLink, RecommendationsPage},
 };
 
 /// Recommendations in one category (mystery by default, three books for user 1, as in the
