@@ -47,7 +47,7 @@ const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 const MAX_CALL_DURATION: Duration = Duration::from_secs(30);
 
 /// The gRPC service name, as the health service reports it (the proto has no package).
-pub const SERVICE_NAME: &str = "Recommendations";
+pub const SERVICE_NAME: &str = bookstore_proto::recommendations_server::SERVICE_NAME;
 
 /// Every method served, as metrics and logs name them; calls to any other path are counted
 /// under `unknown`.
