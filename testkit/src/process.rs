@@ -185,15 +185,22 @@ impl ServiceProcess {
             .unwrap_or_else(|e| panic!("bad admin_addr {addr:?}: {e}"))
     }
 
-    /// Sends a signal by name (`TERM`, `INT`) with the system `kill` command.
+    /// Sends a signal by name: `TERM`, `INT`, `HUP` or `KILL`.
     pub fn signal(&self, signal: &str) {
-        let pid = self.child.id().expect("process still running");
-        let status = std::process::Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(pid.to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{signal} {pid} failed");
+        use rustix::process::{Pid, Signal, kill_process};
+        let sig = match signal {
+            "TERM" => Signal::TERM,
+            "INT" => Signal::INT,
+            "HUP" => Signal::HUP,
+            "KILL" => Signal::KILL,
+            other => panic!("no such signal here: {other}"),
+        };
+        let id = self.child.id().expect("process still running");
+        let pid = i32::try_from(id)
+            .ok()
+            .and_then(Pid::from_raw)
+            .unwrap_or_else(|| panic!("not a process id: {id}"));
+        kill_process(pid, sig).unwrap_or_else(|e| panic!("kill -{signal} {id} failed: {e}"));
     }
 
     /// Waits up to `timeout` for the process to exit; returns its status and whole log.

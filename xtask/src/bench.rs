@@ -75,9 +75,7 @@ impl Server {
 
     async fn stop(mut self) {
         if let Some(pid) = self.pid() {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status();
+            crate::terminate(pid);
         }
         if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
             .await

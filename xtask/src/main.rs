@@ -206,14 +206,20 @@ async fn wait_until_listening(port: u16) -> Result<()> {
     Ok(())
 }
 
+/// Sends SIGTERM to process `pid`, if there is one.
+pub(crate) fn terminate(pid: u32) {
+    use rustix::process::{Pid, Signal, kill_process};
+    if let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) {
+        let _ = kill_process(pid, Signal::TERM);
+    }
+}
+
 /// Sends SIGTERM (if still running) and waits for a clean exit.
 async fn stop(name: &str, child: &mut Child) -> bool {
     if let Ok(None) = child.try_wait()
         && let Some(pid) = child.id()
     {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status();
+        terminate(pid);
     }
     match tokio::time::timeout(Duration::from_secs(40), child.wait()).await {
         Ok(Ok(status)) if status.success() => true,
