@@ -240,7 +240,8 @@ async fn past_the_connection_cap_new_connections_are_refused_and_the_rest_keep_w
 #[tokio::test]
 async fn sigterm_closes_unfinished_connections_at_once() {
     let pki = TestPki::new();
-    let (marketplace, web) = marketplace_alone(&pki, &[("SHUTDOWN_GRACE_SECS", secs(20))]).await;
+    let (mut marketplace, web) =
+        marketplace_alone(&pki, &[("SHUTDOWN_GRACE_SECS", secs(20))]).await;
     let mut unfinished = TcpStream::connect(web).await.expect("connect");
     unfinished
         .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
@@ -248,7 +249,14 @@ async fn sigterm_closes_unfinished_connections_at_once() {
         .expect("send");
     let mut idle = TcpStream::connect(web).await.expect("connect");
     // Both connections are accepted before the signal.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let admin = marketplace.admin_addr().await;
+    raw::until_metric(
+        admin,
+        &["bookstore_connections_open", "listener=\"http\""],
+        2.0,
+        Duration::from_secs(5),
+    )
+    .await;
     let started = Instant::now();
     marketplace.signal("TERM");
     let (status, log) = marketplace.wait(Duration::from_secs(5)).await;

@@ -7,7 +7,8 @@ use std::{
 };
 
 use bookstore_testkit::{
-    TestPki, marketplace_config, recommendations_config, spawn_marketplace, spawn_recommendations,
+    TestPki, marketplace_config, raw, recommendations_config, spawn_marketplace,
+    spawn_recommendations,
 };
 
 async fn fetch(addr: SocketAddr, path: &str) -> (u16, String) {
@@ -132,7 +133,14 @@ async fn readiness_turns_off_at_the_signal_while_a_slow_page_finishes() {
     assert_eq!(ready().await, Some(200));
 
     let page = tokio::spawn(fetch(web, "/"));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The page is in flight once it has called the backend.
+    raw::until_metric(
+        admin,
+        &["bookstore_backend_calls_total"],
+        1.0,
+        Duration::from_secs(10),
+    )
+    .await;
     marketplace.signal();
     let deadline = Instant::now() + Duration::from_secs(1);
     while ready().await != Some(503) {

@@ -9,6 +9,7 @@ use std::{
 use bookstore_testkit::{
     TestPki,
     process::{self, ServiceProcess},
+    raw,
 };
 
 async fn start_recommendations(
@@ -72,8 +73,15 @@ async fn sigterm_lets_in_flight_pages_finish_and_sigint_stops_recommendations() 
     .await;
 
     let pages: Vec<_> = (0..3).map(|_| tokio::spawn(fetch(web, "/"))).collect();
-    // The pages now wait on the backend's 2 s delay.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Once all three have called the backend, they wait on its 2 s delay.
+    let admin = marketplace.admin_addr().await;
+    raw::until_metric(
+        admin,
+        &["bookstore_backend_calls_total"],
+        3.0,
+        Duration::from_secs(10),
+    )
+    .await;
     let signalled = Instant::now();
     marketplace.signal("TERM");
     marketplace

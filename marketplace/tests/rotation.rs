@@ -15,8 +15,8 @@ use std::{
 use bookstore_certs::{Authority, Usage};
 use bookstore_proto::RecommendationRequest;
 use bookstore_testkit::{
-    TestPki, grpc_client, identity, marketplace_config, recommendations_config, spawn_marketplace,
-    spawn_recommendations,
+    TestPki, grpc_client, identity, marketplace_config, raw, recommendations_config,
+    spawn_marketplace, spawn_recommendations,
 };
 
 /// Polls `probe` until it returns true, for at most 15 s (the reload contract).
@@ -152,8 +152,16 @@ async fn a_ca_rotation_under_load_fails_no_page() {
     pki.write("client", &new_client);
     let pages_before_switch = load.pages();
 
-    // 3. The server drops the old CA: only the new client certificate works from here.
-    tokio::time::sleep(Duration::from_millis(2500)).await; // the marketplace's reload (1 s polls)
+    // 3. Once the marketplace has taken its new files, the server drops the old CA: only the new
+    // client certificate works from here.
+    eventually("the marketplace reloads its certificate", async || {
+        let metrics = raw::scrape(marketplace.admin_addr).await;
+        raw::metric(
+            &metrics,
+            &["bookstore_tls_reloads_total", "outcome=\"reloaded\""],
+        ) >= 1.0
+    })
+    .await;
     std::fs::write(&trust, &new_ca.issued().cert_pem).expect("write");
     let old_client = pki.pki.client.clone();
     eventually("server drops the old CA", async || {
@@ -161,7 +169,10 @@ async fn a_ca_rotation_under_load_fails_no_page() {
     })
     .await;
     let pages_at_cutover = load.pages();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    eventually("pages after the old CA was dropped", async || {
+        load.pages() > pages_at_cutover + 10
+    })
+    .await;
 
     let (total, failures) = load.finish().await;
     assert!(

@@ -10,7 +10,7 @@ use bookstore_certs::Usage;
 use bookstore_common::{shutdown::Drained, tls::TlsMode};
 use bookstore_proto::{BookCategory, RecommendationRequest};
 use bookstore_testkit::{
-    TestPki, grpc_client, identity, plaintext_client, recommendations_config,
+    TestPki, grpc_client, identity, plaintext_client, raw, recommendations_config,
     spawn_recommendations, tls_channel, trusted_channel, trusted_client,
 };
 use tokio_stream::StreamExt;
@@ -499,7 +499,14 @@ async fn readiness_turns_off_at_the_signal_and_the_admin_port_answers_through_th
         .await
         .expect("connected");
     let slow = tokio::spawn(async move { client.recommend(mystery(1)).await });
-    tokio::time::sleep(Duration::from_millis(300)).await; // the call is now in its delay
+    // Once the second call has started, it is in its delay.
+    raw::until_metric(
+        admin,
+        &["grpc_server_started_total", "grpc_method=\"Recommend\""],
+        2.0,
+        Duration::from_secs(10),
+    )
+    .await;
     server.signal();
     let deadline = Instant::now() + Duration::from_secs(1);
     while admin_status(admin, "/readyz").await != Some(503) {

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use bookstore_proto::{BookCategory, RecommendationRequest};
-use bookstore_testkit::{TestPki, process::ServiceProcess, trusted_client};
+use bookstore_testkit::{TestPki, process::ServiceProcess, raw, trusted_client};
 
 /// A request for one mystery book.
 fn one_mystery() -> RecommendationRequest {
@@ -115,8 +115,15 @@ async fn sigterm_drains_in_flight_calls_then_exits_zero() {
             })
         })
         .collect();
-    // The calls are now waiting out their 2 s delay on the server.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Once all three have started, they are waiting out their 2 s delay on the server.
+    let admin = process.admin_addr().await;
+    raw::until_metric(
+        admin,
+        &["grpc_server_started_total", "grpc_method=\"Recommend\""],
+        3.0,
+        Duration::from_secs(10),
+    )
+    .await;
 
     let signalled = Instant::now();
     process.signal("TERM");

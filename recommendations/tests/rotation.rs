@@ -11,7 +11,7 @@ use std::{
 
 use bookstore_certs::Usage;
 use bookstore_proto::{BookCategory, RecommendationRequest};
-use bookstore_testkit::{TestPki, recommendations_config, spawn_recommendations};
+use bookstore_testkit::{TestPki, raw, recommendations_config, spawn_recommendations};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
 
 /// The certificate the server presents to a new connection now.
@@ -106,12 +106,27 @@ async fn the_server_certificate_rotates_under_load_and_a_bad_set_is_ignored() {
     assert_eq!(after, renewed_der.to_vec());
 
     // A broken set (a truncated certificate) is refused; the renewed certificate stays in use.
+    let refused = async || {
+        let metrics = raw::scrape(server.admin_addr).await;
+        raw::metric(
+            &metrics,
+            &["bookstore_tls_reloads_total", "outcome=\"refused\""],
+        )
+    };
+    let refused_before = refused().await;
     std::fs::write(
         pki.dir().join("server.pem"),
         &renewed.cert_pem[..renewed.cert_pem.len() / 2],
     )
     .expect("write");
-    tokio::time::sleep(Duration::from_millis(2500)).await; // two reload checks
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while refused().await <= refused_before {
+        assert!(
+            Instant::now() < deadline,
+            "the broken set was not refused within 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(served_certificate(addr, &pki).await, after);
 
     stop.store(true, Ordering::Relaxed);

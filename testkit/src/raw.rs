@@ -1,7 +1,10 @@
 //! Plain sockets for tests that act as a hostile or heavy client: one-line HTTP/1.1 requests,
 //! the admin port's metrics, and a metric's value read from them.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -84,6 +87,24 @@ pub fn metric(text: &str, parts: &[&str]) -> f64 {
         .find(|l| parts.iter().all(|p| l.contains(p)))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .unwrap_or(0.0)
+}
+
+/// Waits up to `timeout` for the first series on `admin` whose line contains every one of
+/// `parts` to reach `at_least`: for a test to go on when something has happened, not after a
+/// guess at how long it takes.
+pub async fn until_metric(admin: SocketAddr, parts: &[&str], at_least: f64, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let value = metric(&scrape(admin).await, parts);
+        if value >= at_least {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{parts:?} stayed at {value}, short of {at_least}, for {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Waits up to `timeout` for the peer to close `stream` (EOF or reset), reading and discarding
