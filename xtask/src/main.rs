@@ -7,7 +7,6 @@
 #![allow(clippy::print_stdout)] // a command-line tool talks to its user on stdout
 
 mod bench;
-mod overload;
 
 use std::{
     net::{Ipv4Addr, SocketAddr},

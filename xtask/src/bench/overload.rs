@@ -14,7 +14,10 @@ use std::{fmt::Write as _, path::Path, time::Duration};
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::bench::{Server, http_args, load, load_on, rss_kib};
+use super::{
+    load::{http_args, load, load_on},
+    servers::{Server, metric, rss_kib},
+};
 
 /// One overload run.
 #[derive(Debug, Clone, Serialize)]
@@ -28,6 +31,49 @@ pub struct OverloadRun {
     pub requests: u64,
     pub p99_ms: f64,
     pub peak_rss_kib: Option<u64>,
+    /// What the marketplace counted refusing meanwhile (its warm-up included).
+    pub refused: Refusals,
+}
+
+/// The marketplace's own refusal counters, as increases over a run.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Refusals {
+    /// `bookstore_requests_shed_total`: past MAX_REQUESTS_IN_FLIGHT.
+    pub in_flight: u64,
+    /// `bookstore_client_queue_rejected_total`, every reason: the call queue full or too slow.
+    pub call_queue: u64,
+    /// `bookstore_connections_refused_total`: connections closed on arrival.
+    pub connections: u64,
+}
+
+impl Refusals {
+    /// The counters' totals now.
+    async fn now(market: &Server) -> Result<[f64; 3]> {
+        Ok([
+            metric(market, "bookstore_requests_shed_total").await?,
+            metric(market, "bookstore_client_queue_rejected_total").await?,
+            metric(market, "bookstore_connections_refused_total").await?,
+        ])
+    }
+
+    /// `load`, with what the marketplace refused during it.
+    async fn around<T>(
+        market: &Server,
+        load: impl Future<Output = Result<T>>,
+    ) -> Result<(T, Self)> {
+        let before = Self::now(market).await?;
+        let out = load.await?;
+        let after = Self::now(market).await?;
+        let increase = |i: usize| (after[i] - before[i]).max(0.0) as u64;
+        Ok((
+            out,
+            Refusals {
+                in_flight: increase(0),
+                call_queue: increase(1),
+                connections: increase(2),
+            },
+        ))
+    }
 }
 
 /// One point of the open-loop curve.
@@ -47,6 +93,8 @@ pub struct CurvePoint {
     /// How long a failed page took to be refused.
     pub failed_p99_ms: f64,
     pub peak_rss_kib: Option<u64>,
+    /// What the marketplace counted refusing meanwhile (its warm-up included).
+    pub refused: Refusals,
 }
 
 /// How the load generator names a 503 answer.
@@ -151,7 +199,8 @@ pub async fn run(
     ];
     for (what, args) in cases {
         eprintln!("overload: {what}");
-        let (report, peak_rss_kib) = load(loadgen, &args, market).await?;
+        let ((report, peak_rss_kib), refused) =
+            Refusals::around(market, load(loadgen, &args, market)).await?;
         let shed = report.errors.get(SHED).copied().unwrap_or(0);
         runs.push(OverloadRun {
             what: what.into(),
@@ -161,6 +210,7 @@ pub async fn run(
             requests: report.requests,
             p99_ms: report.latency_ms.p99,
             peak_rss_kib,
+            refused,
         });
     }
     let cpus = pin(&services).await;
@@ -180,7 +230,8 @@ pub async fn run(
         eprintln!("overload curve: {rate:.0} pages/s offered ({fraction}× the peak)");
         let mut args = http_args(market, OPEN_LOOP_CONNECTIONS_PER_1000, duration);
         args.extend(["--rate".into(), rate.to_string()]);
-        let (report, peak_rss_kib) = load_on(generator_cpu, loadgen, &args, market).await?;
+        let ((report, peak_rss_kib), refused) =
+            Refusals::around(market, load_on(generator_cpu, loadgen, &args, market)).await?;
         curve.push(CurvePoint {
             fraction,
             offered_per_s: rate,
@@ -192,6 +243,7 @@ pub async fn run(
             failed_by_kind: report.errors.clone(),
             failed_p99_ms: report.failed_latency_ms.p99,
             peak_rss_kib,
+            refused,
         });
     }
     unpin(&services).await;
@@ -214,6 +266,13 @@ pub async fn run(
     })
 }
 
+/// The columns of what the marketplace counted refusing.
+const REFUSED_HEAD: &str = "Shed in flight | Refused by the call queue | Connections refused";
+
+fn refused_cells(r: &Refusals) -> String {
+    format!("{} | {} | {}", r.in_flight, r.call_queue, r.connections)
+}
+
 /// The section of the Markdown report.
 pub fn markdown(md: &mut String, o: &Overload) {
     let mib = |k: Option<u64>| k.map_or("–".into(), |k| format!("{:.1}", k as f64 / 1024.0));
@@ -224,20 +283,21 @@ pub fn markdown(md: &mut String, o: &Overload) {
     );
     let _ = writeln!(
         md,
-        "| Load | Pages/s | Shed (503) | Failed otherwise | Of | p99 ms | Peak RSS (MiB) |"
+        "| Load | Pages/s | Shed (503) | Failed otherwise | Of | p99 ms | Peak RSS (MiB) | {REFUSED_HEAD} |"
     );
-    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &o.runs {
         let _ = writeln!(
             md,
-            "| {} | {:.0} | {} | {} | {} | {:.1} | {} |",
+            "| {} | {:.0} | {} | {} | {} | {:.1} | {} | {} |",
             r.what,
             r.pages_per_s,
             r.shed,
             r.failed,
             r.requests,
             r.p99_ms,
-            mib(r.peak_rss_kib)
+            mib(r.peak_rss_kib),
+            refused_cells(&r.refused)
         );
     }
     let cpus = if o.pinned {
@@ -254,9 +314,12 @@ pub fn markdown(md: &mut String, o: &Overload) {
     );
     let _ = writeln!(
         md,
-        "| Offered | Pages/s offered | Goodput (200/s) | Of the peak | p50 ms | p99 ms | Failed | Failed p99 ms | Failures |"
+        "| Offered | Pages/s offered | Goodput (200/s) | Of the peak | p50 ms | p99 ms | Failed | Failed p99 ms | Failures | {REFUSED_HEAD} |"
     );
-    let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    let _ = writeln!(
+        md,
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"
+    );
     for p in &o.curve {
         let kinds = p
             .failed_by_kind
@@ -266,7 +329,7 @@ pub fn markdown(md: &mut String, o: &Overload) {
             .join(", ");
         let _ = writeln!(
             md,
-            "| {:.2}× | {:.0} | {:.0} | {:.0} % | {:.1} | {:.1} | {} | {:.1} | {} |",
+            "| {:.2}× | {:.0} | {:.0} | {:.0} % | {:.1} | {:.1} | {} | {:.1} | {} | {} |",
             p.fraction,
             p.offered_per_s,
             p.goodput_per_s,
@@ -275,7 +338,8 @@ pub fn markdown(md: &mut String, o: &Overload) {
             p.p99_ms,
             p.failed,
             p.failed_p99_ms,
-            kinds
+            kinds,
+            refused_cells(&p.refused)
         );
     }
     let _ = writeln!(

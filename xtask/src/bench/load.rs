@@ -1,0 +1,100 @@
+//! Driving a server with the load generator, and the arguments for each kind of target.
+
+use std::{path::Path, process::Stdio, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use loadgen::report::Report;
+use tokio::process::Command;
+
+use super::{
+    GRPC_CONNECTIONS,
+    servers::{Server, rss_kib},
+};
+
+/// Runs loadgen with `args` (its report as JSON), sampling `server`'s RSS meanwhile.
+pub(crate) async fn load(
+    loadgen: &Path,
+    args: &[String],
+    server: &Server,
+) -> Result<(Report, Option<u64>)> {
+    load_on(None, loadgen, args, server).await
+}
+
+/// [`load`], with the load generator kept to CPU `cpu` if given (through `taskset`).
+pub(crate) async fn load_on(
+    cpu: Option<usize>,
+    loadgen: &Path,
+    args: &[String],
+    server: &Server,
+) -> Result<(Report, Option<u64>)> {
+    let mut command = match cpu {
+        Some(cpu) => {
+            let mut taskset = Command::new("taskset");
+            taskset.args(["-c", &cpu.to_string()]).arg(loadgen);
+            taskset
+        }
+        None => Command::new(loadgen),
+    };
+    let run = command
+        .args(args)
+        .arg("--json")
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output();
+    let pid = server.pid();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = tokio::spawn({
+        let done = done.clone();
+        async move {
+            let mut peak = None;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(pid.and_then(rss_kib));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            peak
+        }
+    });
+    let output = run.await?;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.await.ok().flatten();
+    if !output.status.success() {
+        bail!("loadgen {args:?} failed");
+    }
+    let report: Report = serde_json::from_slice(&output.stdout).context("loadgen's JSON")?;
+    Ok((report, peak))
+}
+
+pub(super) fn grpc_args(
+    server: &Server,
+    certs: Option<&Path>,
+    concurrency: usize,
+    duration: f64,
+) -> Vec<String> {
+    let mut args = vec![
+        "grpc".into(),
+        "--addr".into(),
+        server.addr.to_string(),
+        "--connections".into(),
+        GRPC_CONNECTIONS.to_string(),
+        "-c".into(),
+        concurrency.to_string(),
+        "-d".into(),
+        duration.to_string(),
+    ];
+    if let Some(certs) = certs {
+        args.extend(["--certs".into(), certs.display().to_string()]);
+    }
+    args
+}
+
+pub(crate) fn http_args(server: &Server, concurrency: usize, duration: f64) -> Vec<String> {
+    vec![
+        "http".into(),
+        "--url".into(),
+        format!("http://{}/", server.addr),
+        "-c".into(),
+        concurrency.to_string(),
+        "-d".into(),
+        duration.to_string(),
+    ]
+}
