@@ -70,7 +70,7 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
     (
         "bookstore_client_queue_rejected_total",
         Kind::Counter,
-        "Pages answered 503 because every backend call slot was taken and the queue for them was full (reason=full) or made calls wait past MAX_QUEUE_WAIT_MS (reason=wait).",
+        "Pages answered 503 because every backend call slot was taken and the queue for them was full (reason=full), or a page waited MAX_QUEUE_WAIT_MS or arrived while the queue took that long (reason=wait).",
     ),
     (
         "bookstore_backend_calls_total",

@@ -74,10 +74,11 @@ impl From<SourceError> for AppError {
                 }
                 AppError::Unavailable
             }
-            // An overload answers many pages at once: counted, not logged one by one.
+            // An overload of our own, not an outage: many pages at once, counted, not logged
+            // one by one, and told the same as a request shed on arrival.
             SourceError::Overloaded => {
                 tracing::debug!(error = %e, "no recommendations; answering 503");
-                AppError::Unavailable
+                AppError::Busy
             }
         }
     }

@@ -79,19 +79,21 @@ async fn send(source: Arc<StandIn>, method: &str, uri: &str) -> Reply {
         )
         .await
         .expect("infallible");
-    let status = response.status();
-    let headers = response.headers().clone();
+    Reply {
+        status: response.status(),
+        headers: response.headers().clone(),
+        body: body_text(response).await,
+    }
+}
+
+async fn body_text(response: axum::response::Response) -> String {
     let bytes = response
         .into_body()
         .collect()
         .await
         .expect("body")
         .to_bytes();
-    Reply {
-        status,
-        headers,
-        body: String::from_utf8(bytes.to_vec()).expect("utf-8"),
-    }
+    String::from_utf8(bytes.to_vec()).expect("utf-8")
 }
 
 async fn get(source: Arc<StandIn>, uri: &str) -> Reply {
@@ -253,6 +255,23 @@ async fn an_unavailable_backend_is_a_friendly_503_without_internals() {
         assert_eq!(json["error"]["code"], "unavailable");
         assert!(!api.body.contains("10.1.2.3"));
     }
+}
+
+#[tokio::test]
+async fn a_full_or_slow_call_queue_is_a_busy_503_not_an_outage() {
+    let source = StandIn::new(Err(SourceError::Overloaded));
+    let page = get(source.clone(), "/").await;
+    assert_eq!(page.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(page.headers[header::RETRY_AFTER], "5");
+    assert!(
+        page.body.contains("<h1>The bookstore is busy</h1>"),
+        "{}",
+        page.body
+    );
+    let api = get(source, "/api/recommendations").await;
+    assert_eq!(api.status, StatusCode::SERVICE_UNAVAILABLE);
+    let json: serde_json::Value = serde_json::from_str(&api.body).expect("json");
+    assert_eq!(json["error"]["code"], "busy");
 }
 
 #[tokio::test]
@@ -512,16 +531,6 @@ impl RecommendationSource for Held {
             title: "A".into(),
         }])
     }
-}
-
-async fn body_text(response: axum::response::Response) -> String {
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
-    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 #[tokio::test]
