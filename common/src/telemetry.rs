@@ -147,6 +147,19 @@ impl Drop for Telemetry {
     }
 }
 
+/// The HTTP/2 library warns once for each frame or connection a peer gets wrong (an unsolicited
+/// PING ACK, a burst of stream resets), so a peer decides how many lines are written: one h2c
+/// connection wrote 70 MB of them a second. Unless the filter names `h2` itself (or is `off`),
+/// only the library's errors are logged; the refusals that matter are counted in metrics.
+fn quiet_peer_noise(filter: &str) -> String {
+    let names_h2 = filter.split(',').any(|d| d.trim().starts_with("h2"));
+    if names_h2 || filter.trim() == "off" {
+        filter.to_owned()
+    } else {
+        format!("{filter},h2=error")
+    }
+}
+
 /// Installs the global `tracing` subscriber, writing to standard error, and with the `otel`
 /// feature and an endpoint, exporting spans as `service`.
 ///
@@ -155,9 +168,9 @@ impl Drop for Telemetry {
 pub fn init(args: &LogArgs, service: &'static str) -> Telemetry {
     use tracing_subscriber::{Layer as _, layer::SubscriberExt, util::SubscriberInitExt};
 
-    let (filter, bad) = match EnvFilter::try_new(&args.filter) {
+    let (filter, bad) = match EnvFilter::try_new(quiet_peer_noise(&args.filter)) {
         Ok(f) => (f, None),
-        Err(e) => (EnvFilter::new("info"), Some(e)),
+        Err(e) => (EnvFilter::new(quiet_peer_noise("info")), Some(e)),
     };
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let fmt = match args.format {
@@ -295,5 +308,22 @@ mod otel {
                 .with_attribute(KeyValue::new("service.name", service))
                 .build()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quiet_peer_noise;
+
+    #[test]
+    fn the_http2_librarys_warnings_are_off_unless_the_filter_asks_for_them() {
+        assert_eq!(quiet_peer_noise("info"), "info,h2=error");
+        assert_eq!(
+            quiet_peer_noise("recommendations=debug,tower=warn"),
+            "recommendations=debug,tower=warn,h2=error"
+        );
+        assert_eq!(quiet_peer_noise("info, h2=warn"), "info, h2=warn");
+        assert_eq!(quiet_peer_noise("h2::proto=trace"), "h2::proto=trace");
+        assert_eq!(quiet_peer_noise("off"), "off");
     }
 }

@@ -266,6 +266,43 @@ async fn sigterm_closes_unfinished_connections_at_once() {
     assert!(raw::closed_by_peer(&mut idle, Duration::from_secs(1)).await);
 }
 
+/// A peer decides how often the HTTP/2 library warns: one unsolicited PING ACK, one line. 5,000
+/// of them on one h2c connection used to write 5,000 warnings (an attacker's 30 MB of frames a
+/// second became 350 MB of log); now the log keeps its start-up and shutdown lines only.
+#[tokio::test]
+async fn a_flood_of_unsolicited_ping_acks_writes_no_log_lines() {
+    let pki = TestPki::new();
+    let (marketplace, web) = marketplace_alone(&pki, &[]).await;
+    let mut stream = TcpStream::connect(web).await.expect("connect");
+    let mut frames = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    frames.extend([0, 0, 0, 4, 0, 0, 0, 0, 0]); // an empty SETTINGS frame
+    for _ in 0..5000 {
+        // PING with the ACK flag, on stream 0, eight bytes of payload.
+        frames.extend([0, 0, 8, 6, 1, 0, 0, 0, 0]);
+        frames.extend(*b"ABCDEFGH");
+    }
+    stream.write_all(&frames).await.expect("send");
+    // The service keeps serving; then its whole log is read at exit (the PINGs arrived first).
+    assert_eq!(raw::get(web, "/style.css").await, Some(200));
+    drop(stream);
+    marketplace.signal("TERM");
+    let (status, log) = marketplace.wait(Duration::from_secs(10)).await;
+    assert!(status.success());
+    let noisy: Vec<_> = log.iter().filter(|l| l.contains("h2")).collect();
+    assert!(
+        noisy.is_empty(),
+        "{} h2 lines, e.g. {:?}",
+        noisy.len(),
+        noisy.first()
+    );
+    assert!(
+        log.len() < 40,
+        "{} log lines:\n{}",
+        log.len(),
+        log.join("\n")
+    );
+}
+
 /// Row 6: 1,000 concurrent HTTP/1.1 connections used to get 41 % of their pages as 503 while
 /// recommendations had capacity to spare.
 #[tokio::test]
