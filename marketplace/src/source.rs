@@ -59,6 +59,42 @@ impl Drop for Waiting<'_> {
     }
 }
 
+/// How long the last call to leave the queue waited, and when it left: a verdict that goes stale.
+/// Under a standing overload calls leave all the time, each after the whole bound; once nobody
+/// has left for the bound's length, the last wait says nothing about the next one.
+struct RecentWait {
+    since: Instant,
+    /// Both in µs; `left_at_us` from `since`.
+    waited_us: AtomicU64,
+    left_at_us: AtomicU64,
+}
+
+impl RecentWait {
+    fn new() -> Self {
+        RecentWait {
+            since: Instant::now(),
+            waited_us: AtomicU64::new(0),
+            left_at_us: AtomicU64::new(0),
+        }
+    }
+
+    fn left(&self, waited: Duration, now: Instant) {
+        self.waited_us.store(micros(waited), Ordering::Relaxed);
+        self.left_at_us.store(
+            micros(now.saturating_duration_since(self.since)),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Whether the last call to leave, within `bound` of `now`, waited all of `bound`.
+    fn too_slow(&self, bound: Duration, now: Instant) -> bool {
+        let bound = micros(bound);
+        let now = micros(now.saturating_duration_since(self.since));
+        self.waited_us.load(Ordering::Relaxed) >= bound
+            && now.saturating_sub(self.left_at_us.load(Ordering::Relaxed)) < bound
+    }
+}
+
 /// At most this many retries per request, for UNAVAILABLE and RESOURCE_EXHAUSTED.
 const MAX_RETRIES: u32 = 2;
 /// Retry backoff: full jitter over an exponentially growing window.
@@ -108,10 +144,9 @@ pub struct GrpcSource {
     /// Calls waiting for a slot now, and at most.
     queued: AtomicUsize,
     max_queued: usize,
-    /// How long a call may wait for a slot, and how long (in µs) the last one to leave the queue
-    /// waited (the whole bound if it gave up).
+    /// How long a call may wait for a slot, and how long the recent ones waited.
     max_wait: Duration,
-    last_wait_us: AtomicU64,
+    waits: RecentWait,
     /// `bookstore_client_queue_rejected_total`, by reason: the queue was full, or too slow.
     rejected_full: metrics::Counter,
     rejected_wait: metrics::Counter,
@@ -156,7 +191,7 @@ impl GrpcSource {
             queued: AtomicUsize::new(0),
             max_queued: DEFAULT_MAX_QUEUED,
             max_wait: DEFAULT_MAX_WAIT,
-            last_wait_us: AtomicU64::new(0),
+            waits: RecentWait::new(),
         }
     }
 
@@ -169,14 +204,15 @@ impl GrpcSource {
     }
 
     /// Whether a call joining the queue now would only wait out the bound: someone is waiting,
-    /// and the last call to leave the queue had waited all of it.
+    /// and the last call to leave the queue, within the bound's length of now, had waited all
+    /// of it.
     fn queue_too_slow(&self) -> bool {
         self.queued.load(Ordering::Acquire) > 0
-            && self.last_wait_us.load(Ordering::Relaxed) >= micros(self.max_wait)
+            && self.waits.too_slow(self.max_wait, Instant::now())
     }
 
     fn left_queue_after(&self, waited: Duration) {
-        self.last_wait_us.store(micros(waited), Ordering::Relaxed);
+        self.waits.left(waited, Instant::now());
     }
 
     /// A slot for a call to `backend`: at once if one is free, else after waiting in the queue
@@ -329,6 +365,20 @@ impl RecommendationSource for GrpcSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_queue_is_too_slow_only_while_calls_recently_waited_the_whole_bound() {
+        let bound = Duration::from_millis(250);
+        let waits = RecentWait::new();
+        let t0 = Instant::now();
+        assert!(!waits.too_slow(bound, t0), "nobody has waited yet");
+        waits.left(bound, t0);
+        assert!(waits.too_slow(bound, t0 + Duration::from_millis(100)));
+        // Nobody has left for the bound's length: an idle queue is not a slow one.
+        assert!(!waits.too_slow(bound, t0 + Duration::from_millis(300)));
+        waits.left(Duration::from_millis(20), t0 + Duration::from_millis(310));
+        assert!(!waits.too_slow(bound, t0 + Duration::from_millis(320)));
+    }
 
     #[test]
     fn backoff_windows_grow_and_are_capped() {
