@@ -583,3 +583,20 @@ async fn past_the_in_flight_limit_a_request_is_answered_busy_at_once_and_counted
         assert!(text.contains(line), "missing {line} in:\n{text}");
     }
 }
+
+#[tokio::test]
+async fn an_answer_not_yet_sent_keeps_its_place_in_flight_until_it_is() {
+    let app = router(StandIn::books(&["A"]), Metrics::new("test", "0"), 1);
+    // Handled, but its body not yet read: a client that stops reading holds it.
+    let unsent = get_with(&app, "/", &[]).await;
+    assert_eq!(unsent.status(), StatusCode::OK);
+    assert_eq!(
+        get_with(&app, "/", &[]).await.status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert!(body_text(unsent).await.contains("<li>"), "sent in full");
+    assert_eq!(get_with(&app, "/", &[]).await.status(), StatusCode::OK);
+    let dropped = get_with(&app, "/style.css", &[]).await;
+    drop(dropped);
+    assert_eq!(get_with(&app, "/", &[]).await.status(), StatusCode::OK);
+}
