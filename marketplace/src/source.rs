@@ -28,6 +28,7 @@ use tonic::{Code, metadata::MetadataValue};
 use tower::retry::budget::{Budget, TpsBudget};
 
 use tokio::sync::OwnedSemaphorePermit;
+use tracing::Instrument;
 
 use crate::{
     backends::{Backend, Backends},
@@ -313,8 +314,24 @@ impl RecommendationSource for GrpcSource {
                 metadata.insert(TRACEPARENT_HEADER, parent);
             }
             // The call layer enforces the deadline up to the answer's headers; this covers the
-            // rest of the answer too.
-            let reply = tokio::time::timeout(remaining, backend.client().recommend(request)).await;
+            // rest of the answer too. The call runs in a task of its own, with its slot, to its
+            // end even if the page is given up: a page abandoned mid-call would otherwise reset
+            // its stream, and a burst of resets on the one connection per address looks like an
+            // HTTP/2 rapid-reset attack to the server, which then closes the connection under
+            // every other page's calls. The slot stays taken while the backend still works.
+            let mut client = backend.client();
+            let call = tokio::spawn(
+                async move {
+                    let reply = tokio::time::timeout(remaining, client.recommend(request)).await;
+                    drop(slot);
+                    reply
+                }
+                .in_current_span(),
+            );
+            let reply = match call.await {
+                Ok(reply) => reply,
+                Err(e) => return Err(SourceError::Unavailable(format!("the call task: {e}"))),
+            };
             let status = match reply {
                 Err(_) => return Err(SourceError::Timeout(self.timeout)),
                 Ok(Ok(reply)) => {
@@ -330,8 +347,6 @@ impl RecommendationSource for GrpcSource {
                 }
                 Ok(Err(status)) => status,
             };
-            // The slot is for the call, not for the wait before a retry.
-            drop(slot);
             let failure = format!("{:?}: {}", status.code(), status.message());
             match status.code() {
                 Code::NotFound => return Err(SourceError::NoBooks),

@@ -303,6 +303,73 @@ async fn a_flood_of_unsolicited_ping_acks_writes_no_log_lines() {
     );
 }
 
+/// Pages whose client goes away used to reset their backend calls, and a burst of resets on the
+/// one connection to recommendations looked like an HTTP/2 rapid-reset attack to its server,
+/// which closed the connection (GOAWAY) under every other page's calls. A call now runs to its
+/// end whether or not its page is still wanted, so no call fails for it.
+#[tokio::test]
+async fn clients_that_cancel_their_pages_do_not_break_the_backend_connection() {
+    let pki = TestPki::new();
+    let (mut recommendations, backend) =
+        process::start_recommendations(pki.dir(), &[("ARTIFICIAL_DELAY_MS", "200".into())]).await;
+    let (mut marketplace, web) = process::start_marketplace(pki.dir(), backend, &[]).await;
+    let mut connections = JoinSet::new();
+    for _ in 0..4 {
+        connections.spawn(async move {
+            let tcp = TcpStream::connect(web).await.expect("connect");
+            let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+            tokio::spawn(connection);
+            for _ in 0..20 {
+                let mut asked = Vec::new();
+                for _ in 0..150 {
+                    let request = http::Request::get(format!("http://{web}/"))
+                        .body(())
+                        .expect("request");
+                    let Ok(mut ready) = client.clone().ready().await else {
+                        return;
+                    };
+                    if let Ok((response, _)) = ready.send_request(request, true) {
+                        asked.push(response);
+                    }
+                }
+                // Every page is in its backend call now; the client gives up on all of them.
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                drop(asked);
+            }
+        });
+    }
+    connections.join_all().await;
+    // Whatever was cut off has ended by now (the backend answers in 200 ms).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let market = raw::scrape(marketplace.admin_addr().await).await;
+    let calls = raw::metric(&market, &["bookstore_backend_calls_total"]);
+    assert!(
+        calls >= 100.0,
+        "only {calls} backend calls: the test asked too little"
+    );
+    let unavailable = raw::metric(
+        &market,
+        &["grpc_client_handled_total", "grpc_code=\"Unavailable\""],
+    );
+    assert_eq!(
+        unavailable, 0.0,
+        "calls failed when the backend connection was closed"
+    );
+    let backend_metrics = raw::scrape(recommendations.admin_addr().await).await;
+    let shed = raw::metric(
+        &backend_metrics,
+        &[
+            "grpc_server_handled_total",
+            "grpc_code=\"ResourceExhausted\"",
+        ],
+    );
+    assert_eq!(
+        shed, 0.0,
+        "more calls reached the backend than CALLS_PER_BACKEND"
+    );
+    assert_eq!(raw::get(web, "/").await, Some(200));
+}
+
 /// Row 6: 1,000 concurrent HTTP/1.1 connections used to get 41 % of their pages as 503 while
 /// recommendations had capacity to spare.
 #[tokio::test]
