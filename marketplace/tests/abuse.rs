@@ -267,8 +267,8 @@ async fn sigterm_closes_unfinished_connections_at_once() {
 }
 
 /// A peer decides how often the HTTP/2 library warns: one unsolicited PING ACK, one line. 5,000
-/// of them on one h2c connection used to write 5,000 warnings (an attacker's 30 MB of frames a
-/// second became 350 MB of log); now the log keeps its start-up and shutdown lines only.
+/// of them on one h2c connection used to write 5,000 warnings (an attacker's 30 MB of frames in
+/// 5 s became 353 MB of log); now the log keeps its start-up and shutdown lines only.
 #[tokio::test]
 async fn a_flood_of_unsolicited_ping_acks_writes_no_log_lines() {
     let pki = TestPki::new();
