@@ -1,18 +1,17 @@
-//! The gRPC interceptor both services use, as one tower layer: on the server around every
-//! service, on the client around each connection. For every call it
+//! What both ends of a gRPC call record about it, and how: the server's call layer
+//! (recommendations) and the client's (marketplace) each build a [`CallRecord`] per call and
+//! hand it the answer. A record
 //!
-//! - counts it in the grpc-ecosystem series (`grpc_{server,client}_started_total`,
+//! - counts the call in the grpc-ecosystem series (`grpc_{server,client}_started_total`,
 //!   `_handled_total{grpc_code}` and the `_handling_seconds` histogram), so existing dashboards
 //!   work;
-//! - writes one log line when it ends: method, status code, latency, peer, request id, trace id;
-//! - enforces the deadline (`grpc-timeout`, capped on the server) and answers `DEADLINE_EXCEEDED`
-//!   past it, where tonic on its own reports `CANCELLED` "Timeout expired";
-//! - on the client, turns a transport failure into a clean `UNAVAILABLE` whose message is the
-//!   error chain, logged once here.
+//! - writes one log line when the call ends: method, status code, latency, peer, request id,
+//!   trace id (every failure the service is to blame for; other calls as `REQUEST_LOG` says).
 //!
 //! The status of a call is read where gRPC puts it: the response headers for a trailers-only
 //! answer (every error), the trailers otherwise. A response body dropped before its trailers
-//! means the caller went away: `CANCELLED`.
+//! means the caller went away: `CANCELLED`. The layers themselves (what each end enforces) live
+//! in the service that uses them.
 
 use std::{
     fmt,
@@ -26,18 +25,13 @@ use std::{
 use http::{HeaderMap, HeaderValue};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use metrics::{Counter, Histogram};
-use tonic::{Code, Status, body::Body, codegen::BoxFuture, transport::server::TcpConnectInfo};
-use tower::{Layer, Service};
-use tracing::Instrument;
+use tonic::{Code, Status, body::Body};
 
 use crate::{
-    context::{REQUEST_ID_HEADER, RequestId, TRACEPARENT_HEADER, TraceContext, continue_trace},
+    context::{RequestId, TraceContext},
     metrics::Metrics,
     request_log::RequestLog,
-    server_tls::PeerInfo,
 };
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// An error and each of its causes, joined by `: `, with a cause left out when the text before
 /// it already says it (hyper and tonic often repeat their source in their own message).
@@ -56,25 +50,14 @@ pub fn cause_chain(error: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// The gRPC header carrying the caller's deadline.
-const GRPC_TIMEOUT_HEADER: &str = "grpc-timeout";
-
-/// The server answers `DEADLINE_EXCEEDED` this much before the caller's deadline, so that its
-/// answer, not tonic's own timer (which says `CANCELLED`), is what the caller gets.
-const SERVER_DEADLINE_MARGIN: Duration = Duration::from_millis(1);
+pub const GRPC_TIMEOUT_HEADER: &str = "grpc-timeout";
 
 /// A call abandoned this close to its deadline is counted as past it.
 const DEADLINE_SLACK: Duration = Duration::from_millis(5);
 
-/// Which end of a call this layer sits on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    Server,
-    Client,
-}
-
-/// A method the layer reports under its own name: its path (`/Service/Method`) and its
-/// grpc-ecosystem type (`unary`, `server_stream`, `client_stream`, `bidi_stream`). Any other
-/// path is reported as `unknown`, so a caller cannot create label values at will.
+/// A method reported under its own name: its path (`/Service/Method`) and its grpc-ecosystem
+/// type (`unary`, `server_stream`, `client_stream`, `bidi_stream`). Any other path is reported
+/// as `unknown`, so a caller cannot create label values at will.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KnownMethod {
     pub path: &'static str,
@@ -86,223 +69,102 @@ pub struct KnownMethod {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerIdentity(pub String);
 
-/// Counts, logs and bounds every gRPC call through it.
-#[derive(Clone)]
-pub struct CallLayer {
-    shared: Arc<Shared>,
+/// Which end of a call is recorded: the names its series and its log line carry.
+#[derive(Debug)]
+pub struct End {
+    /// The log line's `side` field.
+    side: &'static str,
+    started_total: &'static str,
+    handled_total: &'static str,
+    handling_seconds: &'static str,
+    /// Whether a successful call's line (when `REQUEST_LOG` admits one) is at info; else debug.
+    ok_at_info: bool,
 }
 
-struct Shared {
-    side: Side,
+/// The server end: its successful calls' lines are at info.
+pub const SERVER: End = End {
+    side: "server",
+    started_total: "grpc_server_started_total",
+    handled_total: "grpc_server_handled_total",
+    handling_seconds: "grpc_server_handling_seconds",
+    ok_at_info: true,
+};
+
+/// The client end: its successful calls' lines are at debug, since the marketplace's own HTTP
+/// line already says the page was served.
+pub const CLIENT: End = End {
+    side: "client",
+    started_total: "grpc_client_started_total",
+    handled_total: "grpc_client_handled_total",
+    handling_seconds: "grpc_client_handling_seconds",
+    ok_at_info: false,
+};
+
+/// One end's series for a fixed set of methods, and which calls get a log line.
+pub struct CallSeries {
+    end: &'static End,
     metrics: Metrics,
     methods: &'static [KnownMethod],
     /// Registered handles, per method (the last slot for `unknown`), made on first use: a call
     /// then costs no registry lookup.
     handles: Vec<Handles>,
-    /// Server: no call runs longer than this. Client: unused.
-    max_duration: Option<Duration>,
-    /// Client: the address this connection goes to.
-    peer: Option<String>,
     /// Which calls get a line of their own.
     lines: RequestLog,
 }
 
-impl fmt::Debug for CallLayer {
+impl fmt::Debug for CallSeries {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CallLayer")
-            .field("side", &self.shared.side)
+        f.debug_struct("CallSeries")
+            .field("side", &self.end.side)
             .finish_non_exhaustive()
     }
 }
 
-impl CallLayer {
-    /// The server side: no call outlives `max_duration`, whatever deadline its caller sent.
-    pub fn server(
-        metrics: Metrics,
-        methods: &'static [KnownMethod],
-        max_duration: Duration,
-    ) -> Self {
-        Self::new(Shared {
-            side: Side::Server,
-            handles: Handles::for_methods(methods),
-            metrics,
-            methods,
-            max_duration: Some(max_duration),
-            peer: None,
-            lines: RequestLog::from_settings(),
-        })
-    }
-
-    /// The client side, for a connection to `peer`.
-    pub fn client(metrics: Metrics, methods: &'static [KnownMethod], peer: String) -> Self {
-        Self::new(Shared {
-            side: Side::Client,
-            handles: Handles::for_methods(methods),
-            metrics,
-            methods,
-            max_duration: None,
-            peer: Some(peer),
-            lines: RequestLog::from_settings(),
-        })
-    }
-
+impl CallSeries {
     /// Every known method's `started_total` and its `handled_total` for each status code start
     /// at zero, as go-grpc-prometheus' initialisation does: the label values are known in
     /// advance, so an alert on `increase()` sees the first call of each kind.
-    fn new(shared: Shared) -> Self {
-        for slot in 0..shared.methods.len() {
-            shared.started(slot).increment(0);
+    pub fn new(end: &'static End, metrics: Metrics, methods: &'static [KnownMethod]) -> Arc<Self> {
+        let series = CallSeries {
+            end,
+            handles: (0..=methods.len()).map(|_| Handles::default()).collect(),
+            metrics,
+            methods,
+            lines: RequestLog::from_settings(),
+        };
+        for slot in 0..methods.len() {
+            series.started(slot).increment(0);
             for code in 0..CODES {
                 let code = Code::from(i32::try_from(code).unwrap_or_default());
-                shared.handled(slot, code).increment(0);
+                series.handled(slot, code).increment(0);
             }
         }
-        CallLayer {
-            shared: Arc::new(shared),
-        }
-    }
-}
-
-impl<S> Layer<S> for CallLayer {
-    type Service = Call<S>;
-
-    fn layer(&self, inner: S) -> Call<S> {
-        Call {
-            inner,
-            shared: self.shared.clone(),
-        }
-    }
-}
-
-/// The service [`CallLayer`] wraps.
-#[derive(Clone)]
-pub struct Call<S> {
-    inner: S,
-    shared: Arc<Shared>,
-}
-
-impl<S> fmt::Debug for Call<S> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Call")
-            .field("side", &self.shared.side)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<S> Service<http::Request<Body>> for Call<S>
-where
-    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: fmt::Display + Into<BoxError> + Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+        Arc::new(series)
     }
 
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let started = Instant::now();
-        let shared = self.shared.clone();
-        let side = shared.side;
-        let slot = shared.slot(request.uri().path());
-        let (_, service, method) = shared.labels(slot);
-        let headers = request.headers();
-        let request_id = RequestId::from_header(header(headers, REQUEST_ID_HEADER));
-        let parent = header(headers, TRACEPARENT_HEADER).and_then(TraceContext::parse);
-        let timeout = parse_grpc_timeout(headers.get(GRPC_TIMEOUT_HEADER));
-        let budget = match (side, timeout, shared.max_duration) {
-            (Side::Server, t, Some(max)) => Some(
-                t.map_or(max, |t| t.min(max))
-                    .saturating_sub(SERVER_DEADLINE_MARGIN),
-            ),
-            (_, t, _) => t,
-        };
-        let peer_addr = match side {
-            Side::Server => remote_addr(&request),
-            Side::Client => None,
-        };
-        shared.started(slot).increment(1);
-        let (span, trace) = match side {
-            Side::Server => {
-                // The call's own line carries its ids; the span is for trace export.
-                let span =
-                    crate::server_span!("grpc", request_id, format_args!("{service}/{method}"));
-                let trace = continue_trace(&span, parent);
-                // Formatted only when someone reads it.
-                if !span.is_disabled() {
-                    span.record("trace_id", trace.trace_id());
-                }
-                (span, Some(trace))
-            }
-            // The caller's own span (the HTTP request) already carries both.
-            Side::Client => (tracing::Span::none(), parent),
-        };
-        let finish = Finish {
-            shared,
-            started,
+    /// The service and method names a call to `path` is reported under.
+    pub fn labels_of(&self, path: &str) -> (&'static str, &'static str) {
+        let (_, service, method) = self.labels(self.slot(path));
+        (service, method)
+    }
+
+    /// Starts the record of a call to `path`: counted as started now.
+    pub fn start(
+        self: &Arc<Self>,
+        path: &str,
+        request_id: RequestId,
+        trace: Option<TraceContext>,
+        peer_addr: PeerAddr,
+    ) -> CallRecord {
+        let slot = self.slot(path);
+        self.started(slot).increment(1);
+        CallRecord {
+            series: self.clone(),
+            started: Instant::now(),
             slot,
             request_id,
             trace,
             peer_addr,
-        };
-        // The inner service must be the one that was polled ready; leave a clone in its place.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(
-            async move {
-                // Recorded as CANCELLED if this future is dropped before an answer: the caller
-                // went away, or an outer timer gave up first.
-                let mut pending = Unanswered(Some(finish), budget);
-                let call = inner.call(request);
-                let outcome = match budget {
-                    Some(budget) => tokio::time::timeout(budget, call).await.ok(),
-                    None => Some(call.await),
-                };
-                let response = match outcome {
-                    None => deadline_exceeded(budget),
-                    Some(Ok(response)) => response,
-                    Some(Err(error)) if side == Side::Client => {
-                        let overdue = budget.is_some_and(|b| started.elapsed() >= b);
-                        if overdue {
-                            deadline_exceeded(budget)
-                        } else {
-                            let error: BoxError = error.into();
-                            Status::unavailable(format!(
-                                "cannot reach the service: {}",
-                                cause_chain(error.as_ref())
-                            ))
-                            .into_http()
-                        }
-                    }
-                    Some(Err(error)) => {
-                        if let Some(finish) = pending.0.take() {
-                            finish.done(&Status::unknown(error.to_string()), None);
-                        }
-                        return Err(error);
-                    }
-                };
-                Ok(match pending.0.take() {
-                    Some(finish) => finish.watch(response),
-                    None => response,
-                })
-            }
-            .instrument(span),
-        )
-    }
-}
-
-impl Shared {
-    fn name(&self, suffix: &'static str) -> &'static str {
-        match (self.side, suffix) {
-            (Side::Server, "started_total") => "grpc_server_started_total",
-            (Side::Server, "handled_total") => "grpc_server_handled_total",
-            (Side::Server, _) => "grpc_server_handling_seconds",
-            (Side::Client, "started_total") => "grpc_client_started_total",
-            (Side::Client, "handled_total") => "grpc_client_handled_total",
-            (Side::Client, _) => "grpc_client_handling_seconds",
         }
     }
 
@@ -337,14 +199,14 @@ impl Shared {
     fn started(&self, slot: usize) -> &Counter {
         self.handles[slot].started.get_or_init(|| {
             self.metrics
-                .counter(self.name("started_total"), &self.method_labels(slot))
+                .counter(self.end.started_total, &self.method_labels(slot))
         })
     }
 
     fn handling(&self, slot: usize) -> &Histogram {
         self.handles[slot].handling.get_or_init(|| {
             self.metrics
-                .histogram(self.name("handling_seconds"), &self.method_labels(slot))
+                .histogram(self.end.handling_seconds, &self.method_labels(slot))
         })
     }
 
@@ -353,7 +215,7 @@ impl Shared {
         self.handles[slot].handled[index].get_or_init(|| {
             let [kind, service, method] = self.method_labels(slot);
             self.metrics.counter(
-                self.name("handled_total"),
+                self.end.handled_total,
                 &[kind, service, method, ("grpc_code", code_name(code))],
             )
         })
@@ -371,26 +233,13 @@ struct Handles {
     handled: [OnceLock<Counter>; CODES],
 }
 
-impl Handles {
-    /// A slot per method, and one for `unknown`.
-    fn for_methods(methods: &[KnownMethod]) -> Vec<Handles> {
-        (0..=methods.len()).map(|_| Handles::default()).collect()
-    }
-}
-
-fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
+/// A header's bytes, if present.
+pub fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
     headers.get(name).map(HeaderValue::as_bytes)
 }
 
-fn remote_addr(request: &http::Request<Body>) -> Option<SocketAddr> {
-    let extensions = request.extensions();
-    extensions
-        .get::<PeerInfo>()
-        .map(|peer| peer.remote_addr)
-        .or_else(|| extensions.get::<TcpConnectInfo>()?.remote_addr())
-}
-
-fn deadline_exceeded(budget: Option<Duration>) -> http::Response<Body> {
+/// The answer to a call that ran out of `budget`.
+pub fn deadline_exceeded(budget: Option<Duration>) -> http::Response<Body> {
     let ms = budget.unwrap_or_default().as_millis();
     Status::deadline_exceeded(format!("deadline exceeded: no answer within {ms} ms")).into_http()
 }
@@ -414,6 +263,22 @@ pub fn parse_grpc_timeout(value: Option<&HeaderValue>) -> Option<Duration> {
         "n" => Duration::from_nanos(n),
         _ => return None,
     })
+}
+
+/// A duration as a `grpc-timeout` value, in the finest unit that fits the spec's 8 digits
+/// (rounded down, as a deadline must not be stretched).
+pub fn grpc_timeout_value(timeout: Duration) -> HeaderValue {
+    const MAX: u128 = 99_999_999;
+    let value = [
+        (timeout.as_micros(), 'u'),
+        (timeout.as_millis(), 'm'),
+        (u128::from(timeout.as_secs()), 'S'),
+        (u128::from(timeout.as_secs() / 60), 'M'),
+    ]
+    .into_iter()
+    .find(|(n, _)| *n <= MAX)
+    .map_or_else(|| format!("{MAX}M"), |(n, unit)| format!("{n}{unit}"));
+    HeaderValue::try_from(value).unwrap_or_else(|_| HeaderValue::from_static("0u"))
 }
 
 /// The grpc-ecosystem (Go) name of a status code, as dashboards expect it.
@@ -452,21 +317,51 @@ fn is_server_fault(code: Code) -> bool {
     )
 }
 
-/// What is needed to record a call once its status is known.
-struct Finish {
-    shared: Arc<Shared>,
+/// Where a call's other end is, for its log line.
+#[derive(Debug, Clone)]
+pub enum PeerAddr {
+    /// The caller's socket (server end).
+    Socket(SocketAddr),
+    /// The address a client connection goes to (client end).
+    Named(Arc<str>),
+    Unknown,
+}
+
+impl fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PeerAddr::Socket(addr) => addr.fmt(f),
+            PeerAddr::Named(name) => f.write_str(name),
+            PeerAddr::Unknown => Ok(()),
+        }
+    }
+}
+
+/// One call being recorded: counted as started, and counted and logged once its status is
+/// known ([`CallRecord::answered`], [`CallRecord::failed`]) or once it is given up
+/// ([`Unanswered`]).
+pub struct CallRecord {
+    series: Arc<CallSeries>,
     started: Instant,
-    /// Which method, as an index into the layer's handles.
+    /// Which method, as an index into the series' handles.
     slot: usize,
     request_id: RequestId,
     trace: Option<TraceContext>,
-    /// Server: the caller's address (the client side knows its peer from the layer).
-    peer_addr: Option<SocketAddr>,
+    peer_addr: PeerAddr,
 }
 
-impl Finish {
+impl fmt::Debug for CallRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CallRecord")
+            .field("side", &self.series.end.side)
+            .field("request_id", &self.request_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CallRecord {
     /// Records the call now if the status is in the headers; otherwise when the body ends.
-    fn watch(self, mut response: http::Response<Body>) -> http::Response<Body> {
+    pub fn answered(self, mut response: http::Response<Body>) -> http::Response<Body> {
         let identity = response.extensions_mut().remove::<PeerIdentity>();
         let status = Status::from_header_map(response.headers()).or_else(|| {
             // No status now and no body to bring one later.
@@ -481,30 +376,28 @@ impl Finish {
             None => response.map(|body| {
                 Body::new(WatchedBody {
                     inner: body,
-                    finish: Some((self, identity)),
+                    record: Some((self, identity)),
                 })
             }),
         }
     }
 
+    /// Records the call as ended with `status` and no answer.
+    pub fn failed(self, status: &Status) {
+        self.done(status, None);
+    }
+
     fn done(self, status: &Status, identity: Option<&PeerIdentity>) {
-        let shared = &self.shared;
-        let (_, service, method) = shared.labels(self.slot);
+        let series = &self.series;
+        let (_, service, method) = series.labels(self.slot);
         let elapsed = self.started.elapsed();
         let code = code_name(status.code());
-        shared.handled(self.slot, status.code()).increment(1);
-        shared.handling(self.slot).record(elapsed.as_secs_f64());
-        let side = match shared.side {
-            Side::Server => "server",
-            Side::Client => "client",
-        };
+        series.handled(self.slot, status.code()).increment(1);
+        series.handling(self.slot).record(elapsed.as_secs_f64());
+        let side = series.end.side;
         let peer = identity.map(|p| p.0.as_str()).unwrap_or("");
         // Displayed lazily: formatted only if the line is actually written.
-        let peer_addr: &dyn fmt::Display = match (&self.peer_addr, &shared.peer) {
-            (Some(addr), _) => addr,
-            (None, Some(peer)) => peer,
-            (None, None) => &"",
-        };
+        let peer_addr = &self.peer_addr;
         let trace_id: &dyn fmt::Display = match &self.trace {
             Some(trace) => &trace.trace_id_display(),
             None => &"",
@@ -530,47 +423,59 @@ impl Finish {
         }
         if is_server_fault(status.code()) {
             call_line!(warn);
-        } else if !shared.lines.admit(status.code() != Code::Ok, elapsed) {
+        } else if !series.lines.admit(status.code() != Code::Ok, elapsed) {
             // Counted and timed above; not every call needs a line of its own.
-        } else if shared.side == Side::Server {
+        } else if series.end.ok_at_info {
             call_line!(info);
         } else {
-            // The marketplace's own HTTP line already says the page was served.
             call_line!(debug);
         }
     }
 }
 
-/// A call whose answer has not arrived yet, and its time budget.
-struct Unanswered(Option<Finish>, Option<Duration>);
+/// A call whose answer has not arrived yet, and its time budget: recorded as given up if
+/// dropped before [`Unanswered::take`] (the caller went away, or a timer gave up first).
+#[derive(Debug)]
+pub struct Unanswered(Option<CallRecord>, Option<Duration>);
+
+impl Unanswered {
+    pub fn new(record: CallRecord, budget: Option<Duration>) -> Self {
+        Unanswered(Some(record), budget)
+    }
+
+    /// The record back, to be given the answer.
+    pub fn take(mut self) -> Option<CallRecord> {
+        self.0.take()
+    }
+}
 
 impl Drop for Unanswered {
     fn drop(&mut self) {
-        let Some(finish) = self.0.take() else { return };
+        let Some(record) = self.0.take() else { return };
         // The caller's clock started before ours, so a caller giving up at its deadline
         // reaches us just before our own timer: that is the deadline, not a change of mind.
         let at_deadline = self
             .1
-            .is_some_and(|budget| finish.started.elapsed() + DEADLINE_SLACK >= budget);
+            .is_some_and(|budget| record.started.elapsed() + DEADLINE_SLACK >= budget);
         let status = if at_deadline {
             Status::deadline_exceeded("the caller gave up at its deadline")
         } else {
             Status::cancelled("the caller went away before the answer")
         };
-        finish.done(&status, None);
+        record.done(&status, None);
     }
 }
 
 /// A response body that records its call when the trailers pass, or when it is dropped first.
 struct WatchedBody {
     inner: Body,
-    finish: Option<(Finish, Option<PeerIdentity>)>,
+    record: Option<(CallRecord, Option<PeerIdentity>)>,
 }
 
 impl WatchedBody {
     fn finish(&mut self, status: Status) {
-        if let Some((finish, identity)) = self.finish.take() {
-            finish.done(&status, identity.as_ref());
+        if let Some((record, identity)) = self.record.take() {
+            record.done(&status, identity.as_ref());
         }
     }
 }
@@ -669,6 +574,26 @@ mod tests {
     }
 
     #[test]
+    fn a_timeout_written_as_grpc_timeout_reads_back_no_longer() {
+        for timeout in [
+            Duration::from_micros(1),
+            Duration::from_millis(1500),
+            Duration::from_secs(99),
+            Duration::from_secs(101),
+            Duration::from_secs(3 * 24 * 3600),
+        ] {
+            let written = grpc_timeout_value(timeout);
+            let read = parse_grpc_timeout(Some(&written)).expect("a valid value");
+            assert!(read <= timeout, "{timeout:?} became {written:?}");
+            assert!(
+                timeout - read < Duration::from_secs(60),
+                "{timeout:?}: {written:?}"
+            );
+        }
+        assert_eq!(grpc_timeout_value(Duration::from_millis(250)), "250000u");
+    }
+
+    #[test]
     fn codes_carry_the_go_names_dashboards_use() {
         assert_eq!(code_name(Code::Ok), "OK");
         assert_eq!(code_name(Code::Cancelled), "Canceled");
@@ -682,15 +607,13 @@ mod tests {
             path: "/Recommendations/Recommend",
             kind: "unary",
         }];
-        let layer = CallLayer::client(Metrics::new("t", "0"), METHODS, "peer".into());
+        let series = CallSeries::new(&CLIENT, Metrics::new("t", "0"), METHODS);
         assert_eq!(
-            layer
-                .shared
-                .labels(layer.shared.slot("/Recommendations/Recommend")),
+            series.labels(series.slot("/Recommendations/Recommend")),
             ("unary", "Recommendations", "Recommend")
         );
         assert_eq!(
-            layer.shared.labels(layer.shared.slot("/Evil/\u{1b}[31m")),
+            series.labels(series.slot("/Evil/\u{1b}[31m")),
             ("unknown", "unknown", "unknown")
         );
     }

@@ -242,18 +242,19 @@ pub fn load_ca(path: &Path) -> Result<Certificate, TlsError> {
 }
 
 /// The CA certificates of a bundle that are valid now, in both forms.
-pub(crate) struct Trust {
+#[derive(Debug)]
+pub struct Trust {
     /// The usable certificates' PEM blocks, for tonic's client.
-    pub(crate) pem: Vec<u8>,
+    pub pem: Vec<u8>,
     /// The same certificates, for a rustls root store.
-    pub(crate) ders: Vec<CertificateDer<'static>>,
+    pub ders: Vec<CertificateDer<'static>>,
 }
 
 /// Reads a CA bundle. A CA certificate that has expired or is not yet valid is skipped with a
 /// warning rather than refusing the file: during a CA renewal the bundle holds the old and the
 /// new CA, and the old one expiring must not stop a service that (re)loads the bundle. The file
 /// is refused when no certificate in it is usable, or when any block is not a certificate.
-pub(crate) fn load_trust(path: &Path) -> Result<Trust, TlsError> {
+pub fn load_trust(path: &Path) -> Result<Trust, TlsError> {
     let (trust, skipped) = read_trust(path)?;
     for (subject, e) in skipped {
         tracing::warn!(
@@ -333,6 +334,7 @@ fn subject(der: &CertificateDer<'_>) -> String {
 }
 
 /// When a certificate stops being valid, in seconds since the Unix epoch.
+#[cfg(feature = "service")]
 fn not_after(der: &CertificateDer<'_>) -> Option<i64> {
     let (_, cert) = X509Certificate::from_der(der.as_ref()).ok()?;
     Some(cert.validity().not_after.timestamp())
@@ -343,6 +345,7 @@ fn not_after(der: &CertificateDer<'_>) -> Option<i64> {
 /// CA of the bundle (`trust`) does: in an overlap bundle the old CA expiring is expected, and
 /// trust ends with the last one. Called after every successful load, so an alert on
 /// `… - time()` sees each renewal. A file that cannot be read leaves its gauge as it was.
+#[cfg(feature = "service")]
 pub fn record_expiry(
     metrics: &crate::metrics::Metrics,
     identity: Option<&Path>,
@@ -373,14 +376,23 @@ pub fn load_identity(cert_path: &Path, key_path: &Path) -> Result<Identity, TlsE
 }
 
 /// A certificate chain and its private key, checked to belong together, in both forms.
-pub(crate) struct LoadedKey {
-    pub(crate) cert_pem: Vec<u8>,
-    pub(crate) key_pem: Vec<u8>,
-    pub(crate) chain: Vec<CertificateDer<'static>>,
-    pub(crate) key: PrivateKeyDer<'static>,
+pub struct LoadedKey {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
 }
 
-pub(crate) fn load_certified_key(cert_path: &Path, key_path: &Path) -> Result<LoadedKey, TlsError> {
+/// Names the certificate chain's length only: a key is not for logs.
+impl std::fmt::Debug for LoadedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedKey")
+            .field("chain_len", &self.chain.len())
+            .finish_non_exhaustive()
+    }
+}
+
+pub fn load_certified_key(cert_path: &Path, key_path: &Path) -> Result<LoadedKey, TlsError> {
     let (cert_pem, chain) = load_certs(cert_path)?;
     let key_pem = read(key_path)?;
     if let Some(warning) = key_exposure(key_path) {
@@ -416,12 +428,12 @@ pub(crate) fn load_certified_key(cert_path: &Path, key_path: &Path) -> Result<Lo
 }
 
 /// The CA certificates of a PEM bundle, checked as [`load_ca`] checks them.
-pub(crate) fn load_ca_ders(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub fn load_ca_ders(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     load_trust(path).map(|trust| trust.ders)
 }
 
 /// The one crypto provider both services use (ring: no C toolchain beyond gcc needed).
-pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 

@@ -17,14 +17,13 @@ use std::{
 };
 
 use async_trait::async_trait;
-use bookstore_common::{
-    grpc_call::{CallLayer, KnownMethod},
-    metrics::Metrics,
-};
+use bookstore_common::{grpc_call::KnownMethod, metrics::Metrics};
 use bookstore_proto::recommendations_client::RecommendationsClient;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
+use crate::call_layer::CallLayer;
 
 /// The methods the marketplace calls, as its client metrics name them.
 pub const METHODS: &[KnownMethod] = &[KnownMethod {
@@ -33,7 +32,7 @@ pub const METHODS: &[KnownMethod] = &[KnownMethod {
 }];
 
 /// The client every call goes through: one connection, wrapped in the call layer.
-pub type Client = RecommendationsClient<bookstore_common::grpc_call::Call<Channel>>;
+pub type Client = RecommendationsClient<crate::call_layer::Call<Channel>>;
 
 /// How long an address that failed to answer is skipped while others are available.
 const EJECTION: Duration = Duration::from_secs(2);
@@ -317,7 +316,7 @@ impl Backends {
         let channel = settings
             .channel(addr)
             .map_err(|e| format!("cannot configure a channel to {addr}: {e}"))?;
-        let layer = CallLayer::client(self.metrics.clone(), METHODS, addr.to_string());
+        let layer = CallLayer::new(self.metrics.clone(), METHODS, &addr.to_string());
         Ok(Arc::new(Backend {
             addr,
             client: RecommendationsClient::new(tower::Layer::layer(&layer, channel)),

@@ -2,12 +2,13 @@
 //! recommendations service over mutual-TLS gRPC.
 //!
 //! `books` is the domain, `source` the gRPC client adapter behind a trait (`backends` balances
-//! it over every address of the service), `routes` the HTTP surface, `templates` the pages it
+//! it over every address of the service, `call_layer` counts, logs and addresses each call), `routes` the HTTP surface, `templates` the pages it
 //! and `error` render, `error` where errors meet HTTP, `config` the settings and `startup` the
 //! wiring.
 
 pub mod backends;
 pub mod books;
+pub mod call_layer;
 pub mod config;
 pub mod error;
 pub mod routes;

@@ -18,13 +18,10 @@ use std::{
 };
 
 use async_trait::async_trait;
-use bookstore_common::{
-    context::{REQUEST_ID_HEADER, RequestContext, TRACEPARENT_HEADER},
-    metrics::Metrics,
-};
+use bookstore_common::{context::RequestContext, metrics::Metrics};
 use bookstore_proto::{BookCategory, RecommendationRequest};
 use rand::Rng;
-use tonic::{Code, metadata::MetadataValue};
+use tonic::Code;
 use tower::retry::budget::{Budget, TpsBudget};
 
 use tokio::sync::OwnedSemaphorePermit;
@@ -33,6 +30,7 @@ use tracing::Instrument;
 use crate::{
     backends::{Backend, Backends},
     books::{Book, Category, RecommendationQuery},
+    call_layer::CallContext,
 };
 
 /// Calls waiting for a slot at most, unless set otherwise (`MAX_QUEUED_CALLS`).
@@ -303,19 +301,15 @@ impl RecommendationSource for GrpcSource {
                 category: to_proto(query.category) as i32,
                 max_results: query.max_results,
             });
-            // Sent as `grpc-timeout`: the server stops working once nobody waits any more.
-            request.set_timeout(remaining);
-            let metadata = request.metadata_mut();
-            if let Ok(id) = MetadataValue::try_from(context.request_id.as_str()) {
-                metadata.insert(REQUEST_ID_HEADER, id);
-            }
-            // Our request's span is the parent of the server's.
-            if let Ok(parent) = MetadataValue::try_from(context.trace.header()) {
-                metadata.insert(TRACEPARENT_HEADER, parent);
-            }
-            // The call layer enforces the deadline up to the answer's headers; this covers the
-            // rest of the answer too. The call runs in a task of its own, with its slot, to its
-            // end even if the page is given up: a page abandoned mid-call would otherwise reset
+            // Written as headers by the call layer; the deadline goes as `grpc-timeout`, so the
+            // server stops working once nobody waits any more.
+            request.extensions_mut().insert(CallContext {
+                request_id: context.request_id.clone(),
+                trace: context.trace,
+                deadline,
+            });
+            // The one timer on the call, over the whole answer. The call runs in a task of its
+            // own, with its slot, to its end even if the page is given up: a page abandoned mid-call would otherwise reset
             // its stream, and a burst of resets on the one connection per address looks like an
             // HTTP/2 rapid-reset attack to the server, which then closes the connection under
             // every other page's calls. The slot stays taken while the backend still works.

@@ -6,10 +6,22 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bookstore_common::{
+    context::{RequestId, TraceContext},
+    metrics::Metrics,
+};
+use bookstore_proto::{
+    BookCategory, RecommendationRequest, recommendations_client::RecommendationsClient,
+};
 use bookstore_testkit::{
     TestPki, marketplace_config, raw, recommendations_config, spawn_marketplace,
     spawn_recommendations,
 };
+use marketplace::{
+    backends::METHODS,
+    call_layer::{CallContext, CallLayer},
+};
+use tonic::Code;
 
 async fn fetch(addr: SocketAddr, path: &str) -> (u16, String) {
     let response = reqwest::get(format!("http://{addr}{path}"))
@@ -154,4 +166,51 @@ async fn readiness_turns_off_at_the_signal_while_a_slow_page_finishes() {
     assert_eq!(status, 200, "{body}");
     marketplace.finished().await;
     assert_eq!(ready().await, None, "admin port closed after the drain");
+}
+
+/// The server gives up at the caller's deadline and records DEADLINE_EXCEEDED (tonic alone
+/// would record CANCELLED), having stopped the work rather than finishing it. The caller's own
+/// timer fires at the same moment, so what the caller sees is decided by its client: through
+/// the marketplace's client layer it is DEADLINE_EXCEEDED too.
+#[tokio::test]
+async fn a_call_past_its_deadline_is_deadline_exceeded_on_both_ends() {
+    let pki = TestPki::new();
+    let mut config = recommendations_config(pki.dir());
+    config.artificial_delay_ms = 2_000;
+    let server = spawn_recommendations(&config).await;
+    let client_metrics = Metrics::new("test-client", "0");
+    let layer = CallLayer::new(client_metrics.clone(), METHODS, &server.addr.to_string());
+    let channel = bookstore_testkit::trusted_channel(server.addr, &pki);
+    let mut client = RecommendationsClient::new(tower::Layer::layer(&layer, channel));
+    for timeout_ms in [50, 200] {
+        let mut call = tonic::Request::new(RecommendationRequest {
+            user_id: 1,
+            category: BookCategory::Mystery as i32,
+            max_results: 1,
+        });
+        let started = Instant::now();
+        call.extensions_mut().insert(CallContext {
+            request_id: RequestId::generate(),
+            trace: TraceContext::new_root(),
+            deadline: started + Duration::from_millis(timeout_ms),
+        });
+        let status = client.recommend(call).await.expect_err("too slow");
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        assert!(
+            started.elapsed() < Duration::from_millis(1_000),
+            "gave up in time"
+        );
+    }
+    // The server records its side as the calls end.
+    const RECOMMEND: &str = r#"grpc_method="Recommend""#;
+    let handled = ["grpc_server_handled_total{", RECOMMEND, "DeadlineExceeded"];
+    raw::until_metric(server.admin_addr, &handled, 2.0, Duration::from_secs(5)).await;
+    let text = raw::scrape(server.admin_addr).await;
+    assert_eq!(raw::metric(&text, &handled), 2.0, "{text}");
+    // 50 ms + 200 ms of waiting, not 2 × 2 s of delay: the work was stopped.
+    let spent = raw::metric(&text, &["grpc_server_handling_seconds_sum{", RECOMMEND]);
+    assert!(spent > 0.0 && spent < 1.0, "server kept working: {spent} s");
+    let client_text = client_metrics.render();
+    let handled = ["grpc_client_handled_total{", RECOMMEND, "DeadlineExceeded"];
+    assert_eq!(raw::metric(&client_text, &handled), 2.0, "{client_text}");
 }

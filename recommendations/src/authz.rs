@@ -11,12 +11,14 @@ use std::{
     task::{Context, Poll},
 };
 
-use bookstore_common::{grpc_call::PeerIdentity, server_tls::PeerInfo, tls::identities};
+use bookstore_common::{grpc_call::PeerIdentity, tls::identities};
 use tonic::{
     Status,
     codegen::{BoxFuture, http},
 };
 use tower::{Layer, Service};
+
+use crate::server_tls::PeerInfo;
 
 /// The identity a request was allowed under, put in the request's extensions for handlers and
 /// logs.

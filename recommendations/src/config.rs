@@ -5,11 +5,12 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use bookstore_common::{
     admin::{self, Command},
     http_server::HttpLimits,
-    server_tls::ConnLimits,
     telemetry::LogArgs,
     tls::TlsArgs,
 };
 use clap::Parser;
+
+use crate::server_tls::ConnLimits;
 
 /// The bookstore's recommendations gRPC service.
 #[derive(Debug, Clone, PartialEq, Eq, Parser)]

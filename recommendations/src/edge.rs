@@ -20,13 +20,15 @@ use std::{
     task::{Context, Poll},
 };
 
-use bookstore_common::{grpc_call::KnownMethod, metrics::Metrics, server_tls::PeerInfo};
+use bookstore_common::{grpc_call::KnownMethod, metrics::Metrics};
 use bytes::Buf;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use metrics::Counter;
 use tonic::{Code, Status, body::Body, codegen::BoxFuture};
 use tower::{Layer, Service};
+
+use crate::server_tls::PeerInfo;
 
 /// What a caller reads when its message could not be decoded.
 pub const UNDECODABLE: &str = "the request message could not be decoded";

@@ -5,11 +5,10 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use anyhow::Context;
 use bookstore_common::{
     admin,
-    grpc_call::{CallLayer, KnownMethod},
+    grpc_call::KnownMethod,
     http_server::HttpLimits,
     metrics::Metrics,
     panic::CatchPanicLayer,
-    server_tls::{ConnLimits, Incoming, ServerTls},
     shutdown::{Drained, serve_until},
     tls::{Role, TlsMode},
     watch::{FileStamps, watch_files},
@@ -27,10 +26,12 @@ use tower::{
 
 use crate::{
     authz::AuthorizeLayer,
+    call_layer::CallLayer,
     catalog::Catalog,
     config::{Config, to_usize},
     edge::{LimitLayer, ProtocolLayer},
     grpc::{Faults, RecommendationsService},
+    server_tls::{ConnLimits, Incoming, ServerTls},
 };
 
 /// Requests are a few bytes; anything much larger is not a real client.
@@ -202,11 +203,7 @@ impl Application {
         });
         let router = server
             .layer(ProtocolLayer::new(&metrics))
-            .layer(CallLayer::server(
-                metrics.clone(),
-                METHODS,
-                MAX_CALL_DURATION,
-            ))
+            .layer(CallLayer::new(metrics.clone(), METHODS, MAX_CALL_DURATION))
             .layer(LimitLayer::new(
                 METHODS,
                 to_usize(config.max_calls),

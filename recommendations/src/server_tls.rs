@@ -1,7 +1,7 @@
 //! Server-side TLS owned by the service rather than by the gRPC library, for two reasons:
 //!
 //! - **Rotation without restart.** The rustls configuration lives behind a lock and is rebuilt
-//!   when the files change (see [`crate::watch`]); each new connection takes the configuration current at that moment,
+//!   when the files change (see [`bookstore_common::watch`]); each new connection takes the configuration current at that moment,
 //!   connections already open keep theirs. A file set that does not load (half-written, key of
 //!   another certificate, expired…) is refused with a log line and the old one stays in use.
 //! - **Refusals that say why.** A failed handshake is logged with the peer address and the
@@ -43,7 +43,7 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
 
-use crate::{
+use bookstore_common::{
     conn_cap::{ACCEPT_ERROR_PAUSE, ConnectionCap, Slot},
     metrics::Metrics,
     shutdown::ListenerClosedLog,
@@ -77,14 +77,14 @@ impl ServerTls {
         }
     }
 
-    /// Sets the expiry gauges from the files in use (see [`crate::tls::record_expiry`]).
-    pub fn record_expiry(&self, metrics: &crate::metrics::Metrics) {
+    /// Sets the expiry gauges from the files in use (see [`bookstore_common::tls::record_expiry`]).
+    pub fn record_expiry(&self, metrics: &Metrics) {
         let trust = (self.mode == TlsMode::Mutual).then_some(self.files.ca.as_path());
-        crate::tls::record_expiry(metrics, Some(&self.files.cert), trust);
+        bookstore_common::tls::record_expiry(metrics, Some(&self.files.cert), trust);
     }
 
     /// Loads the files again; new connections use them from now on. On error the
-    /// configuration in use stays (see [`crate::watch::watch_files`], which logs both outcomes).
+    /// configuration in use stays (see [`bookstore_common::watch::watch_files`], which logs both outcomes).
     pub fn reload(&self) -> Result<(), TlsError> {
         let config = build(&self.files, self.mode)?;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = config;
