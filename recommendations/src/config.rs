@@ -6,7 +6,7 @@ use bookstore_common::{
     admin::{self, Command},
     http_server::HttpLimits,
     telemetry::LogArgs,
-    tls::TlsArgs,
+    tls::{TlsArgs, TlsMode},
 };
 use clap::Parser;
 
@@ -34,13 +34,8 @@ pub struct Config {
     pub failure_rate: FailureRate,
     /// Certificate identities allowed to call (comma-separated): URI SANs such as SPIFFE ids,
     /// DNS SANs, or the common name of a certificate without SANs. Applies with `TLS_MODE=mutual`.
-    #[arg(
-        long,
-        env = "ALLOWED_CLIENTS",
-        value_delimiter = ',',
-        default_value = "marketplace"
-    )]
-    pub allowed_clients: Vec<String>,
+    #[arg(long, env = "ALLOWED_CLIENTS", default_value = "marketplace")]
+    pub allowed_clients: AllowedClients,
     /// Plaintext admin address: `GET /healthz` (liveness), `GET /readyz` (readiness) and
     /// `GET /metrics` (Prometheus).
     #[arg(long, env = "ADMIN_ADDR", default_value = "[::]:9090")]
@@ -109,6 +104,15 @@ impl Config {
         }
     }
 
+    /// Settings that are valid one by one but not together. Checked before anything is loaded
+    /// or bound.
+    pub fn check(&self) -> Result<(), String> {
+        if self.tls.tls_mode == TlsMode::Mutual && self.allowed_clients.is_empty() {
+            return Err("ALLOWED_CLIENTS is empty: no caller could ever be served".into());
+        }
+        Ok(())
+    }
+
     /// The limits of the admin listener.
     pub fn admin_limits(&self) -> HttpLimits {
         admin::limits(to_usize(self.admin_max_connections))
@@ -118,6 +122,35 @@ impl Config {
 /// The ranges above fit a usize on every platform we build for.
 pub fn to_usize(n: u64) -> usize {
     usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+/// The certificate identities allowed to call: the comma-separated list with each entry trimmed
+/// and empty ones dropped (`a, ,b` allows `a` and `b`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowedClients(Vec<String>);
+
+impl AllowedClients {
+    pub fn as_slice(&self) -> &[String] {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::str::FromStr for AllowedClients {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(AllowedClients(
+            s.split(',')
+                .map(str::trim)
+                .filter(|id| !id.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        ))
+    }
 }
 
 /// A fraction of calls, from 0 to 1, kept in millionths so the settings stay comparable.
@@ -167,6 +200,28 @@ mod tests {
     use rand::{SeedableRng, rngs::StdRng};
 
     use super::*;
+
+    #[test]
+    fn allowed_clients_are_trimmed_and_empty_entries_dropped() {
+        let parse = |s: &str| s.parse::<AllowedClients>().expect("infallible");
+        assert_eq!(
+            parse(" marketplace , ,spiffe://bookstore/ns/x/sa/y,").as_slice(),
+            ["marketplace", "spiffe://bookstore/ns/x/sa/y"]
+        );
+        assert!(parse(" , ").is_empty());
+        let mut config = Config::parse_from(["recommendations", "--allowed-clients", ","]);
+        config.tls.tls_mode = TlsMode::Mutual;
+        assert_eq!(
+            config.check(),
+            Err("ALLOWED_CLIENTS is empty: no caller could ever be served".into())
+        );
+        config.tls.tls_mode = TlsMode::Server;
+        assert_eq!(
+            config.check(),
+            Ok(()),
+            "no client certificates, nothing to check"
+        );
+    }
 
     #[test]
     fn failure_rates_parse_only_between_zero_and_one() {

@@ -93,6 +93,107 @@ fn internal_error() -> http::Response<tonic::body::Body> {
     tonic::Status::internal("internal error").into_http()
 }
 
+/// The catalog file, or the nine built-in books.
+fn load_catalog(config: &Config) -> anyhow::Result<Catalog> {
+    Ok(match &config.catalog_path {
+        Some(path) => {
+            let catalog = Catalog::load(path, config.catalog_max_bytes)?;
+            tracing::info!(path = %path.display(), "catalog loaded");
+            catalog
+        }
+        None => Catalog::builtin(),
+    })
+}
+
+/// The fault injection settings, each warned about when on.
+fn faults(config: &Config) -> Faults {
+    let faults = Faults {
+        delay: config.artificial_delay(),
+        failure_rate: config.failure_rate,
+    };
+    if !faults.delay.is_zero() {
+        tracing::warn!(
+            delay_ms = config.artificial_delay_ms,
+            "ARTIFICIAL_DELAY_MS is set: every Recommend answer is delayed (fault injection)"
+        );
+    }
+    if !faults.failure_rate.is_off() {
+        tracing::warn!(
+            failure_rate = %faults.failure_rate,
+            "FAILURE_RATE is set: that fraction of Recommend calls fails UNAVAILABLE (fault injection)"
+        );
+    }
+    faults
+}
+
+/// The server's TLS, loaded and checked, with the state of its files for the reload watch;
+/// none with `TLS_MODE=off`.
+fn load_tls(
+    config: &Config,
+    metrics: &Metrics,
+) -> anyhow::Result<Option<(Arc<ServerTls>, FileStamps)>> {
+    let mode = config.tls.tls_mode;
+    mode.warn_if_weak();
+    if mode == TlsMode::Off {
+        return Ok(None);
+    }
+    let files = config.tls.files(Role::Server);
+    let stamps = FileStamps::of(&files);
+    let tls = ServerTls::load(files, mode)?;
+    tls.record_expiry(metrics);
+    Ok(Some((Arc::new(tls), stamps)))
+}
+
+/// Recommend and reflection behind the layers every call goes through (the health service is
+/// added by the caller, which keeps its reporter).
+fn routes(
+    config: &Config,
+    catalog: Catalog,
+    faults: Faults,
+    metrics: &Metrics,
+) -> anyhow::Result<Router<Layers>> {
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(bookstore_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("cannot build the reflection service")?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(bookstore_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("cannot build the reflection service")?;
+    let recommendations =
+        RecommendationsServer::new(RecommendationsService::new(Arc::new(catalog), faults))
+            .max_decoding_message_size(MAX_REQUEST_BYTES);
+    tracing::info!(
+        max_calls = config.max_calls,
+        max_calls_per_connection = config.max_calls_per_connection,
+        "call limits"
+    );
+    // Without client certificates there is no identity to check; those modes warn instead.
+    let authorize = (config.tls.tls_mode == TlsMode::Mutual).then(|| {
+        let allowed = config.allowed_clients.as_slice();
+        tracing::info!(allowed_clients = ?allowed, "caller authorization on");
+        AuthorizeLayer::new(allowed.iter().cloned())
+    });
+    Ok(Server::builder()
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
+        .layer(ProtocolLayer::new(metrics))
+        .layer(CallLayer::new(metrics.clone(), METHODS, MAX_CALL_DURATION))
+        .layer(LimitLayer::new(
+            METHODS,
+            to_usize(config.max_calls),
+            to_usize(config.max_calls_per_connection),
+            MAX_REQUEST_BYTES,
+        ))
+        .layer(CatchPanicLayer::new(internal_error as PanicResponse))
+        .layer(tower::util::option_layer(authorize))
+        .add_service(reflection)
+        .add_service(reflection_v1alpha)
+        .add_service(recommendations))
+}
+
 /// A bound, ready-to-run recommendations server.
 pub struct Application {
     listener: TcpListener,
@@ -124,99 +225,16 @@ impl Application {
     /// Loads the catalog and TLS material and binds the listener. Every problem is reported
     /// here, before anything is served.
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
-        let catalog = match &config.catalog_path {
-            Some(path) => {
-                let catalog = Catalog::load(path, config.catalog_max_bytes)?;
-                tracing::info!(path = %path.display(), "catalog loaded");
-                catalog
-            }
-            None => Catalog::builtin(),
-        };
-        let faults = Faults {
-            delay: config.artificial_delay(),
-            failure_rate: config.failure_rate,
-        };
-        if !faults.delay.is_zero() {
-            tracing::warn!(
-                delay_ms = config.artificial_delay_ms,
-                "ARTIFICIAL_DELAY_MS is set: every Recommend answer is delayed (fault injection)"
-            );
-        }
-        if !faults.failure_rate.is_off() {
-            tracing::warn!(
-                failure_rate = %faults.failure_rate,
-                "FAILURE_RATE is set: that fraction of Recommend calls fails UNAVAILABLE (fault injection)"
-            );
-        }
+        config.check().map_err(anyhow::Error::msg)?;
+        let catalog = load_catalog(config)?;
+        let faults = faults(config);
         let metrics = Metrics::new("recommendations", env!("CARGO_PKG_VERSION"));
-
-        let mode = config.tls.tls_mode;
-        mode.warn_if_weak();
-        let allowed: Vec<String> = config
-            .allowed_clients
-            .iter()
-            .map(|id| id.trim().to_owned())
-            .filter(|id| !id.is_empty())
-            .collect();
-        if mode == TlsMode::Mutual && allowed.is_empty() {
-            anyhow::bail!("ALLOWED_CLIENTS is empty: no caller could ever be served");
-        }
-        let tls = match mode {
-            TlsMode::Off => None,
-            _ => {
-                let files = config.tls.files(Role::Server);
-                let stamps = FileStamps::of(&files);
-                let tls = ServerTls::load(files, mode)?;
-                tls.record_expiry(&metrics);
-                Some((Arc::new(tls), stamps))
-            }
-        };
-        let server = Server::builder()
-            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
-            .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES));
+        let tls = load_tls(config, &metrics)?;
         let (health, health_service) = tonic_health::server::health_reporter();
         health
             .set_service_status(SERVICE_NAME, ServingStatus::Serving)
             .await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(bookstore_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .context("cannot build the reflection service")?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(bookstore_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()
-            .context("cannot build the reflection service")?;
-        let recommendations =
-            RecommendationsServer::new(RecommendationsService::new(Arc::new(catalog), faults))
-                .max_decoding_message_size(MAX_REQUEST_BYTES);
-        tracing::info!(
-            max_calls = config.max_calls,
-            max_calls_per_connection = config.max_calls_per_connection,
-            "call limits"
-        );
-        // Without client certificates there is no identity to check; those modes warn instead.
-        let authorize = (mode == TlsMode::Mutual).then(|| {
-            tracing::info!(allowed_clients = ?allowed, "caller authorization on");
-            AuthorizeLayer::new(allowed)
-        });
-        let router = server
-            .layer(ProtocolLayer::new(&metrics))
-            .layer(CallLayer::new(metrics.clone(), METHODS, MAX_CALL_DURATION))
-            .layer(LimitLayer::new(
-                METHODS,
-                to_usize(config.max_calls),
-                to_usize(config.max_calls_per_connection),
-                MAX_REQUEST_BYTES,
-            ))
-            .layer(CatchPanicLayer::new(internal_error as PanicResponse))
-            .layer(tower::util::option_layer(authorize))
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_service(reflection_v1alpha)
-            .add_service(recommendations);
-
+        let router = routes(config, catalog, faults, &metrics)?.add_service(health_service);
         let admin::Bound {
             listener,
             admin,

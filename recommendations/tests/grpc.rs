@@ -377,7 +377,7 @@ async fn a_spiffe_identity_can_be_allowed() {
     let pki = TestPki::new();
     let spiffe = "spiffe://bookstore.example/ns/shop/sa/marketplace";
     let mut config = recommendations_config(pki.dir());
-    config.allowed_clients = vec![spiffe.into()];
+    config.allowed_clients = spiffe.parse().expect("infallible");
     let server = spawn_recommendations(&config).await;
     let workload = pki
         .pki

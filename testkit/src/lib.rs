@@ -78,7 +78,7 @@ pub fn recommendations_config(certs_dir: &Path) -> recommendations::config::Conf
         catalog_path: None,
         artificial_delay_ms: 0,
         failure_rate: Default::default(),
-        allowed_clients: vec!["marketplace".into()],
+        allowed_clients: "marketplace".parse().expect("infallible"),
         catalog_max_bytes: 256 * 1024 * 1024,
         max_connections: 1024,
         max_handshakes: 128,
