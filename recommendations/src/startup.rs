@@ -8,7 +8,7 @@ use bookstore_common::{
     grpc_call::KnownMethod,
     http_server::HttpLimits,
     metrics::Metrics,
-    panic::CatchPanicLayer,
+    panic::log_panic,
     shutdown::{Drained, serve_until},
     tls::{Role, TlsMode},
     watch::{FileStamps, watch_files},
@@ -21,8 +21,9 @@ use tonic::transport::{Server, server::Router};
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tower::{
     layer::util::{Identity, Stack},
-    util::Either,
+    util::{Either, MapResponseLayer},
 };
+use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::{
     authz::AuthorizeLayer,
@@ -80,17 +81,35 @@ pub const METHODS: &[KnownMethod] = &[
 /// status texts; panics become INTERNAL; caller authorization when TLS is mutual.
 type Layers = Stack<
     Either<AuthorizeLayer, Identity>,
-    Stack<
-        CatchPanicLayer<PanicResponse>,
-        Stack<LimitLayer, Stack<CallLayer, Stack<ProtocolLayer, Identity>>>,
-    >,
+    Stack<CatchPanics, Stack<LimitLayer, Stack<CallLayer, Stack<ProtocolLayer, Identity>>>>,
 >;
 
-type PanicResponse = fn() -> http::Response<tonic::body::Body>;
+type PanicResponse = fn(Box<dyn std::any::Any + Send>) -> http::Response<tonic::body::Body>;
 
 /// What a caller gets when a handler panics: no detail, the panic is logged.
-fn internal_error() -> http::Response<tonic::body::Body> {
+fn internal_error(panic: Box<dyn std::any::Any + Send>) -> http::Response<tonic::body::Body> {
+    log_panic(panic.as_ref());
     tonic::Status::internal("internal error").into_http()
+}
+
+/// tower-http's panic catcher answers with a body of its own type; the layers outside it take
+/// tonic's.
+type CaughtBody = tower_http::body::UnsyncBoxBody<bytes::Bytes, tower_http::BoxError>;
+type GrpcBody = fn(http::Response<CaughtBody>) -> http::Response<tonic::body::Body>;
+
+fn to_grpc_body(response: http::Response<CaughtBody>) -> http::Response<tonic::body::Body> {
+    response.map(tonic::body::Body::new)
+}
+
+/// Where a handler's panic becomes INTERNAL, as a stack of two layers: catching, then giving
+/// the answer tonic's body type again.
+type CatchPanics = Stack<CatchPanicLayer<PanicResponse>, MapResponseLayer<GrpcBody>>;
+
+fn catch_panics() -> CatchPanics {
+    Stack::new(
+        CatchPanicLayer::custom(internal_error as PanicResponse),
+        MapResponseLayer::new(to_grpc_body as GrpcBody),
+    )
 }
 
 /// The catalog file, or the nine built-in books.
@@ -187,7 +206,7 @@ fn routes(
             to_usize(config.max_calls_per_connection),
             MAX_REQUEST_BYTES,
         ))
-        .layer(CatchPanicLayer::new(internal_error as PanicResponse))
+        .layer(catch_panics())
         .layer(tower::util::option_layer(authorize))
         .add_service(reflection)
         .add_service(reflection_v1alpha)
@@ -311,5 +330,72 @@ impl Application {
         admin::alongside(self.admin, self.admin_limits, stop, self.metrics, drained)
             .await
             .context("gRPC server failed")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        convert::Infallible,
+        pin::Pin,
+        task::{Context, Poll},
+    };
+
+    use tonic::body::Body;
+    use tower::{Layer, Service, ServiceExt};
+
+    use super::*;
+
+    /// A handler that panics in `call` for `/call`, while its answer is computed for `/poll`,
+    /// and answers OK otherwise.
+    #[derive(Clone)]
+    struct Panics;
+
+    impl Service<http::Request<Body>> for Panics {
+        type Response = http::Response<Body>;
+        type Error = Infallible;
+        type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+            let path = request.uri().path().to_owned();
+            assert_ne!(path, "/call", "a panic in call itself");
+            Box::pin(async move {
+                tokio::task::yield_now().await;
+                assert_ne!(path, "/poll", "a panic while polling");
+                Ok(tonic::Status::ok("").into_http())
+            })
+        }
+    }
+
+    fn request(path: &str) -> http::Request<Body> {
+        http::Request::builder()
+            .uri(path)
+            .body(Body::empty())
+            .expect("request")
+    }
+
+    fn grpc_status(response: &http::Response<Body>) -> Option<&str> {
+        response.headers().get("grpc-status")?.to_str().ok()
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_a_handler_is_internal_and_the_service_keeps_answering() {
+        let service = catch_panics().layer(Panics);
+        for path in ["/call", "/poll"] {
+            let response = service
+                .clone()
+                .oneshot(request(path))
+                .await
+                .expect("infallible");
+            assert_eq!(grpc_status(&response), Some("13"), "INTERNAL for {path}");
+            let message = response.headers()["grpc-message"].to_str().expect("ascii");
+            assert_eq!(message, "internal%20error", "no detail of the panic");
+        }
+        let response = service.oneshot(request("/ok")).await.expect("infallible");
+        assert_eq!(grpc_status(&response), Some("0"));
     }
 }

@@ -25,10 +25,11 @@ use bookstore_common::{
         continue_trace,
     },
     metrics::Metrics,
-    panic::CatchPanicLayer,
+    panic::log_panic,
     request_log::RequestLog,
 };
 use metrics::{Counter, Histogram};
+use tower_http::{catch_panic::CatchPanicLayer, set_header::SetResponseHeaderLayer};
 use tracing::Instrument;
 
 use crate::{
@@ -76,26 +77,31 @@ pub fn router(
     metrics: Metrics,
     max_in_flight: usize,
 ) -> Router {
-    Router::new()
+    let mut app = Router::new()
         .route("/", get(page::recommendations))
         .route("/api/recommendations", get(api::recommendations))
         .route("/style.css", get(stylesheet))
         .fallback(not_found)
         .with_state(AppState { source })
-        .layer(CatchPanicLayer::new(internal_error as fn() -> Response))
+        .layer(CatchPanicLayer::custom(internal_error as PanicResponse))
         .layer(middleware::from_fn(limit_request_size))
         // Inside the layers that count, identify and dress every answer, so a shed request is
         // all three too.
         .layer(middleware::from_fn_with_state(
             InFlight::new(max_in_flight, &metrics),
             in_flight::limit,
-        ))
-        .layer(middleware::from_fn(security_headers))
-        .layer(middleware::from_fn_with_state(
-            Arc::new(HttpMetrics::new(metrics)),
-            observe,
-        ))
+        ));
+    for (name, value) in SECURITY_HEADERS {
+        let value = HeaderValue::from_static(value);
+        app = app.layer(SetResponseHeaderLayer::overriding(name, value));
+    }
+    app.layer(middleware::from_fn_with_state(
+        Arc::new(HttpMetrics::new(metrics)),
+        observe,
+    ))
 }
+
+type PanicResponse = fn(Box<dyn std::any::Any + Send>) -> Response;
 
 /// The HTTP series, with each (method, route, status) handle registered once, and which
 /// requests get a log line.
@@ -212,17 +218,10 @@ fn method_label(method: &Method) -> &'static str {
     }
 }
 
-fn internal_error() -> Response {
+/// What a caller gets when a handler panics: the 500 page, no detail; the panic is logged.
+fn internal_error(panic: Box<dyn std::any::Any + Send>) -> Response {
+    log_panic(panic.as_ref());
     HtmlError(AppError::Internal).into_response()
-}
-
-async fn security_headers(request: Request, next: Next) -> Response {
-    let mut response = next.run(request).await;
-    let headers = response.headers_mut();
-    for (name, value) in SECURITY_HEADERS {
-        headers.insert(name, HeaderValue::from_static(value));
-    }
-    response
 }
 
 /// Refuses over-long URIs (414) and header sets (431) before any handler sees them.
