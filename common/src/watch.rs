@@ -1,5 +1,9 @@
 //! Noticing that TLS files changed: by polling their modification times and sizes (what a
 //! Kubernetes Secret update, cert-manager or a plain `cp` changes), and on SIGHUP.
+//!
+//! Polling rather than inotify (the `notify` crate): a Secret volume is updated by swapping a
+//! `..data` symlink, which a watch on the files themselves does not report as a change, and a
+//! stat per file per interval costs nothing worth a dependency.
 
 use std::{
     path::PathBuf,

@@ -5,6 +5,10 @@
 //! gives one per pod), each address gets its own lazily connected channel, calls go round-robin,
 //! and the host is resolved again periodically so new pods get traffic and removed ones are
 //! dropped. An address whose call just failed as unreachable sits out briefly.
+//!
+//! Hand-written rather than tonic's balanced channel (tower's power-of-two-choices): that one
+//! hides which address a call goes to, and here each address has its own call slots, ejection
+//! and per-address counters.
 
 use std::{
     collections::BTreeMap,

@@ -10,6 +10,8 @@ use bookstore_common::{
 };
 use clap::Parser;
 
+use crate::source::QueueBounds;
+
 /// HTTP/2 streams one client connection may have open at once (browsers open far fewer).
 const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 
@@ -124,8 +126,12 @@ impl Config {
         to_usize(self.max_requests_in_flight)
     }
 
-    pub fn max_queue_wait(&self) -> Duration {
-        Duration::from_millis(self.max_queue_wait_ms)
+    /// How many calls may wait for a call slot, and for how long each.
+    pub fn queue_bounds(&self) -> QueueBounds {
+        QueueBounds {
+            max_queued: to_usize(self.max_queued_calls),
+            max_wait: Duration::from_millis(self.max_queue_wait_ms),
+        }
     }
 
     /// The limits of the public HTTP listener.

@@ -8,6 +8,10 @@
 //! to leave the queue had waited the whole bound, newcomers are turned away at once, so under a
 //! standing overload the excess is answered fast and the pages served wait no longer than the
 //! bound (a queue that only grows adds delay to every page and serves none more).
+//!
+//! Retries (of calls refused before they ran) wait a full-jitter backoff computed here; the
+//! budget that caps them is tower's `TpsBudget`. tower's own backoff is not used: it adds its
+//! jitter on top of the window, which is not the full-jitter curve the docs describe.
 
 use std::{
     sync::{
@@ -33,10 +37,13 @@ use crate::{
     call_layer::CallContext,
 };
 
-/// Calls waiting for a slot at most, unless set otherwise (`MAX_QUEUED_CALLS`).
-const DEFAULT_MAX_QUEUED: usize = 2048;
-/// How long a call may wait for a slot, unless set otherwise (`MAX_QUEUE_WAIT_MS`).
-const DEFAULT_MAX_WAIT: Duration = Duration::from_millis(250);
+/// How many calls may wait for a slot (`MAX_QUEUED_CALLS`), and for how long each
+/// (`MAX_QUEUE_WAIT_MS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueBounds {
+    pub max_queued: usize,
+    pub max_wait: Duration,
+}
 
 /// A place in the queue for call slots, given back when dropped (the page's request may be
 /// abandoned while it waits).
@@ -171,8 +178,14 @@ fn micros(d: Duration) -> u64 {
 const RETRY_OUTCOMES: [&str; 3] = ["attempted", "budget_exhausted", "past_deadline"];
 
 impl GrpcSource {
-    /// Calls through `backends`; every request, retries included, ends within `timeout`.
-    pub fn new(backends: Arc<Backends>, timeout: Duration, metrics: Metrics) -> Self {
+    /// Calls through `backends`; every request, retries included, ends within `timeout`. A call
+    /// that finds every slot of its address taken waits within `queue`, or is refused.
+    pub fn new(
+        backends: Arc<Backends>,
+        timeout: Duration,
+        queue: QueueBounds,
+        metrics: Metrics,
+    ) -> Self {
         // Every outcome exists from the start, at zero, so an alert on `increase()` sees the
         // first retry (a series born at 1 has no increase).
         for outcome in RETRY_OUTCOMES {
@@ -188,18 +201,10 @@ impl GrpcSource {
             rejected_wait: metrics.counter(QUEUE_REJECTED, &[("reason", "wait")]),
             metrics,
             queued: AtomicUsize::new(0),
-            max_queued: DEFAULT_MAX_QUEUED,
-            max_wait: DEFAULT_MAX_WAIT,
+            max_queued: queue.max_queued,
+            max_wait: queue.max_wait,
             waits: RecentWait::new(),
         }
-    }
-
-    /// At most `max_queued` calls wait for a slot, each for at most `max_wait`; past either
-    /// bound a call is refused.
-    pub fn with_queue(mut self, max_queued: usize, max_wait: Duration) -> Self {
-        self.max_queued = max_queued;
-        self.max_wait = max_wait;
-        self
     }
 
     /// Whether a call joining the queue now would only wait out the bound: someone is waiting,

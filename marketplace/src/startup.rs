@@ -111,17 +111,12 @@ impl Application {
         if let Err(e) = backends.refresh().await {
             tracing::warn!(error = %e, "recommendations not found yet; looking again every second");
         }
-        let source = Arc::new(
-            GrpcSource::new(
-                backends.clone(),
-                config.recommendations_timeout(),
-                metrics.clone(),
-            )
-            .with_queue(
-                usize::try_from(config.max_queued_calls).unwrap_or(usize::MAX),
-                config.max_queue_wait(),
-            ),
-        );
+        let source = Arc::new(GrpcSource::new(
+            backends.clone(),
+            config.recommendations_timeout(),
+            config.queue_bounds(),
+            metrics.clone(),
+        ));
         let router = routes::router(source, metrics.clone(), config.max_requests_in_flight());
         let admin::Bound {
             listener,

@@ -1,4 +1,8 @@
 //! Reading the query string of `/` and `/api/recommendations` into a checked query.
+//!
+//! By hand over `form_urlencoded` rather than axum's `Query` extractor: serde's messages name
+//! neither the parameter nor the accepted values in words a reader of the page can act on, and
+//! a repeated parameter would be silently one of its values.
 
 use crate::books::{Category, MAX_RESULTS_LIMIT, RecommendationQuery};
 
