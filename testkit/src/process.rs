@@ -135,20 +135,12 @@ impl ServiceProcess {
 
     /// Resident memory in KiB, from `/proc`.
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .expect("read /proc/<pid>/status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS in /proc/<pid>/status")
+        bookstore_process::rss_kib(self.pid()).expect("VmRSS in /proc/<pid>/status")
     }
 
     /// How many files (sockets included) the process has open, from `/proc`.
     pub fn open_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
-            .expect("read /proc/<pid>/fd")
-            .count()
+        bookstore_process::open_fds(self.pid()).expect("read /proc/<pid>/fd")
     }
 
     /// Drains the log lines that arrived so far without waiting.
@@ -187,7 +179,7 @@ impl ServiceProcess {
 
     /// Sends a signal by name: `TERM`, `INT`, `HUP` or `KILL`.
     pub fn signal(&self, signal: &str) {
-        use rustix::process::{Pid, Signal, kill_process};
+        use bookstore_process::Signal;
         let sig = match signal {
             "TERM" => Signal::TERM,
             "INT" => Signal::INT,
@@ -195,12 +187,9 @@ impl ServiceProcess {
             "KILL" => Signal::KILL,
             other => panic!("no such signal here: {other}"),
         };
-        let id = self.child.id().expect("process still running");
-        let pid = i32::try_from(id)
-            .ok()
-            .and_then(Pid::from_raw)
-            .unwrap_or_else(|| panic!("not a process id: {id}"));
-        kill_process(pid, sig).unwrap_or_else(|e| panic!("kill -{signal} {id} failed: {e}"));
+        let id = self.pid();
+        bookstore_process::send(id, sig)
+            .unwrap_or_else(|e| panic!("kill -{signal} {id} failed: {e}"));
     }
 
     /// Waits up to `timeout` for the process to exit; returns its status and whole log.

@@ -17,6 +17,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use bookstore_certs::{Generated, generate};
+use bookstore_process::Stopped;
 use clap::{Parser, Subcommand};
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
@@ -205,34 +206,20 @@ async fn wait_until_listening(port: u16) -> Result<()> {
     Ok(())
 }
 
-/// Sends SIGTERM to process `pid`, if there is one.
-pub(crate) fn terminate(pid: u32) {
-    use rustix::process::{Pid, Signal, kill_process};
-    if let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) {
-        let _ = kill_process(pid, Signal::TERM);
-    }
-}
-
 /// Sends SIGTERM (if still running) and waits for a clean exit.
 async fn stop(name: &str, child: &mut Child) -> bool {
-    if let Ok(None) = child.try_wait()
-        && let Some(pid) = child.id()
-    {
-        terminate(pid);
-    }
-    match tokio::time::timeout(Duration::from_secs(40), child.wait()).await {
-        Ok(Ok(status)) if status.success() => true,
-        Ok(Ok(status)) => {
+    match bookstore_process::stop(child, Duration::from_secs(40)).await {
+        Stopped::Exited(status) if status.success() => true,
+        Stopped::Exited(status) => {
             eprintln!("{name} exited with {status}");
             false
         }
-        Ok(Err(e)) => {
+        Stopped::Lost(e) => {
             eprintln!("cannot wait for {name}: {e}");
             false
         }
-        Err(_) => {
-            eprintln!("{name} did not stop within 40 s; killing it");
-            let _ = child.kill().await;
+        Stopped::Killed => {
+            eprintln!("{name} did not stop within 40 s; killed it");
             false
         }
     }

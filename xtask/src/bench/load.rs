@@ -6,10 +6,7 @@ use anyhow::{Context, Result, bail};
 use loadgen::report::Report;
 use tokio::process::Command;
 
-use super::{
-    GRPC_CONNECTIONS,
-    servers::{Server, rss_kib},
-};
+use super::{GRPC_CONNECTIONS, servers::Server};
 
 /// Runs loadgen with `args` (its report as JSON), sampling `server`'s RSS meanwhile.
 pub(crate) async fn load(
@@ -48,7 +45,7 @@ pub(crate) async fn load_on(
         async move {
             let mut peak = None;
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                peak = peak.max(pid.and_then(rss_kib));
+                peak = peak.max(pid.and_then(bookstore_process::rss_kib));
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             peak

@@ -27,7 +27,7 @@ use crate::root;
 use load::{grpc_args, http_args, load};
 use report::{markdown, svg};
 use servers::{
-    Server, http_body, metric, rss_kib, start_floor, start_original, start_service, write_catalog,
+    Server, http_body, metric, start_floor, start_original, start_service, write_catalog,
 };
 
 /// How much to measure.
@@ -302,7 +302,7 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     let mut idle_rss_kib = BTreeMap::new();
     let mut ready_ms = BTreeMap::new();
     for server in [&rec_mtls, &market, &rec_big, &floor_mtls, &floor_page] {
-        if let Some(rss) = server.pid().and_then(rss_kib) {
+        if let Some(rss) = server.pid().and_then(bookstore_process::rss_kib) {
             idle_rss_kib.insert(server.name.clone(), rss);
         }
         if let Some(ready) = server.ready_after {

@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use super::{
     load::{http_args, load, load_on},
-    servers::{Server, metric, rss_kib},
+    servers::{Server, metric},
 };
 
 /// One overload run.
@@ -178,7 +178,7 @@ pub async fn run(
     settle: Duration,
 ) -> Result<Overload> {
     let market = services[0];
-    let rss = || market.pid().and_then(rss_kib);
+    let rss = || market.pid().and_then(bookstore_process::rss_kib);
     let rss_before_kib = rss();
     let mut runs = Vec::new();
     let cases: [(&str, Vec<String>); 4] = [

@@ -10,6 +10,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use bookstore_process::Stopped;
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     process::{Child, Command},
@@ -34,15 +35,9 @@ impl Server {
     }
 
     pub(super) async fn stop(mut self) {
-        if let Some(pid) = self.pid() {
-            crate::terminate(pid);
-        }
-        if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
-            .await
-            .is_err()
-        {
-            eprintln!("{} did not stop; killing it", self.name);
-            let _ = self.child.kill().await;
+        let stopped = bookstore_process::stop(&mut self.child, Duration::from_secs(10)).await;
+        if let Stopped::Killed = stopped {
+            eprintln!("{} did not stop within 10 s; killed it", self.name);
         }
     }
 }
@@ -52,18 +47,6 @@ pub(super) fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
         .local_addr()?
         .port())
-}
-
-/// Resident memory of a process, in KiB, from /proc.
-pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }
 
 /// GET `path` on `addr`; the status code.
