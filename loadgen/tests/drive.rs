@@ -95,7 +95,14 @@ async fn http_statuses_other_than_2xx_are_failures() {
     let addr = listener.local_addr().expect("addr");
     drop(listener);
     tokio::spawn(loadgen::floor::http(addr, b"<p>hi</p>".to_vec()));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while bookstore_testkit::raw::get(addr, "/").await != Some(200) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the floor never answered on {addr}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     for (path, ok) in [("/", true), ("/missing", false)] {
         let target = Target::http(&format!("http://{addr}{path}"), 2).expect("client");
         let report = run(

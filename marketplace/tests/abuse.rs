@@ -313,6 +313,8 @@ async fn clients_that_cancel_their_pages_do_not_break_the_backend_connection() {
     let (mut recommendations, backend) =
         process::start_recommendations(pki.dir(), &[("ARTIFICIAL_DELAY_MS", "200".into())]).await;
     let (mut marketplace, web) = process::start_marketplace(pki.dir(), backend, &[]).await;
+    let admin = marketplace.admin_addr().await;
+    let picked = ["bookstore_backend_calls_total"];
     let mut connections = JoinSet::new();
     for _ in 0..4 {
         connections.spawn(async move {
@@ -320,6 +322,7 @@ async fn clients_that_cancel_their_pages_do_not_break_the_backend_connection() {
             let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
             tokio::spawn(connection);
             for _ in 0..20 {
+                let before = raw::metric(&raw::scrape(admin).await, &picked);
                 let mut asked = Vec::new();
                 for _ in 0..150 {
                     let request = http::Request::get(format!("http://{web}/"))
@@ -332,16 +335,34 @@ async fn clients_that_cancel_their_pages_do_not_break_the_backend_connection() {
                         asked.push(response);
                     }
                 }
-                // Every page is in its backend call now; the client gives up on all of them.
-                tokio::time::sleep(Duration::from_millis(30)).await;
+                // Once as many pages have reached the source (their calls start there, or queue
+                // for a slot), the client gives up on all of them.
+                raw::until_metric(admin, &picked, before + 150.0, Duration::from_secs(10)).await;
                 drop(asked);
             }
         });
     }
     connections.join_all().await;
-    // Whatever was cut off has ended by now (the backend answers in 200 ms).
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let market = raw::scrape(marketplace.admin_addr().await).await;
+    // Every call that started has ended (each runs to its end, in 200 ms).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let market = loop {
+        let text = raw::scrape(admin).await;
+        let recommend = r#"grpc_method="Recommend""#;
+        let started = raw::metric(&text, &["grpc_client_started_total", recommend]);
+        let ended: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("grpc_client_handled_total{") && l.contains(recommend))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        if started > 0.0 && ended >= started {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{ended} of {started} calls ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let calls = raw::metric(&market, &["bookstore_backend_calls_total"]);
     assert!(
         calls >= 100.0,
@@ -584,18 +605,13 @@ async fn a_queue_that_moves_too_slowly_refuses_newcomers_at_once() {
 
     // Both slots taken for 4 s.
     let holders: Vec<_> = (0..2).map(|_| tokio::spawn(timed_page())).collect();
-    let served = Instant::now();
-    while raw::metric(
-        &raw::scrape(admin).await,
+    raw::until_metric(
+        admin,
         &["bookstore_backend_calls_total"],
-    ) < 2.0
-    {
-        assert!(
-            served.elapsed() < Duration::from_secs(10),
-            "holders never called"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        2.0,
+        Duration::from_secs(10),
+    )
+    .await;
     // The first to queue waits the whole bound, then gets a 503.
     let first = timed_page().await;
     assert_eq!(first.0, Some(503), "{first:?}");
@@ -603,7 +619,10 @@ async fn a_queue_that_moves_too_slowly_refuses_newcomers_at_once() {
     until_rejected(1.0).await;
     // The next one joins an empty queue and waits; while it does, a newcomer is told at once.
     let waiting = tokio::spawn(timed_page());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // It has picked its address (the two holders, the first and now it), and joins the queue
+    // without waiting for anything else.
+    let picked = ["bookstore_backend_calls_total"];
+    raw::until_metric(admin, &picked, 4.0, Duration::from_secs(5)).await;
     let newcomer = timed_page().await;
     assert_eq!(newcomer.0, Some(503), "{newcomer:?}");
     assert!(newcomer.1 < Duration::from_millis(500), "{newcomer:?}");

@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use bookstore_testkit::{
     TestPki, marketplace_config,
     process::{self, ServiceProcess},
-    spawn_marketplace_resolving,
+    raw, spawn_marketplace_resolving,
 };
 use marketplace::backends::Resolve;
 
@@ -114,6 +114,7 @@ async fn calls_spread_over_instances_survive_a_kill_and_reach_a_new_one() {
     let failures = Arc::new(AtomicUsize::new(0));
     let loaded = Arc::new(AtomicUsize::new(0));
     let load_until = Instant::now() + Duration::from_secs(3);
+    let served_before = served(&instances[0]).await;
     let clients: Vec<_> = (0..4)
         .map(|_| {
             let (failures, loaded) = (failures.clone(), loaded.clone());
@@ -129,7 +130,18 @@ async fn calls_spread_over_instances_survive_a_kill_and_reach_a_new_one() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The one about to be killed is taking calls when it dies.
+    raw::until_metric(
+        instances[0].admin,
+        &[
+            "grpc_server_handled_total{",
+            r#"grpc_method="Recommend""#,
+            r#"grpc_code="OK""#,
+        ],
+        served_before as f64 + 5.0,
+        Duration::from_secs(5),
+    )
+    .await;
     let killed = instances.remove(0);
     killed.process.signal("KILL");
     for client in clients {

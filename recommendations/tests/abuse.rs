@@ -120,7 +120,36 @@ async fn idle_connections_to_the_tls_port_are_capped_timed_out_and_logged_sparin
             idle.push(stream);
         }
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Until the server has sorted every one (open, refused at a cap, or done with its
+    // handshake); one still in the kernel's backlog would test nothing.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = raw::scrape(admin).await;
+        let count = |parts: &[&str]| raw::metric(&text, parts);
+        let grpc = r#"listener="grpc""#;
+        let seen = count(&["bookstore_connections_open", grpc])
+            + count(&[
+                "bookstore_connections_refused_total",
+                grpc,
+                "max_connections",
+            ])
+            + count(&[
+                "bookstore_connections_refused_total",
+                grpc,
+                "max_handshakes",
+            ])
+            + count(&["bookstore_tls_handshakes_total", r#"result="timed_out""#])
+            + count(&["bookstore_tls_handshakes_total", r#"result="refused""#]);
+        if seen >= idle.len() as f64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{seen} of {} seen:\n{text}",
+            idle.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let fds_during = server.open_fds();
     assert!(
         fds_during <= fds_before + 50 + 5,
@@ -209,7 +238,7 @@ async fn a_silent_connection_is_closed_when_idle_and_at_once_on_sigterm() {
     .await;
     let mut silent = TcpStream::connect(addr).await.expect("connect");
     assert!(raw::closed_by_peer(&mut silent, Duration::from_secs(5)).await);
-    let (server, addr) = {
+    let (mut server, addr) = {
         drop(server);
         process::start_recommendations(
             std::path::Path::new("/nonexistent"),
@@ -221,7 +250,10 @@ async fn a_silent_connection_is_closed_when_idle_and_at_once_on_sigterm() {
         .await
     };
     let _silent = TcpStream::connect(addr).await.expect("connect");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Accepted, not waiting in the kernel's backlog: the signal must find it open.
+    let admin = server.admin_addr().await;
+    let open = ["bookstore_connections_open", r#"listener="grpc""#];
+    raw::until_metric(admin, &open, 1.0, Duration::from_secs(5)).await;
     let started = Instant::now();
     server.signal("TERM");
     let (status, log) = server.wait(Duration::from_secs(5)).await;

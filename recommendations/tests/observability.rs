@@ -90,14 +90,10 @@ async fn calls_are_counted_under_the_grpc_ecosystem_names_by_code() {
     // The server counts its side of the refusal as it finishes it, which may be just after
     // the client has seen it.
     let refused = r#"bookstore_tls_handshakes_total{result="refused"}"#;
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let text = loop {
-        let text = metrics(server.admin_addr).await;
-        if value(&text, refused).is_some() || std::time::Instant::now() > deadline {
-            break text;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let parts = ["bookstore_tls_handshakes_total", r#"result="refused""#];
+    bookstore_testkit::raw::until_metric(server.admin_addr, &parts, 1.0, Duration::from_secs(5))
+        .await;
+    let text = metrics(server.admin_addr).await;
     // One connection for the trusted client and one for the stranger: a handshake per
     // connection, not per call.
     assert_eq!(
