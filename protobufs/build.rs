@@ -1,5 +1,5 @@
-//! Compiles `recommendations.proto` with `protox` (a pure-Rust protobuf compiler), so building needs
-//! no system `protoc` and nothing is downloaded at build time.
+//! Compiles `recommendations.proto` with `protox` (a pure-Rust protobuf compiler), so building
+//! needs no system `protoc` and nothing is downloaded at build time.
 
 use std::{env, path::PathBuf};
 

@@ -3,6 +3,9 @@
 //! Unlike the original tutorial's openssl recipe (X.509 v1, no subjectAltName, which rustls
 //! rejects), every certificate here is X.509 v3 with the extensions a verifier checks: CA basic
 //! constraints and key usages, subjectAltNames, and the server/client extended key usages.
+//!
+//! The PKI is written as files (and, with `share`, per-service copies), or by `kubernetes` as
+//! the two TLS Secrets through the API server.
 
 use std::{
     fs,

@@ -1,4 +1,6 @@
-//! `bookstore-certs`: writes the development PKI (also reachable as `cargo xtask certs`).
+//! `bookstore-certs`: writes the development PKI (also reachable as `cargo xtask certs`), with
+//! `--share` a copy of each service's own files, or with `--kubernetes` the two Secrets inside a
+//! cluster instead of files.
 
 use std::{path::PathBuf, process::ExitCode};
 

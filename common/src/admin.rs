@@ -4,6 +4,9 @@
 //! Readiness is honest: the admin port is bound only once everything else is loaded and bound,
 //! and `/readyz` turns to 503 the moment a shutdown signal arrives, while the admin port keeps
 //! answering through the drain so the orchestrator sees it.
+//!
+//! Also here: binding a service's business and admin ports together (`bind_service`), and the
+//! `healthcheck` subcommand a container's probe runs against the admin port.
 
 use std::{
     future::Future,

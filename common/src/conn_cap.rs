@@ -1,6 +1,6 @@
 //! The cap on a listener's open connections, shared by the HTTP listeners
-//! ([`crate::http_server`]) and the gRPC one (the recommendations service's `server_tls`): a semaphore of slots, the
-//! `bookstore_connections_refused_total{listener, reason}` counters and the
+//! ([`crate::http_server`]) and the gRPC one (the recommendations service's `server_tls`): a
+//! semaphore of slots, the `bookstore_connections_refused_total{listener, reason}` counters and the
 //! `bookstore_connections_open{listener}` gauge, and one rate limit for the listener's warnings.
 
 use std::{

@@ -6,12 +6,14 @@
 //!   `_handled_total{grpc_code}` and the `_handling_seconds` histogram), so existing dashboards
 //!   work;
 //! - writes one log line when the call ends: method, status code, latency, peer, request id,
-//!   trace id (every failure the service is to blame for; other calls as `REQUEST_LOG` says).
+//!   trace id (every failure the service is to blame for; other calls as `LOG_SAMPLE` and
+//!   `LOG_SLOW_MS` say, see [`crate::request_log`]).
 //!
 //! The status of a call is read where gRPC puts it: the response headers for a trailers-only
 //! answer (every error), the trailers otherwise. A response body dropped before its trailers
 //! means the caller went away: `CANCELLED`. The layers themselves (what each end enforces) live
-//! in the service that uses them.
+//! in the service that uses them; the wire helpers they share are here too: the `grpc-timeout`
+//! header read and written, and the `DEADLINE_EXCEEDED` answer.
 
 use std::{
     fmt,
@@ -32,22 +34,6 @@ use crate::{
     metrics::Metrics,
     request_log::RequestLog,
 };
-
-/// An error and each of its causes, joined by `: `, with a cause left out when the text before
-/// it already says it (hyper and tonic often repeat their source in their own message).
-pub fn cause_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
 
 /// The gRPC header carrying the caller's deadline.
 pub const GRPC_TIMEOUT_HEADER: &str = "grpc-timeout";
@@ -77,7 +63,7 @@ pub struct End {
     started_total: &'static str,
     handled_total: &'static str,
     handling_seconds: &'static str,
-    /// Whether a successful call's line (when `REQUEST_LOG` admits one) is at info; else debug.
+    /// Whether a successful call's line (when sampling admits one) is at info; else debug.
     ok_at_info: bool,
 }
 
@@ -526,36 +512,6 @@ impl Drop for WatchedBody {
 
 #[cfg(test)]
 mod tests {
-    #[derive(Debug)]
-    struct Layered(&'static str, Option<Box<Layered>>);
-
-    impl std::fmt::Display for Layered {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str(self.0)
-        }
-    }
-
-    impl std::error::Error for Layered {
-        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-            self.1.as_deref().map(|e| e as _)
-        }
-    }
-
-    #[test]
-    fn a_cause_chain_names_every_cause_once() {
-        let error = Layered(
-            "transport error",
-            Some(Box::new(Layered(
-                "tcp connect error: Connection refused (os error 111)",
-                Some(Box::new(Layered("Connection refused (os error 111)", None))),
-            ))),
-        );
-        assert_eq!(
-            super::cause_chain(&error),
-            "transport error: tcp connect error: Connection refused (os error 111)"
-        );
-    }
-
     use super::*;
 
     #[test]

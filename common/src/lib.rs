@@ -1,17 +1,21 @@
 //! The charter: what both bookstore services need, and nothing that only one of them uses.
-//! Domain code, wire types and anything one service alone needs (the gRPC listener's TLS and
-//! the server's call layer in recommendations, the client's call layer in marketplace) live in
-//! that service.
+//! Every module here serves both; a module may carry a helper only one service calls where it
+//! belongs with the rest of that module (certificate identities beside certificate loading).
+//! Domain code, wire types and what one service alone needs (the gRPC listener and the server's
+//! call layer in recommendations, the client's call layer in marketplace) live in that service.
 //!
-//! - `tls`: the PEM files, loaded with every check at start-up; `watch`: reloading them.
+//! - `tls`: the TLS settings and PEM files, loaded with every check at start-up, certificate
+//!   identities and expiry; `watch`: noticing the files changed.
 //! - `shutdown`: the signal, and a drain bounded in time.
-//! - `http_server` and `conn_cap`: the HTTP listener with its limits (marketplace's page, both
-//!   admin ports); `admin`: the admin port (health, metrics, log level).
-//! - `metrics` and `process_metrics`: the Prometheus registry; `grpc_call`: what either end of
-//!   a gRPC call records about it (series and log line).
-//! - `context`: request ids and trace context; `telemetry`, `request_log`, `log_limit`: logging
-//!   set-up, which requests get a line, rate-limited warnings; `panic`: a panic becomes an
-//!   answer and a log line.
+//! - `conn_cap`: the connection cap every listener shares; `http_server`: the HTTP listener
+//!   (marketplace's page, both admin ports); `admin`: the admin port (liveness, readiness,
+//!   metrics), binding a service's two ports, and the `healthcheck` subcommand.
+//! - `metrics` and `process_metrics`: the Prometheus registry and every series' help text;
+//!   `grpc_call`: what either end of a gRPC call records about it (series and log line) and
+//!   the `grpc-timeout` codec both ends use.
+//! - `context`: request ids and trace context; `telemetry`: logging and trace export set-up;
+//!   `request_log`: which requests get a line; `log_limit`: rate-limited warnings; `panic`: the
+//!   line for a handler's panic (each service's tower-http `CatchPanicLayer` answers it).
 //!
 //! Without the `service` feature the crate is only `tls` and `shutdown`: what the load
 //! generator and xtask use.

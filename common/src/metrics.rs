@@ -3,7 +3,8 @@
 //!
 //! Each service owns its registry instead of installing a process-wide recorder, so two
 //! services in one test process never mix their counts. Exposition is done by
-//! `metrics-exporter-prometheus`.
+//! `metrics-exporter-prometheus`. The `# HELP` text of every series either service exports is
+//! kept here in one table.
 
 use std::{sync::Arc, time::Duration};
 

@@ -1,4 +1,5 @@
-//! What a panic in a request handler becomes in the log: one error line with its message. The
+//! What a panic in a request handler adds to the log: a line saying the request was answered
+//! with an error (the process's panic hook, in `telemetry`, reports the panic itself). The
 //! catching is tower-http's `CatchPanicLayer`, in each service with its own answer (`INTERNAL`
 //! for gRPC, a 500 page for HTTP), so one bad request costs one response, not the connection.
 

@@ -46,18 +46,6 @@ pub(crate) async fn next(signal: Option<&mut tokio::signal::unix::Signal>) {
     }
 }
 
-/// Logs "Stopped accepting new connections" when dropped. A server keeps one beside its
-/// listening socket, declared after it so the socket is already closed when the line appears:
-/// the log then shows the moment new connections start being refused.
-#[derive(Debug, Default)]
-pub struct ListenerClosedLog;
-
-impl Drop for ListenerClosedLog {
-    fn drop(&mut self) {
-        tracing::info!("Stopped accepting new connections");
-    }
-}
-
 /// How a server's run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Drained {

@@ -1,4 +1,6 @@
-//! Log set-up for both services.
+//! Logging and tracing set-up for both services: the subscriber (text or JSON lines, the
+//! `RUST_LOG` filter), optional OTLP trace export (feature `otel`), the per-request span macro
+//! `server_span!`, and a panic hook that logs a panic as one event.
 
 use std::{
     io::IsTerminal,

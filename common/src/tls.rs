@@ -1,5 +1,7 @@
-//! TLS material: where the PEM files are, and loading them with every check done at start-up, so
-//! a bad file stops the service with one line naming the file instead of failing per connection.
+//! TLS material: the settings (`TLS_MODE`, `CERTS_DIR`), where the PEM files are, and loading
+//! them with every check done at start-up, so a bad file stops the service with one line naming
+//! the file instead of failing per connection. Also what a certificate says: the identities it
+//! claims (for caller authorization) and when it expires (the expiry gauges).
 
 use std::{
     fmt,

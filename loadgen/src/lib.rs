@@ -5,7 +5,8 @@
 //! as successes.
 //!
 //! It also has the floor servers the benchmark measures against: a minimal tonic server and a
-//! minimal axum server, each answering constant bytes.
+//! minimal axum server, each answering constant bytes, and the chain floor: an axum handler
+//! making one mutual-TLS tonic call to the tonic floor and formatting its titles.
 
 pub mod drive;
 pub mod floor;

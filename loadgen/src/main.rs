@@ -1,3 +1,6 @@
+//! The `loadgen` command line: its subcommands (drive a target, serve a floor) and their
+//! flags, over the library's load loops and floor servers.
+
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use clap::{Args, Parser, Subcommand};

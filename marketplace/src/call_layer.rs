@@ -17,7 +17,7 @@ use std::{
 use bookstore_common::{
     context::{REQUEST_ID_HEADER, RequestId, TRACEPARENT_HEADER, TraceContext},
     grpc_call::{
-        self, CallSeries, GRPC_TIMEOUT_HEADER, KnownMethod, PeerAddr, Unanswered, cause_chain,
+        self, CallSeries, GRPC_TIMEOUT_HEADER, KnownMethod, PeerAddr, Unanswered,
         deadline_exceeded, grpc_timeout_value,
     },
     metrics::Metrics,
@@ -157,4 +157,53 @@ fn write_context(headers: &mut http::HeaderMap, context: &CallContext, budget: D
         HeaderName::from_static(GRPC_TIMEOUT_HEADER),
         grpc_timeout_value(budget),
     );
+}
+
+/// An error and each of its causes, joined by `: `, with a cause left out when the text before
+/// it already says it (hyper and tonic often repeat their source in their own message).
+fn cause_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug)]
+    struct Layered(&'static str, Option<Box<Layered>>);
+
+    impl std::fmt::Display for Layered {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Layered {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+
+    #[test]
+    fn a_cause_chain_names_every_cause_once() {
+        let error = Layered(
+            "transport error",
+            Some(Box::new(Layered(
+                "tcp connect error: Connection refused (os error 111)",
+                Some(Box::new(Layered("Connection refused (os error 111)", None))),
+            ))),
+        );
+        assert_eq!(
+            super::cause_chain(&error),
+            "transport error: tcp connect error: Connection refused (os error 111)"
+        );
+    }
 }

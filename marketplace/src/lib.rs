@@ -1,10 +1,10 @@
 //! The marketplace: a web page and a JSON API of book recommendations, fetched from the
 //! recommendations service over mutual-TLS gRPC.
 //!
-//! `books` is the domain, `source` the gRPC client adapter behind a trait (`backends` balances
-//! it over every address of the service, `call_layer` counts, logs and addresses each call), `routes` the HTTP surface, `templates` the pages it
-//! and `error` render, `error` where errors meet HTTP, `config` the settings and `startup` the
-//! wiring.
+//! `books` is the domain, `source` the gRPC client adapter behind a trait (it picks an address
+//! from `backends`, which resolves and balances, and `call_layer` counts, logs and addresses each
+//! call), `routes` the HTTP surface, `templates` the pages that `routes` and `error` render,
+//! `error` where errors meet HTTP, `config` the settings and `startup` the wiring.
 
 pub mod backends;
 pub mod books;

@@ -1,3 +1,6 @@
+//! The marketplace binary: settings from flags and the environment (or the `healthcheck`
+//! subcommand), log set-up, then `startup` until a shutdown signal; jemalloc as the allocator.
+
 use std::process::ExitCode;
 
 use clap::Parser;

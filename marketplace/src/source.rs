@@ -1,5 +1,6 @@
 //! Where recommendations come from: a trait the routes depend on, and its gRPC implementation,
-//! which balances calls over every address of the service and retries the unreachable ones.
+//! which picks an address from [`crate::backends`], waits for one of its call slots, and retries
+//! calls refused before they ran.
 //!
 //! Each address takes a bounded number of calls at once; past it a call waits in a queue bounded
 //! in length and in time, and past either bound the page gets a 503: a burst of pages waits a

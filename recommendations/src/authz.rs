@@ -20,11 +20,6 @@ use tower::{Layer, Service};
 
 use crate::server_tls::PeerInfo;
 
-/// The identity a request was allowed under, put in the request's extensions for handlers and
-/// logs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CallerIdentity(pub String);
-
 /// Allows only callers with one of the listed identities.
 #[derive(Debug, Clone)]
 pub struct AuthorizeLayer {
@@ -109,7 +104,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let chain = request
             .extensions()
             .get::<PeerInfo>()
@@ -117,9 +112,6 @@ where
         let leaf = chain.as_deref().and_then(|c| c.first()).map(|c| c.as_ref());
         match self.layer.decide(leaf) {
             Ok(identity) => {
-                request
-                    .extensions_mut()
-                    .insert(CallerIdentity(identity.clone()));
                 let call = self.inner.call(request);
                 Box::pin(async move {
                     let mut response = call.await?;

@@ -1,4 +1,5 @@
-//! The server's call layer, around every gRPC service on the port: each call is counted and
+//! The server's call layer, around every gRPC service on the port: each call's request id and
+//! trace context are read from its headers and its span opened, and the call is counted and
 //! logged ([`bookstore_common::grpc_call`]) and bounded in time. The deadline is the caller's
 //! `grpc-timeout`, capped, and past it the caller gets `DEADLINE_EXCEEDED` where tonic on its
 //! own would report `CANCELLED` "Timeout expired".

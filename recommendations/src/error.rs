@@ -1,4 +1,5 @@
-//! The one place where the service's errors meet the wire.
+//! Recommend's own errors and the gRPC status each becomes. (Refusals made before a call
+//! reaches Recommend are made where they are decided: `authz`, `edge`, `call_layer`.)
 
 use tonic::{Code, Status};
 

@@ -1,5 +1,6 @@
-//! The gRPC adapter: checks each request at the edge, turns it into domain values, asks the
-//! catalog, and turns the answer back into wire types.
+//! The gRPC adapter: checks each request's fields, turns them into domain values, asks the
+//! catalog, and turns the answer back into wire types; and the injected faults
+//! (`ARTIFICIAL_DELAY_MS`, `FAILURE_RATE`) applied on the way.
 
 use std::{sync::Arc, time::Duration};
 

@@ -1,8 +1,9 @@
-//! Server-side TLS owned by the service rather than by the gRPC library, for two reasons:
+//! The gRPC listener, and its TLS owned by the service rather than by the gRPC library, for
+//! two reasons:
 //!
 //! - **Rotation without restart.** The rustls configuration lives behind a lock and is rebuilt
-//!   when the files change (see [`bookstore_common::watch`]); each new connection takes the configuration current at that moment,
-//!   connections already open keep theirs. A file set that does not load (half-written, key of
+//!   when the files change (see [`bookstore_common::watch`]); each new connection takes the
+//!   configuration current at that moment, connections already open keep theirs. A file set that does not load (half-written, key of
 //!   another certificate, expired…) is refused with a log line and the old one stays in use.
 //! - **Refusals that say why.** A failed handshake is logged with the peer address and the
 //!   reason (no certificate, unknown CA, expired, wrong key usage, not TLS at all…), at most a
@@ -46,7 +47,6 @@ use tonic::transport::server::Connected;
 use bookstore_common::{
     conn_cap::{ACCEPT_ERROR_PAUSE, ConnectionCap, Slot},
     metrics::Metrics,
-    shutdown::ListenerClosedLog,
     tls::{TlsError, TlsFiles, TlsMode, load_ca_ders, load_certified_key, provider},
 };
 
@@ -376,6 +376,18 @@ pub struct Incoming {
     /// After an accept error (EMFILE…), accepting pauses briefly instead of spinning.
     paused: Option<Pin<Box<Sleep>>>,
     _closed: ListenerClosedLog,
+}
+
+/// Logs "Stopped accepting new connections" when dropped. The listener keeps one beside its
+/// listening socket, declared after it so the socket is already closed when the line appears:
+/// the log then shows the moment new connections start being refused.
+#[derive(Debug, Default)]
+struct ListenerClosedLog;
+
+impl Drop for ListenerClosedLog {
+    fn drop(&mut self) {
+        tracing::info!("Stopped accepting new connections");
+    }
 }
 
 /// After the server stops, how often an open connection is checked for calls in flight.

@@ -1,4 +1,6 @@
-//! Building the server (catalog, TLS, services, listener) and running it until shutdown.
+//! Building the server (catalog, faults, TLS, the services behind their layers, the listener)
+//! and running it until shutdown: health turns NOT_SERVING at the signal, then the drain.
+//! The layers every call goes through, and their order, are the `Layers` type.
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 

@@ -1,5 +1,7 @@
 //! Helpers for the bookstore's tests: a throwaway PKI on disk, each service started in-process
 //! on port 0 through its real `startup` path, and gRPC clients with chosen TLS identities.
+//! `process` runs the real binaries and signals them, `raw` speaks HTTP over bare sockets and
+//! reads `/metrics`, `json_log` checks JSON log lines as a log pipeline reads them.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
 pub mod json_log;

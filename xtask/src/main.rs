@@ -3,7 +3,7 @@
 //! - `up`: builds both services, creates the development PKI if absent, runs the stack with
 //!   mutual TLS and stops it gracefully on Ctrl+C.
 //! - `certs`: creates the development PKI in `certs/dev`.
-//! - `bench`: the whole-process benchmark against floor servers (see `bench.rs`).
+//! - `bench`: the whole-process benchmark against floor servers (see `bench/mod.rs`).
 #![allow(clippy::print_stdout)] // a command-line tool talks to its user on stdout
 
 mod bench;

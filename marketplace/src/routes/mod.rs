@@ -1,4 +1,7 @@
-//! The HTTP surface: the router and its handlers.
+//! The HTTP surface: the router and what every request goes through before its handler (in
+//! `page` and `api`): request id and trace context, the request's span, metrics and log line
+//! (`observe`), the security headers, the in-flight limit (`in_flight`), URI and header size
+//! limits (414, 431), and a panic answered with the 500 page; plus the stylesheet.
 
 mod api;
 pub mod in_flight;

@@ -1,4 +1,5 @@
-//! The results as Markdown and as a picture.
+//! The results as Markdown and as a picture (the overload section and its curve are rendered
+//! in `overload`, beside the run they describe).
 
 use std::fmt::Write as _;
 
