@@ -169,16 +169,123 @@ fn machine() -> String {
 }
 
 pub async fn bench(args: BenchArgs) -> Result<()> {
-    let (duration, rounds, sweep_duration, big) = if args.quick {
-        (1.0, 1, 1.0, 10_000)
+    let plan = Plan::from(&args);
+    let bin = build_release().await?;
+    let loadgen = bin.join("loadgen");
+    let work = std::env::temp_dir().join(format!("bookstore-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let certs = work.join("certs");
+    bookstore_certs::generate(&certs, false)?;
+    let catalog = work.join("catalog.json");
+    write_catalog(&catalog, plan.big)?;
+
+    eprintln!("starting servers");
+    let stack = Stack::start(&bin, &certs, &catalog, &work).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (ready_ms, idle_rss_kib) = stack.at_rest();
+    let original = if plan.original {
+        eprintln!("starting the original Python stack");
+        Some(start_original(&certs, &work).await?)
     } else {
-        (
-            args.duration,
-            args.rounds,
-            args.sweep_duration,
-            args.big_catalog,
-        )
+        None
     };
+    let mut cases = stack.cases(&certs, plan.duration);
+    if let Some((_, flask)) = &original {
+        cases.push((
+            "original_page",
+            flask,
+            http_args(flask, HTTP_CONCURRENCY, plan.duration),
+        ));
+    }
+    let (runs, handshakes) = run_rounds(&loadgen, &cases, plan.rounds, &stack.rec_mtls).await?;
+    let pages: u64 = runs
+        .iter()
+        .filter(|m| m.case == "page")
+        .map(|m| m.report.requests)
+        .sum();
+    let sweep = run_sweep(&loadgen, &stack, &certs, plan.sweep_duration).await?;
+    let overload = overload::run(
+        &loadgen,
+        [&stack.market, &stack.rec_mtls],
+        plan.duration,
+        Duration::from_secs(if plan.quick { 5 } else { 60 }),
+    )
+    .await?;
+    stack.stop().await;
+
+    let date = today();
+    let results = Results {
+        date: date.clone(),
+        machine: machine(),
+        args: plan.describe(),
+        binaries_bytes: binary_sizes(&bin),
+        ready_ms,
+        idle_rss_kib,
+        backend_handshakes: handshakes,
+        pages,
+        summary: summary(&runs, plan.big),
+        runs,
+        sweep,
+        overload,
+    };
+    let (markdown, out) = write_results(&results, plan.quick)?;
+    let _ = std::fs::remove_dir_all(&work);
+    println!("{markdown}");
+    println!("written to {}", out.join(&date).display());
+    judge(&results)
+}
+
+/// How much to measure, after `--quick`.
+struct Plan {
+    duration: f64,
+    rounds: u32,
+    sweep_duration: f64,
+    big: u32,
+    quick: bool,
+    original: bool,
+}
+
+impl From<&BenchArgs> for Plan {
+    fn from(args: &BenchArgs) -> Self {
+        let (duration, rounds, sweep_duration, big) = if args.quick {
+            (1.0, 1, 1.0, 10_000)
+        } else {
+            (
+                args.duration,
+                args.rounds,
+                args.sweep_duration,
+                args.big_catalog,
+            )
+        };
+        Plan {
+            duration,
+            rounds,
+            sweep_duration,
+            big,
+            quick: args.quick,
+            original: args.original,
+        }
+    }
+}
+
+impl Plan {
+    /// The settings, as the results record them.
+    fn describe(&self) -> String {
+        let Plan {
+            duration,
+            rounds,
+            sweep_duration,
+            big,
+            ..
+        } = self;
+        format!(
+            "duration {duration} s, {rounds} rounds, sweep {sweep_duration} s, {big} books; gRPC {GRPC_CONCURRENCY} callers over {GRPC_CONNECTIONS} connections, HTTP {HTTP_CONCURRENCY} keep-alive connections; services as the images run them (JSON log, default level and sampling)"
+        )
+    }
+}
+
+/// Builds the release binaries the benchmark runs; their folder.
+async fn build_release() -> Result<std::path::PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(&cargo)
         .current_dir(root())
@@ -198,204 +305,212 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     if !status.success() {
         bail!("cargo build --release failed");
     }
-    let bin = root().join("target").join("release");
-    let loadgen = bin.join("loadgen");
-    let work = std::env::temp_dir().join(format!("bookstore-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&work)?;
-    let certs = work.join("certs");
-    bookstore_certs::generate(&certs, false)?;
-    let catalog = work.join("catalog.json");
-    write_catalog(&catalog, big)?;
+    Ok(root().join("target").join("release"))
+}
 
-    eprintln!("starting servers");
-    let certs_env = ("CERTS_DIR", certs.display().to_string());
-    let rec_mtls = start_service(
-        "recommendations",
-        &bin.join("recommendations"),
-        std::slice::from_ref(&certs_env),
-        &work,
-    )
-    .await?;
-    let rec_plain = start_service(
-        "recommendations (plaintext)",
-        &bin.join("recommendations"),
-        &[certs_env.clone(), ("TLS_MODE", "off".into())],
-        &work,
-    )
-    .await?;
-    let rec_text = start_service(
-        "recommendations (text log)",
-        &bin.join("recommendations"),
-        &[certs_env.clone(), ("LOG_FORMAT", "text".into())],
-        &work,
-    )
-    .await?;
-    let rec_every_call = start_service(
-        "recommendations (a line per call)",
-        &bin.join("recommendations"),
-        &[certs_env.clone(), ("LOG_SAMPLE", "1".into())],
-        &work,
-    )
-    .await?;
-    let rec_big = start_service(
-        "recommendations (big catalog)",
-        &bin.join("recommendations"),
-        &[
-            certs_env.clone(),
-            ("CATALOG_PATH", catalog.display().to_string()),
-        ],
-        &work,
-    )
-    .await?;
-    let market = start_service(
-        "marketplace",
-        &bin.join("marketplace"),
-        &[
-            certs_env.clone(),
-            ("RECOMMENDATIONS_HOST", "127.0.0.1".into()),
-            ("RECOMMENDATIONS_PORT", rec_mtls.addr.port().to_string()),
-            ("RECOMMENDATIONS_TLS_NAME", "localhost".into()),
-        ],
-        &work,
-    )
-    .await?;
-    let floor_mtls = start_floor(
-        "floor-grpc (mTLS)",
-        &loadgen,
-        &[
-            "floor-grpc".into(),
-            "--certs".into(),
-            certs.display().to_string(),
-        ],
-    )
-    .await?;
-    let floor_plain = start_floor("floor-grpc", &loadgen, &["floor-grpc".into()]).await?;
-    let page = http_body(market.addr, "/").await?;
-    let page_file = work.join("page.html");
-    std::fs::write(&page_file, &page)?;
-    let floor_page = start_floor(
-        "floor-http",
-        &loadgen,
-        &[
-            "floor-http".into(),
-            "--body-file".into(),
-            page_file.display().to_string(),
-        ],
-    )
-    .await?;
-    let floor_chain = start_floor(
-        "floor-chain",
-        &loadgen,
-        &[
-            "floor-chain".into(),
-            "--backend".into(),
-            floor_mtls.addr.to_string(),
-            "--certs".into(),
-            certs.display().to_string(),
-            "--body-file".into(),
-            page_file.display().to_string(),
-        ],
-    )
-    .await?;
+/// Every server the benchmark measures, each on loopback: the services in the configurations
+/// compared, and the floors.
+struct Stack {
+    rec_mtls: Server,
+    rec_plain: Server,
+    rec_text: Server,
+    rec_every_call: Server,
+    rec_big: Server,
+    market: Server,
+    floor_mtls: Server,
+    floor_plain: Server,
+    floor_page: Server,
+    floor_chain: Server,
+}
 
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut idle_rss_kib = BTreeMap::new();
-    let mut ready_ms = BTreeMap::new();
-    for server in [&rec_mtls, &market, &rec_big, &floor_mtls, &floor_page] {
-        if let Some(rss) = server.pid().and_then(bookstore_process::rss_kib) {
-            idle_rss_kib.insert(server.name.clone(), rss);
-        }
-        if let Some(ready) = server.ready_after {
-            ready_ms.insert(server.name.clone(), ready.as_secs_f64() * 1e3);
-        }
+impl Stack {
+    async fn start(bin: &Path, certs: &Path, catalog: &Path, work: &Path) -> Result<Stack> {
+        let loadgen = bin.join("loadgen");
+        let recommendations = bin.join("recommendations");
+        let certs_env = ("CERTS_DIR", certs.display().to_string());
+        let with_certs = |extra: &[(&'static str, String)]| {
+            let mut env = vec![certs_env.clone()];
+            env.extend_from_slice(extra);
+            env
+        };
+        let rec = |name: &'static str, env: Vec<(&'static str, String)>| {
+            let recommendations = recommendations.clone();
+            async move { start_service(name, &recommendations, &env, work).await }
+        };
+        let rec_mtls = rec("recommendations", with_certs(&[])).await?;
+        let rec_plain = rec(
+            "recommendations (plaintext)",
+            with_certs(&[("TLS_MODE", "off".into())]),
+        )
+        .await?;
+        let rec_text = rec(
+            "recommendations (text log)",
+            with_certs(&[("LOG_FORMAT", "text".into())]),
+        )
+        .await?;
+        let rec_every_call = rec(
+            "recommendations (a line per call)",
+            with_certs(&[("LOG_SAMPLE", "1".into())]),
+        )
+        .await?;
+        let rec_big = rec(
+            "recommendations (big catalog)",
+            with_certs(&[("CATALOG_PATH", catalog.display().to_string())]),
+        )
+        .await?;
+        let market = start_service(
+            "marketplace",
+            &bin.join("marketplace"),
+            &with_certs(&[
+                ("RECOMMENDATIONS_HOST", "127.0.0.1".into()),
+                ("RECOMMENDATIONS_PORT", rec_mtls.addr.port().to_string()),
+                ("RECOMMENDATIONS_TLS_NAME", "localhost".into()),
+            ]),
+            work,
+        )
+        .await?;
+        let certs_arg = certs.display().to_string();
+        let floor_mtls = start_floor(
+            "floor-grpc (mTLS)",
+            &loadgen,
+            &["floor-grpc".into(), "--certs".into(), certs_arg.clone()],
+        )
+        .await?;
+        let floor_plain = start_floor("floor-grpc", &loadgen, &["floor-grpc".into()]).await?;
+        // The floors answer with the page the marketplace serves, byte for byte.
+        let page = http_body(market.addr, "/").await?;
+        let page_file = work.join("page.html");
+        std::fs::write(&page_file, &page)?;
+        let page_arg = page_file.display().to_string();
+        let floor_page = start_floor(
+            "floor-http",
+            &loadgen,
+            &["floor-http".into(), "--body-file".into(), page_arg.clone()],
+        )
+        .await?;
+        let floor_chain = start_floor(
+            "floor-chain",
+            &loadgen,
+            &[
+                "floor-chain".into(),
+                "--backend".into(),
+                floor_mtls.addr.to_string(),
+                "--certs".into(),
+                certs_arg,
+                "--body-file".into(),
+                page_arg,
+            ],
+        )
+        .await?;
+        Ok(Stack {
+            rec_mtls,
+            rec_plain,
+            rec_text,
+            rec_every_call,
+            rec_big,
+            market,
+            floor_mtls,
+            floor_plain,
+            floor_page,
+            floor_chain,
+        })
     }
 
-    // Each comparison's two cases run close together in each round: a floor runs once a round,
-    // just before the first case compared with it (the text-log and line-per-call cases are the
-    // third and fourth runs after it; the constant page is the second after the page, the
-    // original's the third), so a drift of the machine between rounds touches both sides of a
-    // ratio alike.
-    let cases: Vec<(&str, &Server, Vec<String>)> = vec![
-        (
-            "floor_grpc_mtls",
-            &floor_mtls,
-            grpc_args(&floor_mtls, Some(&certs), GRPC_CONCURRENCY, duration),
-        ),
-        (
-            "recommend_mtls",
-            &rec_mtls,
-            grpc_args(&rec_mtls, Some(&certs), GRPC_CONCURRENCY, duration),
-        ),
-        (
-            "recommend_mtls_big_catalog",
-            &rec_big,
-            grpc_args(&rec_big, Some(&certs), GRPC_CONCURRENCY, duration),
-        ),
-        (
-            "recommend_mtls_text_log",
-            &rec_text,
-            grpc_args(&rec_text, Some(&certs), GRPC_CONCURRENCY, duration),
-        ),
-        (
-            "recommend_mtls_every_call",
-            &rec_every_call,
-            grpc_args(&rec_every_call, Some(&certs), GRPC_CONCURRENCY, duration),
-        ),
-        (
-            "recommend_plain",
-            &rec_plain,
-            grpc_args(&rec_plain, None, GRPC_CONCURRENCY, duration),
-        ),
-        (
-            "floor_grpc_plain",
-            &floor_plain,
-            grpc_args(&floor_plain, None, GRPC_CONCURRENCY, duration),
-        ),
-        (
-            "page",
-            &market,
-            http_args(&market, HTTP_CONCURRENCY, duration),
-        ),
-        (
-            "floor_chain",
-            &floor_chain,
-            http_args(&floor_chain, HTTP_CONCURRENCY, duration),
-        ),
-        (
-            "floor_page",
-            &floor_page,
-            http_args(&floor_page, HTTP_CONCURRENCY, duration),
-        ),
-    ];
-    let original = if args.original {
-        eprintln!("starting the original Python stack");
-        Some(start_original(&certs, &work).await?)
-    } else {
-        None
-    };
-    let mut cases = cases;
-    if let Some((_, flask)) = &original {
-        cases.push((
-            "original_page",
-            flask,
-            http_args(flask, HTTP_CONCURRENCY, duration),
-        ));
+    /// Time from exec to ready, and memory at rest, of the servers whose figures are reported.
+    fn at_rest(&self) -> (BTreeMap<String, f64>, BTreeMap<String, u64>) {
+        let mut idle_rss_kib = BTreeMap::new();
+        let mut ready_ms = BTreeMap::new();
+        for server in [
+            &self.rec_mtls,
+            &self.market,
+            &self.rec_big,
+            &self.floor_mtls,
+            &self.floor_page,
+        ] {
+            if let Some(rss) = server.pid().and_then(bookstore_process::rss_kib) {
+                idle_rss_kib.insert(server.name.clone(), rss);
+            }
+            if let Some(ready) = server.ready_after {
+                ready_ms.insert(server.name.clone(), ready.as_secs_f64() * 1e3);
+            }
+        }
+        (ready_ms, idle_rss_kib)
     }
+
+    /// The throughput cases, in the order each round runs them. Each comparison's two cases
+    /// run close together in each round: a floor runs once a round, just before the first case
+    /// compared with it (the text-log and line-per-call cases are the third and fourth runs
+    /// after it; the constant page is the second after the page, the original's the third), so
+    /// a drift of the machine between rounds touches both sides of a ratio alike.
+    fn cases<'a>(&'a self, certs: &Path, duration: f64) -> Vec<Case<'a>> {
+        let grpc = |name, server: &'a Server, tls: bool| -> Case<'a> {
+            let certs = tls.then_some(certs);
+            (
+                name,
+                server,
+                grpc_args(server, certs, GRPC_CONCURRENCY, duration),
+            )
+        };
+        let http = |name, server: &'a Server| -> Case<'a> {
+            (name, server, http_args(server, HTTP_CONCURRENCY, duration))
+        };
+        vec![
+            grpc("floor_grpc_mtls", &self.floor_mtls, true),
+            grpc("recommend_mtls", &self.rec_mtls, true),
+            grpc("recommend_mtls_big_catalog", &self.rec_big, true),
+            grpc("recommend_mtls_text_log", &self.rec_text, true),
+            grpc("recommend_mtls_every_call", &self.rec_every_call, true),
+            grpc("recommend_plain", &self.rec_plain, false),
+            grpc("floor_grpc_plain", &self.floor_plain, false),
+            http("page", &self.market),
+            http("floor_chain", &self.floor_chain),
+            http("floor_page", &self.floor_page),
+        ]
+    }
+
+    async fn stop(self) {
+        for server in [
+            self.rec_mtls,
+            self.rec_plain,
+            self.rec_text,
+            self.rec_every_call,
+            self.rec_big,
+            self.market,
+            self.floor_chain,
+            self.floor_mtls,
+            self.floor_plain,
+            self.floor_page,
+        ] {
+            server.stop().await;
+        }
+    }
+}
+
+/// A throughput case: its name, the server it loads, and the load generator's arguments.
+type Case<'a> = (&'static str, &'a Server, Vec<String>);
+
+/// Every case once per round; also the TLS handshakes recommendations completed while only
+/// the marketplace called it (the page runs).
+async fn run_rounds(
+    loadgen: &Path,
+    cases: &[Case<'_>],
+    rounds: u32,
+    rec_mtls: &Server,
+) -> Result<(Vec<Measured>, f64)> {
     const HANDSHAKES: &str = "bookstore_tls_handshakes_total{result=\"completed\"}";
     let mut handshakes = 0.0;
     let mut runs = Vec::new();
     for round in 0..rounds {
-        for (case, server, args) in &cases {
+        for (case, server, args) in cases {
             eprintln!("round {} of {rounds}: {case}", round + 1);
-            // Handshakes recommendations completes while only the marketplace calls it.
             let before = if *case == "page" {
-                Some(metric(&rec_mtls, HANDSHAKES).await?)
+                Some(metric(rec_mtls, HANDSHAKES).await?)
             } else {
                 None
             };
-            let (report, peak_rss_kib) = load(&loadgen, args, server).await?;
+            let (report, peak_rss_kib) = load(loadgen, args, server).await?;
             if let Some(before) = before {
-                handshakes += metric(&rec_mtls, HANDSHAKES).await? - before;
+                handshakes += metric(rec_mtls, HANDSHAKES).await? - before;
             }
             runs.push(Measured {
                 case: (*case).into(),
@@ -405,32 +520,37 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
             });
         }
     }
-    let pages: u64 = runs
-        .iter()
-        .filter(|m| m.case == "page")
-        .map(|m| m.report.requests)
-        .sum();
+    Ok((runs, handshakes))
+}
+
+/// The page, its constant floor and Recommend at each concurrency of [`SWEEP`].
+async fn run_sweep(
+    loadgen: &Path,
+    stack: &Stack,
+    certs: &Path,
+    duration: f64,
+) -> Result<Vec<Measured>> {
     let mut sweep = Vec::new();
     for concurrency in SWEEP {
         for (case, server, args) in [
             (
                 "page",
-                &market,
-                http_args(&market, concurrency, sweep_duration),
+                &stack.market,
+                http_args(&stack.market, concurrency, duration),
             ),
             (
                 "floor_page",
-                &floor_page,
-                http_args(&floor_page, concurrency, sweep_duration),
+                &stack.floor_page,
+                http_args(&stack.floor_page, concurrency, duration),
             ),
             (
                 "recommend_mtls",
-                &rec_mtls,
-                grpc_args(&rec_mtls, Some(&certs), concurrency, sweep_duration),
+                &stack.rec_mtls,
+                grpc_args(&stack.rec_mtls, Some(certs), concurrency, duration),
             ),
         ] {
             eprintln!("sweep: {case} at {concurrency}");
-            let (report, peak_rss_kib) = load(&loadgen, &args, server).await?;
+            let (report, peak_rss_kib) = load(loadgen, &args, server).await?;
             sweep.push(Measured {
                 case: case.into(),
                 round: 0,
@@ -439,30 +559,13 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
             });
         }
     }
-    let overload = overload::run(
-        &loadgen,
-        [&market, &rec_mtls],
-        duration,
-        Duration::from_secs(if args.quick { 5 } else { 60 }),
-    )
-    .await?;
-    for server in [
-        rec_mtls,
-        rec_plain,
-        rec_text,
-        rec_every_call,
-        rec_big,
-        market,
-        floor_chain,
-        floor_mtls,
-        floor_plain,
-        floor_page,
-    ] {
-        server.stop().await;
-    }
+    Ok(sweep)
+}
 
-    let mut summary = Vec::new();
-    for (case, floor, what, target) in [
+/// The table's rows: each case against its floor, with its target.
+fn summary(runs: &[Measured], big: u32) -> Vec<Row> {
+    let big_catalog = format!("Recommend, {big} books vs 9");
+    [
         (
             "recommend_mtls",
             "floor_grpc_mtls",
@@ -508,60 +611,51 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
         (
             "recommend_mtls_big_catalog",
             "recommend_mtls",
-            &format!("Recommend, {big} books vs 9"),
+            big_catalog.as_str(),
             "≥ 0.9×",
         ),
-    ] {
-        if let Some(row) = summarize(&runs, case, floor, what, target) {
-            summary.push(row);
-        }
-    }
-    let mut binaries_bytes = BTreeMap::new();
-    for name in ["recommendations", "marketplace"] {
-        if let Some(size) = file_size(&bin.join(name)) {
-            binaries_bytes.insert(name.to_owned(), size);
-        }
-    }
-    let date = today();
-    let results = Results {
-        date: date.clone(),
-        machine: machine(),
-        args: format!(
-            "duration {duration} s, {rounds} rounds, sweep {sweep_duration} s, {big} books; gRPC {GRPC_CONCURRENCY} callers over {GRPC_CONNECTIONS} connections, HTTP {HTTP_CONCURRENCY} keep-alive connections; services as the images run them (JSON log, default level and sampling)"
-        ),
-        binaries_bytes,
-        ready_ms,
-        idle_rss_kib,
-        backend_handshakes: handshakes,
-        pages,
-        runs,
-        sweep,
-        summary,
-        overload,
-    };
-    let out = if args.quick {
+    ]
+    .into_iter()
+    .filter_map(|(case, floor, what, target)| summarize(runs, case, floor, what, target))
+    .collect()
+}
+
+fn binary_sizes(bin: &Path) -> BTreeMap<String, u64> {
+    ["recommendations", "marketplace"]
+        .into_iter()
+        .filter_map(|name| Some((name.to_owned(), file_size(&bin.join(name))?)))
+        .collect()
+}
+
+/// Writes the results as JSON, Markdown and the two pictures (to `bench/results`, or to
+/// `target/bench` for a quick run); returns the Markdown and the folder.
+fn write_results(results: &Results, quick: bool) -> Result<(String, std::path::PathBuf)> {
+    let out = if quick {
         root().join("target").join("bench")
     } else {
         root().join("bench").join("results")
     };
     std::fs::create_dir_all(&out)?;
-    let json = serde_json::to_string_pretty(&results)?;
+    let date = &results.date;
+    let json = serde_json::to_string_pretty(results)?;
     std::fs::write(out.join(format!("{date}.json")), json)?;
-    let markdown = markdown(&results);
+    let markdown = markdown(results);
     std::fs::write(out.join(format!("{date}.md")), &markdown)?;
-    std::fs::write(out.join(format!("{date}.svg")), svg(&results))?;
+    std::fs::write(out.join(format!("{date}.svg")), svg(results))?;
     std::fs::write(
         out.join(format!("{date}-overload.svg")),
-        overload::curve_svg(&results.overload, &date),
+        overload::curve_svg(&results.overload, date),
     )?;
-    let _ = std::fs::remove_dir_all(&work);
-    println!("{markdown}");
-    println!("written to {}", out.join(&date).display());
+    Ok((markdown, out))
+}
+
+/// Fails the run on any failed call, and on any page that failed under overload other than by
+/// being shed with a 503.
+fn judge(results: &Results) -> Result<()> {
     let errors: u64 = results.summary.iter().map(|r| r.errors).sum();
     if errors > 0 {
         bail!("{errors} calls failed during the benchmark");
     }
-    // A 503 is the marketplace shedding what it does not let in; anything else is a fault.
     let failed_pages: u64 = results.overload.runs.iter().map(|r| r.failed).sum();
     if failed_pages > 0 {
         bail!("{failed_pages} pages failed under overload other than by a 503");
