@@ -5,7 +5,9 @@
 //!
 //! The caller ([`crate::source`]) owns the call's context: it puts a [`CallContext`] in the
 //! request's extensions and times the whole call; this layer reads the context once, writes it
-//! as headers, and sets no timer of its own.
+//! as headers, and sets no timer of its own. (tonic's channel, below this layer, also gives up
+//! at the `grpc-timeout` it is handed, up to the answer's headers; that error becomes
+//! `DEADLINE_EXCEEDED` here.)
 
 use std::{
     fmt,
