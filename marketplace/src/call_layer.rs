@@ -46,7 +46,9 @@ pub struct CallContext {
     pub deadline: Instant,
 }
 
-/// Counts and logs every call through it, and writes each call's context.
+/// Counts and logs every call through it, and writes each call's context. A call without a
+/// [`CallContext`] goes out with a fresh request id and no deadline of ours (only
+/// `crate::source` calls through this layer, and it always sets one).
 #[derive(Debug, Clone)]
 pub struct CallLayer {
     series: Arc<CallSeries>,

@@ -315,34 +315,32 @@ async fn clients_that_cancel_their_pages_do_not_break_the_backend_connection() {
     let (mut marketplace, web) = process::start_marketplace(pki.dir(), backend, &[]).await;
     let admin = marketplace.admin_addr().await;
     let picked = ["bookstore_backend_calls_total"];
-    let mut connections = JoinSet::new();
+    let mut clients = Vec::new();
     for _ in 0..4 {
-        connections.spawn(async move {
-            let tcp = TcpStream::connect(web).await.expect("connect");
-            let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
-            tokio::spawn(connection);
-            for _ in 0..20 {
-                let before = raw::metric(&raw::scrape(admin).await, &picked);
-                let mut asked = Vec::new();
-                for _ in 0..150 {
-                    let request = http::Request::get(format!("http://{web}/"))
-                        .body(())
-                        .expect("request");
-                    let Ok(mut ready) = client.clone().ready().await else {
-                        return;
-                    };
-                    if let Ok((response, _)) = ready.send_request(request, true) {
-                        asked.push(response);
-                    }
-                }
-                // Once as many pages have reached the source (their calls start there, or queue
-                // for a slot), the client gives up on all of them.
-                raw::until_metric(admin, &picked, before + 150.0, Duration::from_secs(10)).await;
-                drop(asked);
-            }
-        });
+        let tcp = TcpStream::connect(web).await.expect("connect");
+        let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+        tokio::spawn(connection);
+        clients.push(client);
     }
-    connections.join_all().await;
+    for _ in 0..20 {
+        let before = raw::metric(&raw::scrape(admin).await, &picked);
+        let mut asked = Vec::new();
+        for client in &clients {
+            for _ in 0..150 {
+                let request = http::Request::get(format!("http://{web}/"))
+                    .body(())
+                    .expect("request");
+                let mut ready = client.clone().ready().await.expect("connection open");
+                let (response, _) = ready.send_request(request, true).expect("request sent");
+                asked.push(response);
+            }
+        }
+        // Once every page of the round has reached the source (its call starts there, or
+        // queues for a slot), the clients give up on all of them.
+        let all = before + asked.len() as f64;
+        raw::until_metric(admin, &picked, all, Duration::from_secs(10)).await;
+        drop(asked);
+    }
     // Every call that started has ended (each runs to its end, in 200 ms).
     let deadline = Instant::now() + Duration::from_secs(10);
     let market = loop {
