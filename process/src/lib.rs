@@ -1,12 +1,29 @@
-//! Child processes as the test kit and xtask drive them: signals sent with `kill(2)` directly
-//! (no `kill` program spawned), a stop that asks with SIGTERM and kills only past a grace
-//! period, and what `/proc` says of a process's memory and open files. How each starts its
-//! processes stays with it: the test kit reads their logs, xtask prefixes them or files them.
+//! Child processes as the test kit and xtask drive them: started the one way they all are
+//! ([`start`]), signals sent with `kill(2)` directly (no `kill` program spawned), a stop that
+//! asks with SIGTERM and kills only past a grace period, and what `/proc` says of a process's
+//! memory and open files. What is done with a child's log stays with the caller: the test kit
+//! reads it, xtask prefixes it or files it.
 
-use std::{io, process::ExitStatus, time::Duration};
+use std::{
+    io,
+    process::{ExitStatus, Stdio},
+    time::Duration,
+};
 
 use rustix::process::{Pid, kill_process};
-use tokio::process::Child;
+use tokio::process::{Child, Command};
+
+/// Starts `command` as every tool here starts a service or a floor: no standard input, no
+/// standard output (they write only to standard error), standard error to `stderr`, and
+/// killed if its handle is dropped, so a failed test or run leaves no process behind.
+pub fn start(command: &mut Command, stderr: impl Into<Stdio>) -> io::Result<Child> {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .kill_on_drop(true)
+        .spawn()
+}
 
 pub use rustix::process::Signal;
 
@@ -68,19 +85,10 @@ pub fn open_fds(pid: u32) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
-    use std::process::Stdio;
-
-    use tokio::process::Command;
-
     use super::*;
 
     fn sleeper() -> Child {
-        Command::new("sleep")
-            .arg("30")
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn sleep")
+        start(Command::new("sleep").arg("30"), Stdio::null()).expect("spawn sleep")
     }
 
     #[tokio::test]

@@ -47,17 +47,14 @@ impl ServiceProcess {
     /// Starts binary `name` with exactly `env` (nothing inherited, so the test does not depend on
     /// the ambient environment), plain-text logs on standard error.
     pub fn start(name: &str, env: &[(&str, String)]) -> Self {
-        let mut child = Command::new(binary(name))
+        let mut command = Command::new(binary(name));
+        command
             .env_clear()
             .env("RUST_LOG", "info")
             // Many tests run at once: the admin port must not collide unless a test picks one.
             .env("ADMIN_ADDR", "127.0.0.1:0")
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
+            .envs(env.iter().map(|(k, v)| (k, v)));
+        let mut child = bookstore_process::start(&mut command, Stdio::piped())
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         let stderr = child.stderr.take().expect("stderr piped");
         let (tx, lines) = mpsc::unbounded_channel();

@@ -176,11 +176,7 @@ async fn up(release: bool, port: u16, grpc_port: u16) -> Result<()> {
 
 /// Starts a service with its log lines prefixed by its name, as `docker compose` does.
 fn start(name: &'static str, command: &mut Command) -> Result<Child> {
-    let mut child = command
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
+    let mut child = bookstore_process::start(command, Stdio::piped())
         .with_context(|| format!("cannot start {name}"))?;
     if let Some(stderr) = child.stderr.take() {
         tokio::spawn(async move {

@@ -95,22 +95,18 @@ pub(super) async fn start_service(
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, admin_port));
     let exec = Instant::now();
-    let child = Command::new(binary)
+    let mut command = Command::new(binary);
+    command
         .env_clear()
         .env("LISTEN_ADDR", addr.to_string())
         .env("ADMIN_ADDR", admin.to_string())
         // As the images run them: JSON lines at the default level and sampling (a case may
         // override either; the cost of a line per call is measured as its own case).
         .env("LOG_FORMAT", "json")
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        // To a file, as a collector would take it; read it if something goes wrong.
-        .stderr(std::fs::File::create(
-            logs.join(format!("{}.log", name.replace(' ', "_"))),
-        )?)
-        .kill_on_drop(true)
-        .spawn()
+        .envs(env.iter().map(|(k, v)| (k, v)));
+    // To a file, as a collector would take it; read it if something goes wrong.
+    let log = std::fs::File::create(logs.join(format!("{}.log", name.replace(' ', "_"))))?;
+    let child = bookstore_process::start(&mut command, log)
         .with_context(|| format!("cannot start {name}"))?;
     let deadline = exec + Duration::from_secs(30);
     loop {
@@ -134,13 +130,7 @@ pub(super) async fn start_service(
 
 /// Starts a floor server, which prints `listening addr=…`.
 pub(super) async fn start_floor(name: &str, loadgen: &Path, args: &[String]) -> Result<Server> {
-    let mut child = Command::new(loadgen)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
+    let mut child = bookstore_process::start(Command::new(loadgen).args(args), Stdio::piped())
         .with_context(|| format!("cannot start {name}"))?;
     let stderr = child.stderr.take().context("stderr")?;
     let mut lines = BufReader::new(stderr).lines();
@@ -216,15 +206,9 @@ pub(super) async fn start_original(certs: &Path, work: &Path) -> Result<(Server,
     let grpc_port = free_port()?;
     let http_port = free_port()?;
     let start = |script: &str, args: Vec<String>| {
-        Command::new(&python)
-            .current_dir(&py)
-            .arg(script)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
+        let mut command = Command::new(&python);
+        command.current_dir(&py).arg(script).args(args);
+        bookstore_process::start(&mut command, Stdio::null())
     };
     let server = start(
         "server.py",
