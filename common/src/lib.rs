@@ -6,7 +6,8 @@
 //!
 //! - `tls`: the TLS settings and PEM files, loaded with every check at start-up, certificate
 //!   identities and expiry; `watch`: noticing the files changed.
-//! - `shutdown`: the signal, and a drain bounded in time.
+//! - `shutdown`: the signal, and a drain bounded in time; `fd_limit`: the open-file limit,
+//!   raised at start-up to what the connection caps need.
 //! - `conn_cap`: the connection cap every listener shares; `http_server`: the HTTP listener
 //!   (marketplace's page, both admin ports); `admin`: the admin port (liveness, readiness,
 //!   metrics), binding a service's two ports, and the `healthcheck` subcommand.
@@ -17,8 +18,8 @@
 //!   `request_log`: which requests get a line; `log_limit`: rate-limited warnings; `panic`: the
 //!   line for a handler's panic (each service's tower-http `CatchPanicLayer` answers it).
 //!
-//! Without the `service` feature the crate is only `tls` and `shutdown`: what the load
-//! generator and xtask use.
+//! Without the `service` feature the crate is only `tls`, `shutdown` and `fd_limit`: what the
+//! load generator and xtask use.
 
 #[cfg(feature = "service")]
 pub mod admin;
@@ -26,6 +27,7 @@ pub mod admin;
 pub mod conn_cap;
 #[cfg(feature = "service")]
 pub mod context;
+pub mod fd_limit;
 #[cfg(feature = "service")]
 pub mod grpc_call;
 #[cfg(feature = "service")]

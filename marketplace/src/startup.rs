@@ -5,7 +5,7 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use anyhow::Context;
 use axum::Router;
 use bookstore_common::{
-    admin, http_server,
+    admin, fd_limit, http_server,
     metrics::Metrics,
     shutdown::{Drained, serve_until},
     tls::{self, Role, TlsMode},
@@ -93,6 +93,7 @@ impl Application {
         resolver: Arc<dyn Resolve>,
     ) -> anyhow::Result<Self> {
         config.tls.tls_mode.warn_if_weak();
+        fd_limit::raise_for(config.max_connections + config.admin_max_connections);
         let tls_stamps = (config.tls.tls_mode != TlsMode::Off)
             .then(|| FileStamps::of(&config.tls.files(Role::Client)));
         let metrics = Metrics::new("marketplace", env!("CARGO_PKG_VERSION"));

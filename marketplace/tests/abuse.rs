@@ -236,6 +236,61 @@ async fn past_the_connection_cap_new_connections_are_refused_and_the_rest_keep_w
     assert_eq!(refused, flood.len() as f64, "{metrics}");
 }
 
+/// A shell's soft open-file limit is often 1024, below the default cap of 2048 connections: at
+/// it, accept failed (EMFILE) and connections were refused long before the cap. The service
+/// raises its soft limit to the hard one at start-up; started at 256 here, it holds 400
+/// connections open at once and refuses none.
+#[tokio::test]
+async fn a_low_soft_open_file_limit_is_raised_so_the_connection_cap_is_reachable() {
+    let pki = TestPki::new();
+    let env = [
+        ("LISTEN_ADDR", "127.0.0.1:0".to_owned()),
+        ("RECOMMENDATIONS_HOST", "localhost".to_owned()),
+        ("RECOMMENDATIONS_PORT", "9".to_owned()),
+        ("CERTS_DIR", pki.dir().display().to_string()),
+        ("HEADER_READ_TIMEOUT_SECS", secs(120)),
+        ("IDLE_TIMEOUT_SECS", secs(120)),
+    ];
+    let mut marketplace = ServiceProcess::start_with_open_files("marketplace", &env, 256);
+    let web = marketplace.listening_addr().await;
+    let admin = marketplace.admin_addr().await;
+    // A page that needs no backend (a 404), on each of 400 connections held open together.
+    let mut held = Vec::new();
+    for i in 0..400 {
+        let mut stream = TcpStream::connect(web).await.expect("connect");
+        assert_eq!(
+            raw::get_on(&mut stream, "/no-such-page").await,
+            Some(404),
+            "connection {i} not served"
+        );
+        held.push(stream);
+    }
+    for stream in &mut held {
+        assert_eq!(raw::get_on(stream, "/no-such-page").await, Some(404));
+    }
+    let metrics = raw::scrape(admin).await;
+    let refused = raw::metric(
+        &metrics,
+        &["bookstore_connections_refused_total", "listener=\"http\""],
+    );
+    assert_eq!(refused, 0.0, "{metrics}");
+    let line = marketplace
+        .wait_for_line("open-file limit", Duration::from_secs(5))
+        .await;
+    assert!(line.contains("raised_from=256"), "{line}");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", marketplace.pid()))
+        .expect("read /proc/<pid>/limits");
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let fields: Vec<&str> = open_files.split_whitespace().collect();
+    assert_eq!(
+        fields[3], fields[4],
+        "soft limit not raised to the hard one: {open_files}"
+    );
+}
+
 /// Row 5: one unfinished connection used to hold SIGTERM for the whole grace period.
 #[tokio::test]
 async fn sigterm_closes_unfinished_connections_at_once() {

@@ -6,7 +6,7 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use bookstore_common::{
-    admin,
+    admin, fd_limit,
     grpc_call::KnownMethod,
     http_server::HttpLimits,
     metrics::Metrics,
@@ -247,6 +247,7 @@ impl Application {
     /// here, before anything is served.
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
         config.check().map_err(anyhow::Error::msg)?;
+        fd_limit::raise_for(config.max_connections + config.admin_max_connections);
         let catalog = load_catalog(config)?;
         let faults = faults(config);
         let metrics = Metrics::new("recommendations", env!("CARGO_PKG_VERSION"));

@@ -47,7 +47,21 @@ impl ServiceProcess {
     /// Starts binary `name` with exactly `env` (nothing inherited, so the test does not depend on
     /// the ambient environment), plain-text logs on standard error.
     pub fn start(name: &str, env: &[(&str, String)]) -> Self {
-        let mut command = Command::new(binary(name));
+        Self::spawn(name, Command::new(binary(name)), env)
+    }
+
+    /// [`ServiceProcess::start`], but the process begins with a soft open-file limit of
+    /// `open_files`, as a shell's `ulimit -S -n` would leave it (the hard limit unchanged).
+    pub fn start_with_open_files(name: &str, env: &[(&str, String)], open_files: u64) -> Self {
+        let mut command = Command::new("/bin/sh");
+        command
+            .arg("-c")
+            .arg(format!("ulimit -S -n {open_files} && exec \"$0\""))
+            .arg(binary(name));
+        Self::spawn(name, command, env)
+    }
+
+    fn spawn(name: &str, mut command: Command, env: &[(&str, String)]) -> Self {
         command
             .env_clear()
             .env("RUST_LOG", "info")
