@@ -10,5 +10,6 @@
 
 pub mod drive;
 pub mod floor;
+pub mod http1;
 pub mod report;
 pub mod target;

@@ -88,7 +88,8 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct RunArgs {
-    /// Closed loop: callers, each sending its next call when answered.
+    /// Closed loop: callers, each sending its next call when answered (over HTTP/1.1, each on
+    /// a connection of its own).
     #[arg(long, short = 'c', default_value_t = 32)]
     concurrency: usize,
     /// Open loop: calls per second instead of a closed loop (at most --concurrency outstanding
@@ -184,9 +185,10 @@ async fn main_inner(cli: Cli) -> anyhow::Result<ExitCode> {
             h2c_connections,
             run,
         } => {
-            let target = match h2c_connections {
-                Some(n) => Target::h2c(&url, n)?,
-                None => Target::http(&url, run.concurrency)?,
+            let target = match (h2c_connections, run.rate) {
+                (Some(n), _) => Target::h2c(&url, n)?,
+                (None, Some(_)) => Target::http_crowd(&url, run.concurrency)?,
+                (None, None) => Target::http(&url, run.concurrency)?,
             };
             drive(target, run).await
         }
@@ -215,6 +217,9 @@ async fn main_inner(cli: Cli) -> anyhow::Result<ExitCode> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Every connection it opens is a file descriptor: a thousand of them need more than the
+    // soft limit of 1024 that many shells start with.
+    bookstore_common::fd_limit::raise();
     match main_inner(Cli::parse()).await {
         Ok(code) => code,
         Err(e) => {

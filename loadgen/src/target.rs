@@ -2,7 +2,7 @@
 //! number of HTTP/2 connections) or a URL over HTTP/1.1 with keep-alive, or over a fixed number
 //! of plaintext HTTP/2 (h2c) connections.
 
-use std::{path::PathBuf, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use bookstore_common::tls;
@@ -10,6 +10,8 @@ use bookstore_proto::{
     BookCategory, RecommendationRequest, recommendations_client::RecommendationsClient,
 };
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
+use crate::http1::Callers;
 
 /// TLS material for a gRPC target; none means plaintext.
 #[derive(Debug, Clone)]
@@ -56,9 +58,14 @@ pub enum Target {
         clients: Vec<RecommendationsClient<Channel>>,
         request: RecommendationRequest,
     },
+    /// HTTP/1.1, a connection per caller.
+    Http1 {
+        label: String,
+        callers: Arc<Callers>,
+    },
     Http {
         label: String,
-        /// One client (HTTP/1.1: a pool of connections), or one per h2c connection.
+        /// One shared pool (HTTP/1.1, open loop), or one client per h2c connection.
         clients: Vec<reqwest::Client>,
         url: String,
     },
@@ -101,16 +108,22 @@ impl Target {
         })
     }
 
-    /// HTTP/1.1 to `url`, keeping up to `connections` connections open.
+    /// HTTP/1.1 to `url` over exactly `connections` keep-alive connections, one per caller
+    /// ([`Callers`]).
     pub fn http(url: &str, connections: usize) -> anyhow::Result<Self> {
-        let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(connections.max(1))
-            .tcp_nodelay(true)
-            .timeout(Duration::from_secs(30))
-            .build()?;
+        Ok(Target::Http1 {
+            label: url.to_owned(),
+            callers: Arc::new(Callers::new(url, connections)?),
+        })
+    }
+
+    /// HTTP/1.1 to `url` as a crowd: one pool that opens a connection whenever a call finds
+    /// none idle and keeps up to `idle` of them, so an open loop that outruns the server brings
+    /// new connections, as more visitors would.
+    pub fn http_crowd(url: &str, idle: usize) -> anyhow::Result<Self> {
         Ok(Target::Http {
             label: url.to_owned(),
-            clients: vec![client],
+            clients: vec![http1_client(idle.max(1))?],
             url: url.to_owned(),
         })
     }
@@ -136,7 +149,9 @@ impl Target {
 
     pub fn label(&self) -> &str {
         match self {
-            Target::Grpc { label, .. } | Target::Http { label, .. } => label,
+            Target::Grpc { label, .. }
+            | Target::Http1 { label, .. }
+            | Target::Http { label, .. } => label,
         }
     }
 
@@ -144,6 +159,7 @@ impl Target {
     pub fn connections(&self, concurrency: usize) -> usize {
         match self {
             Target::Grpc { clients, .. } => clients.len(),
+            Target::Http1 { callers, .. } => callers.len(),
             Target::Http { clients, .. } if clients.len() > 1 => clients.len(),
             Target::Http { .. } => concurrency,
         }
@@ -161,6 +177,7 @@ impl Target {
                     Err(status) => Outcome::Failed(format!("grpc:{:?}", status.code())),
                 }
             }
+            Target::Http1 { callers, .. } => callers.call(worker).await,
             Target::Http { clients, url, .. } => {
                 match clients[worker % clients.len()].get(url).send().await {
                     Ok(response) => {
@@ -178,4 +195,14 @@ impl Target {
             }
         }
     }
+}
+
+/// An HTTP/1.1 client keeping up to `idle` connections open between calls.
+fn http1_client(idle: usize) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .http1_only()
+        .pool_max_idle_per_host(idle)
+        .tcp_nodelay(true)
+        .timeout(Duration::from_secs(30))
+        .build()
 }

@@ -120,3 +120,60 @@ async fn http_statuses_other_than_2xx_are_failures() {
         }
     }
 }
+
+/// A closed loop of N HTTP/1.1 callers holds N connections, as wrk does: one shared pool
+/// opened a new connection whenever a caller found none idle, so "1,000 connections" were up
+/// to 2,000 and met the marketplace's connection cap. Counted here by a server that answers
+/// every request on a kept-alive connection, a little late as a busy server would, and counts
+/// the connections it accepts.
+#[tokio::test]
+async fn a_closed_loop_of_n_http_callers_opens_n_connections() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut have = Vec::new();
+                loop {
+                    let Ok(n) = stream.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    have.extend_from_slice(&buf[..n]);
+                    while let Some(end) = have.windows(4).position(|w| w == b"\r\n\r\n") {
+                        have.drain(..end + 4);
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let callers = 300;
+    let target = Target::http(&format!("http://{addr}/"), callers).expect("client");
+    let report = run(
+        Arc::new(target),
+        Load::Closed {
+            concurrency: callers,
+        },
+        Stop::Requests(6000),
+        false,
+    )
+    .await;
+    assert_eq!(report.ok, 6000, "{report}");
+    assert_eq!(accepted.load(Ordering::Relaxed), callers);
+}
