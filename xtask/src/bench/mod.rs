@@ -656,9 +656,18 @@ fn judge(results: &Results) -> Result<()> {
     if errors > 0 {
         bail!("{errors} calls failed during the benchmark");
     }
-    let failed_pages: u64 = results.overload.runs.iter().map(|r| r.failed).sum();
-    if failed_pages > 0 {
-        bail!("{failed_pages} pages failed under overload other than by a 503");
+    let failed: Vec<String> = results
+        .overload
+        .runs
+        .iter()
+        .filter(|r| r.failed > 0)
+        .map(|r| format!("{}: {:?}", r.what, r.failed_by_kind))
+        .collect();
+    if !failed.is_empty() {
+        bail!(
+            "pages failed under overload other than by a 503 ({})",
+            failed.join("; ")
+        );
     }
     Ok(())
 }

@@ -28,6 +28,8 @@ pub struct OverloadRun {
     pub shed: u64,
     /// Pages that failed any other way.
     pub failed: u64,
+    /// Those failures by kind (`http:transport`, `http:timeout`…).
+    pub failed_by_kind: std::collections::BTreeMap<String, u64>,
     pub requests: u64,
     pub p99_ms: f64,
     pub peak_rss_kib: Option<u64>,
@@ -207,6 +209,12 @@ pub async fn run(
             pages_per_s: report.throughput,
             shed,
             failed: report.errors.values().sum::<u64>() - shed,
+            failed_by_kind: report
+                .errors
+                .iter()
+                .filter(|(kind, _)| kind.as_str() != SHED)
+                .map(|(kind, n)| (kind.clone(), *n))
+                .collect(),
             requests: report.requests,
             p99_ms: report.latency_ms.p99,
             peak_rss_kib,
