@@ -15,10 +15,13 @@
 //! jitter on top of the window, which is not the full-jitter curve the docs describe.
 
 use std::{
+    future::Future,
+    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
+    task::{Context, Poll, ready},
     time::{Duration, Instant},
 };
 
@@ -314,24 +317,22 @@ impl RecommendationSource for GrpcSource {
                 trace: context.trace,
                 deadline,
             });
-            // The one timer on the call, over the whole answer. The call runs in a task of its
-            // own, with its slot, to its end even if the page is given up: a page abandoned mid-call would otherwise reset
-            // its stream, and a burst of resets on the one connection per address looks like an
-            // HTTP/2 rapid-reset attack to the server, which then closes the connection under
-            // every other page's calls. The slot stays taken while the backend still works.
+            // The one timer on the call, over the whole answer. The call runs to its end, with
+            // its slot, even if the page is given up: a page abandoned mid-call would otherwise
+            // reset its stream, and a burst of resets on the one connection per address looks
+            // like an HTTP/2 rapid-reset attack to the server, which then closes the connection
+            // under every other page's calls. The slot stays taken while the backend still
+            // works.
             let mut client = backend.client();
-            let call = tokio::spawn(
+            let reply = RunToEnd::new(
                 async move {
                     let reply = tokio::time::timeout(remaining, client.recommend(request)).await;
                     drop(slot);
                     reply
                 }
                 .in_current_span(),
-            );
-            let reply = match call.await {
-                Ok(reply) => reply,
-                Err(e) => return Err(SourceError::Unavailable(format!("the call task: {e}"))),
-            };
+            )
+            .await;
             let status = match reply {
                 Err(_) => return Err(SourceError::Timeout(self.timeout)),
                 Ok(Ok(reply)) => {
@@ -377,6 +378,47 @@ impl RecommendationSource for GrpcSource {
     }
 }
 
+/// A future run in the caller's task while the caller waits for it, and in a task of its own,
+/// to its end, if the caller gives up first. A backend call thus finishes whatever the page
+/// does, without a task spawned for every call: the spawn, its wake-ups and a switch between
+/// worker threads were a few microseconds of every page.
+struct RunToEnd<F: Future<Output: Send> + Send + 'static> {
+    /// None once it has finished.
+    future: Option<Pin<Box<F>>>,
+}
+
+impl<F: Future<Output: Send> + Send + 'static> RunToEnd<F> {
+    fn new(future: F) -> Self {
+        RunToEnd {
+            future: Some(Box::pin(future)),
+        }
+    }
+}
+
+impl<F: Future<Output: Send> + Send + 'static> Future for RunToEnd<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let Some(future) = self.future.as_mut() else {
+            // Polled again after it finished: nothing more will come.
+            return Poll::Pending;
+        };
+        let output = ready!(future.as_mut().poll(cx));
+        self.future = None;
+        Poll::Ready(output)
+    }
+}
+
+impl<F: Future<Output: Send> + Send + 'static> Drop for RunToEnd<F> {
+    fn drop(&mut self) {
+        if let Some(future) = self.future.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(future);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -404,5 +446,27 @@ mod tests {
         }
         let spread: std::collections::BTreeSet<_> = (0..50).map(|_| backoff(3)).collect();
         assert!(spread.len() > 10, "jittered, not fixed: {spread:?}");
+    }
+
+    #[tokio::test]
+    async fn a_call_given_up_by_its_page_still_runs_to_its_end() {
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let (finished, done) = tokio::sync::oneshot::channel();
+        let call = RunToEnd::new(async move {
+            let _ = wait.await;
+            let _ = finished.send("ran to the end");
+        });
+        // The page gives up while the call waits on its backend.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), call)
+                .await
+                .is_err()
+        );
+        let _ = go.send(());
+        let end = tokio::time::timeout(Duration::from_secs(5), done).await;
+        assert_eq!(end.ok().and_then(Result::ok), Some("ran to the end"));
+
+        // Waited for, it answers in the caller's own task.
+        assert_eq!(RunToEnd::new(async { 7 }).await, 7);
     }
 }
