@@ -81,30 +81,37 @@ pub fn router(
     metrics: Metrics,
     max_in_flight: usize,
 ) -> Router {
-    // The four headers as one layer: each `Router::layer` call boxes every route once more.
     let [a, b, c, d] = SECURITY_HEADERS.map(|(name, value)| {
         SetResponseHeaderLayer::overriding(name, HeaderValue::from_static(value))
     });
-    let security_headers = ServiceBuilder::new().layer(a).layer(b).layer(c).layer(d);
+    // Every layer in one `Router::layer` call, outermost first. Each call wraps every route in
+    // one more box, and axum clones a route's whole boxed stack for each request it routes, so
+    // six calls cost each request some twenty allocations where one costs a few (measured: the
+    // page 1.17x faster without the three middleware functions, most of it this).
+    let edge = ServiceBuilder::new()
+        .layer(middleware::from_fn_with_state(
+            Arc::new(HttpMetrics::new(metrics.clone())),
+            observe,
+        ))
+        // Inside the layers that count, identify and dress every answer, so a shed request is
+        // all three too.
+        .layer(a)
+        .layer(b)
+        .layer(c)
+        .layer(d)
+        .layer(middleware::from_fn_with_state(
+            InFlight::new(max_in_flight, &metrics),
+            in_flight::limit,
+        ))
+        .layer(middleware::from_fn(limit_request_size))
+        .layer(CatchPanicLayer::custom(internal_error as PanicResponse));
     Router::new()
         .route("/", get(page::recommendations))
         .route("/api/recommendations", get(api::recommendations))
         .route("/style.css", get(stylesheet))
         .fallback(not_found)
         .with_state(AppState { source })
-        .layer(CatchPanicLayer::custom(internal_error as PanicResponse))
-        .layer(middleware::from_fn(limit_request_size))
-        // Inside the layers that count, identify and dress every answer, so a shed request is
-        // all three too.
-        .layer(middleware::from_fn_with_state(
-            InFlight::new(max_in_flight, &metrics),
-            in_flight::limit,
-        ))
-        .layer(security_headers)
-        .layer(middleware::from_fn_with_state(
-            Arc::new(HttpMetrics::new(metrics)),
-            observe,
-        ))
+        .layer(edge)
 }
 
 type PanicResponse = fn(Box<dyn std::any::Any + Send>) -> Response;
