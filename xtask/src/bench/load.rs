@@ -14,7 +14,15 @@ pub(crate) async fn load(
     args: &[String],
     server: &Server,
 ) -> Result<(Report, Option<u64>)> {
-    load_on(None, loadgen, args, server).await
+    let (report, peaks) = load_on(None, loadgen, args, server).await?;
+    Ok((report, peaks.rss_kib))
+}
+
+/// The most a server held at once during a run, sampled every 100 ms.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Peaks {
+    pub rss_kib: Option<u64>,
+    pub open_fds: Option<usize>,
 }
 
 /// [`load`], with the load generator kept to CPU `cpu` if given (through `taskset`).
@@ -23,7 +31,7 @@ pub(crate) async fn load_on(
     loadgen: &Path,
     args: &[String],
     server: &Server,
-) -> Result<(Report, Option<u64>)> {
+) -> Result<(Report, Peaks)> {
     let mut command = match cpu {
         Some(cpu) => {
             let mut taskset = Command::new("taskset");
@@ -43,22 +51,25 @@ pub(crate) async fn load_on(
     let sampler = tokio::spawn({
         let done = done.clone();
         async move {
-            let mut peak = None;
+            let mut peaks = Peaks::default();
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                peak = peak.max(pid.and_then(bookstore_process::rss_kib));
+                peaks.rss_kib = peaks.rss_kib.max(pid.and_then(bookstore_process::rss_kib));
+                peaks.open_fds = peaks
+                    .open_fds
+                    .max(pid.and_then(bookstore_process::open_fds));
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            peak
+            peaks
         }
     });
     let output = run.await?;
     done.store(true, std::sync::atomic::Ordering::Relaxed);
-    let peak = sampler.await.ok().flatten();
+    let peaks = sampler.await.unwrap_or_default();
     if !output.status.success() {
         bail!("loadgen {args:?} failed");
     }
     let report: Report = serde_json::from_slice(&output.stdout).context("loadgen's JSON")?;
-    Ok((report, peak))
+    Ok((report, peaks))
 }
 
 pub(super) fn grpc_args(

@@ -1,7 +1,8 @@
 //! The overload part of `cargo xtask bench`: the page driven far past what the benchmark's
 //! closed loops ask of it, over HTTP/1.1 with many connections and over a few h2c connections
-//! with many streams each. For each: pages per second, failures and p99; and the marketplace's
-//! memory before, at its peak, and after a pause, to show it comes back.
+//! with many streams each. For each: pages per second, failures and p99; the marketplace's peak
+//! memory and open files, and what it logged; and its memory before, at its peak, and after a
+//! pause, to show it comes back.
 //!
 //! Then the overload curve: an open loop (pages sent on a fixed schedule, whatever the answers
 //! do, each timed from when it was due) from a quarter of the closed-loop peak to twice it. On a
@@ -15,7 +16,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::{
-    load::{http_args, load, load_on},
+    load::{http_args, load_on},
     servers::{Server, metric},
 };
 
@@ -33,8 +34,48 @@ pub struct OverloadRun {
     pub requests: u64,
     pub p99_ms: f64,
     pub peak_rss_kib: Option<u64>,
+    pub peak_fds: Option<usize>,
     /// What the marketplace counted refusing meanwhile (its warm-up included).
     pub refused: Refusals,
+    /// What it logged meanwhile (its warm-up included).
+    pub logged: Logged,
+}
+
+/// Lines and bytes a service wrote to its log.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Logged {
+    pub lines: u64,
+    pub bytes: u64,
+}
+
+impl Logged {
+    /// The log's length now (0 for a server without one).
+    fn mark(server: &Server) -> u64 {
+        server
+            .log
+            .as_ref()
+            .and_then(|path| std::fs::metadata(path).ok())
+            .map_or(0, |m| m.len())
+    }
+
+    /// What was written after `mark`.
+    fn since(server: &Server, mark: u64) -> Self {
+        let Some(path) = &server.log else {
+            return Logged::default();
+        };
+        let written = std::fs::read(path).unwrap_or_default();
+        let new = written
+            .get(usize::try_from(mark).unwrap_or(usize::MAX)..)
+            .unwrap_or(&[]);
+        Logged {
+            lines: new.iter().filter(|b| **b == b'\n').count() as u64,
+            bytes: new.len() as u64,
+        }
+    }
+
+    fn cells(&self) -> String {
+        format!("{} ({:.1} KiB)", self.lines, self.bytes as f64 / 1024.0)
+    }
 }
 
 /// The marketplace's own refusal counters, as increases over a run.
@@ -95,8 +136,11 @@ pub struct CurvePoint {
     /// How long a failed page took to be refused.
     pub failed_p99_ms: f64,
     pub peak_rss_kib: Option<u64>,
+    pub peak_fds: Option<usize>,
     /// What the marketplace counted refusing meanwhile (its warm-up included).
     pub refused: Refusals,
+    /// What it logged meanwhile (its warm-up included).
+    pub logged: Logged,
 }
 
 /// How the load generator names a 503 answer.
@@ -201,8 +245,9 @@ pub async fn run(
     ];
     for (what, args) in cases {
         eprintln!("overload: {what}");
-        let ((report, peak_rss_kib), refused) =
-            Refusals::around(market, load(loadgen, &args, market)).await?;
+        let mark = Logged::mark(market);
+        let ((report, peaks), refused) =
+            Refusals::around(market, load_on(None, loadgen, &args, market)).await?;
         let shed = report.errors.get(SHED).copied().unwrap_or(0);
         runs.push(OverloadRun {
             what: what.into(),
@@ -217,8 +262,10 @@ pub async fn run(
                 .collect(),
             requests: report.requests,
             p99_ms: report.latency_ms.p99,
-            peak_rss_kib,
+            peak_rss_kib: peaks.rss_kib,
+            peak_fds: peaks.open_fds,
             refused,
+            logged: Logged::since(market, mark),
         });
     }
     let cpus = pin(&services).await;
@@ -238,7 +285,8 @@ pub async fn run(
         eprintln!("overload curve: {rate:.0} pages/s offered ({fraction}× the peak)");
         let mut args = http_args(market, OPEN_LOOP_CONNECTIONS_PER_1000, duration);
         args.extend(["--rate".into(), rate.to_string()]);
-        let ((report, peak_rss_kib), refused) =
+        let mark = Logged::mark(market);
+        let ((report, peaks), refused) =
             Refusals::around(market, load_on(generator_cpu, loadgen, &args, market)).await?;
         curve.push(CurvePoint {
             fraction,
@@ -250,8 +298,10 @@ pub async fn run(
             requests: report.requests,
             failed_by_kind: report.errors.clone(),
             failed_p99_ms: report.failed_latency_ms.p99,
-            peak_rss_kib,
+            peak_rss_kib: peaks.rss_kib,
+            peak_fds: peaks.open_fds,
             refused,
+            logged: Logged::since(market, mark),
         });
     }
     unpin(&services).await;
@@ -284,6 +334,7 @@ fn refused_cells(r: &Refusals) -> String {
 /// The section of the Markdown report.
 pub fn markdown(md: &mut String, o: &Overload) {
     let mib = |k: Option<u64>| k.map_or("–".into(), |k| format!("{:.1}", k as f64 / 1024.0));
+    let fds = |n: Option<usize>| n.map_or("–".into(), |n| n.to_string());
     let _ = writeln!(
         md,
         "\nThe page under overload (closed loop, every caller sending its next request when \
@@ -291,13 +342,16 @@ pub fn markdown(md: &mut String, o: &Overload) {
     );
     let _ = writeln!(
         md,
-        "| Load | Pages/s | Shed (503) | Failed otherwise | Of | p99 ms | Peak RSS (MiB) | {REFUSED_HEAD} |"
+        "| Load | Pages/s | Shed (503) | Failed otherwise | Of | p99 ms | Peak RSS (MiB) | Peak open files | {REFUSED_HEAD} | Logged: lines (size) |"
     );
-    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        md,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for r in &o.runs {
         let _ = writeln!(
             md,
-            "| {} | {:.0} | {} | {} | {} | {:.1} | {} | {} |",
+            "| {} | {:.0} | {} | {} | {} | {:.1} | {} | {} | {} | {} |",
             r.what,
             r.pages_per_s,
             r.shed,
@@ -305,7 +359,9 @@ pub fn markdown(md: &mut String, o: &Overload) {
             r.requests,
             r.p99_ms,
             mib(r.peak_rss_kib),
-            refused_cells(&r.refused)
+            fds(r.peak_fds),
+            refused_cells(&r.refused),
+            r.logged.cells()
         );
     }
     let cpus = if o.pinned {
@@ -322,11 +378,11 @@ pub fn markdown(md: &mut String, o: &Overload) {
     );
     let _ = writeln!(
         md,
-        "| Offered | Pages/s offered | Goodput (200/s) | Of the peak | p50 ms | p99 ms | Failed | Failed p99 ms | Failures | {REFUSED_HEAD} |"
+        "| Offered | Pages/s offered | Goodput (200/s) | Of the peak | p50 ms | p99 ms | Failed | Failed p99 ms | Failures | {REFUSED_HEAD} | Peak open files | Logged: lines (size) |"
     );
     let _ = writeln!(
         md,
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"
     );
     for p in &o.curve {
         let kinds = p
@@ -337,7 +393,7 @@ pub fn markdown(md: &mut String, o: &Overload) {
             .join(", ");
         let _ = writeln!(
             md,
-            "| {:.2}× | {:.0} | {:.0} | {:.0} % | {:.1} | {:.1} | {} | {:.1} | {} | {} |",
+            "| {:.2}× | {:.0} | {:.0} | {:.0} % | {:.1} | {:.1} | {} | {:.1} | {} | {} | {} | {} |",
             p.fraction,
             p.offered_per_s,
             p.goodput_per_s,
@@ -347,7 +403,9 @@ pub fn markdown(md: &mut String, o: &Overload) {
             p.failed,
             p.failed_p99_ms,
             kinds,
-            refused_cells(&p.refused)
+            refused_cells(&p.refused),
+            fds(p.peak_fds),
+            p.logged.cells()
         );
     }
     let _ = writeln!(

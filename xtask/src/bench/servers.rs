@@ -27,6 +27,8 @@ pub(crate) struct Server {
     pub(super) admin: Option<SocketAddr>,
     /// Exec to `/readyz` 200.
     pub(super) ready_after: Option<Duration>,
+    /// Where its log goes, for services.
+    pub(super) log: Option<std::path::PathBuf>,
 }
 
 impl Server {
@@ -105,7 +107,8 @@ pub(super) async fn start_service(
         .env("LOG_FORMAT", "json")
         .envs(env.iter().map(|(k, v)| (k, v)));
     // To a file, as a collector would take it; read it if something goes wrong.
-    let log = std::fs::File::create(logs.join(format!("{}.log", name.replace(' ', "_"))))?;
+    let log_path = logs.join(format!("{}.log", name.replace(' ', "_")));
+    let log = std::fs::File::create(&log_path)?;
     let child = bookstore_process::start(&mut command, log)
         .with_context(|| format!("cannot start {name}"))?;
     let deadline = exec + Duration::from_secs(30);
@@ -125,6 +128,7 @@ pub(super) async fn start_service(
         addr,
         admin: Some(admin),
         ready_after: Some(ready_after),
+        log: Some(log_path),
     })
 }
 
@@ -152,6 +156,7 @@ pub(super) async fn start_floor(name: &str, loadgen: &Path, args: &[String]) -> 
         addr,
         admin: None,
         ready_after: None,
+        log: None,
     })
 }
 
@@ -236,6 +241,7 @@ pub(super) async fn start_original(certs: &Path, work: &Path) -> Result<(Server,
         addr: SocketAddr::from((Ipv4Addr::LOCALHOST, grpc_port)),
         admin: None,
         ready_after: None,
+        log: None,
     };
     let market = Server {
         name: "original marketplace (Python)".into(),
@@ -243,6 +249,7 @@ pub(super) async fn start_original(certs: &Path, work: &Path) -> Result<(Server,
         addr: web,
         admin: None,
         ready_after: None,
+        log: None,
     };
     Ok((server, market))
 }
