@@ -228,10 +228,10 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
         sweep,
         overload,
     };
-    let (markdown, out) = write_results(&results, plan.quick)?;
+    let (markdown, written) = write_results(&results, plan.quick)?;
     let _ = std::fs::remove_dir_all(&work);
     println!("{markdown}");
-    println!("written to {}", out.join(&date).display());
+    println!("written to {}.*", written.display());
     judge(&results)
 }
 
@@ -628,7 +628,7 @@ fn binary_sizes(bin: &Path) -> BTreeMap<String, u64> {
 }
 
 /// Writes the results as JSON, Markdown and the two pictures (to `bench/results`, or to
-/// `target/bench` for a quick run); returns the Markdown and the folder.
+/// `target/bench` for a quick run); returns the Markdown and the files' path without extension.
 fn write_results(results: &Results, quick: bool) -> Result<(String, std::path::PathBuf)> {
     let out = if quick {
         root().join("target").join("bench")
@@ -637,16 +637,26 @@ fn write_results(results: &Results, quick: bool) -> Result<(String, std::path::P
     };
     std::fs::create_dir_all(&out)?;
     let date = &results.date;
+    // A day's second run is <date>-2, and so on: a committed run is never written over (a quick
+    // run's folder is scratch).
+    let stem = if quick {
+        date.clone()
+    } else {
+        std::iter::once(date.clone())
+            .chain((2..).map(|n| format!("{date}-{n}")))
+            .find(|stem| !out.join(format!("{stem}.json")).exists())
+            .unwrap_or_else(|| date.clone())
+    };
     let json = serde_json::to_string_pretty(results)?;
-    std::fs::write(out.join(format!("{date}.json")), json)?;
+    std::fs::write(out.join(format!("{stem}.json")), json)?;
     let markdown = markdown(results);
-    std::fs::write(out.join(format!("{date}.md")), &markdown)?;
-    std::fs::write(out.join(format!("{date}.svg")), svg(results))?;
+    std::fs::write(out.join(format!("{stem}.md")), &markdown)?;
+    std::fs::write(out.join(format!("{stem}.svg")), svg(results))?;
     std::fs::write(
-        out.join(format!("{date}-overload.svg")),
+        out.join(format!("{stem}-overload.svg")),
         overload::curve_svg(&results.overload, date),
     )?;
-    Ok((markdown, out))
+    Ok((markdown, out.join(stem)))
 }
 
 /// Fails the run on any failed call, and on any page that failed under overload other than by
