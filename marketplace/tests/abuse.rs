@@ -251,7 +251,7 @@ async fn a_low_soft_open_file_limit_is_raised_so_the_connection_cap_is_reachable
         ("HEADER_READ_TIMEOUT_SECS", secs(120)),
         ("IDLE_TIMEOUT_SECS", secs(120)),
     ];
-    let mut marketplace = ServiceProcess::start_with_open_files("marketplace", &env, 256);
+    let mut marketplace = ServiceProcess::start_with_ulimit("marketplace", &env, "-S -n 256");
     let web = marketplace.listening_addr().await;
     let admin = marketplace.admin_addr().await;
     // A page that needs no backend (a 404), on each of 400 connections held open together.
@@ -289,6 +289,32 @@ async fn a_low_soft_open_file_limit_is_raised_so_the_connection_cap_is_reachable
         fields[3], fields[4],
         "soft limit not raised to the hard one: {open_files}"
     );
+}
+
+/// A hard open-file limit below the connection caps cannot be raised without privileges: the
+/// service says so at start-up, with what it has and what its caps need, and still serves.
+#[tokio::test]
+async fn a_hard_open_file_limit_below_the_caps_is_warned_about_at_start_up() {
+    let pki = TestPki::new();
+    let vacant = SocketAddr::from(([127, 0, 0, 1], 9));
+    let env = [
+        ("LISTEN_ADDR", "127.0.0.1:0".to_owned()),
+        ("RECOMMENDATIONS_HOST", "localhost".to_owned()),
+        ("RECOMMENDATIONS_PORT", vacant.port().to_string()),
+        ("CERTS_DIR", pki.dir().display().to_string()),
+    ];
+    let mut marketplace = ServiceProcess::start_with_ulimit("marketplace", &env, "-n 256");
+    let web = marketplace.listening_addr().await;
+    let line = marketplace
+        .wait_for_line(
+            "below what the connection caps allow",
+            Duration::from_secs(5),
+        )
+        .await;
+    // The default caps: 2,048 page connections and 64 admin ones, and 64 for the rest.
+    assert!(line.contains("open_files=256"), "{line}");
+    assert!(line.contains("needed=2176"), "{line}");
+    assert_eq!(raw::get(web, "/no-such-page").await, Some(404));
 }
 
 /// Row 5: one unfinished connection used to hold SIGTERM for the whole grace period.

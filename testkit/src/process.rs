@@ -50,13 +50,14 @@ impl ServiceProcess {
         Self::spawn(name, Command::new(binary(name)), env)
     }
 
-    /// [`ServiceProcess::start`], but the process begins with a soft open-file limit of
-    /// `open_files`, as a shell's `ulimit -S -n` would leave it (the hard limit unchanged).
-    pub fn start_with_open_files(name: &str, env: &[(&str, String)], open_files: u64) -> Self {
+    /// [`ServiceProcess::start`], but the process begins with the open-file limit a shell's
+    /// `ulimit {limit}` leaves: `-S -n 256` for a soft limit of 256 under the hard one, `-n 256`
+    /// for both.
+    pub fn start_with_ulimit(name: &str, env: &[(&str, String)], limit: &str) -> Self {
         let mut command = Command::new("/bin/sh");
         command
             .arg("-c")
-            .arg(format!("ulimit -S -n {open_files} && exec \"$0\""))
+            .arg(format!("ulimit {limit} && exec \"$0\""))
             .arg(binary(name));
         Self::spawn(name, command, env)
     }
