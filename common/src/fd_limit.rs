@@ -56,6 +56,7 @@ pub fn raise_for(connections: u64) -> OpenFiles {
     match files.now {
         Some(now) if now < needed => tracing::warn!(
             open_files = now,
+            raised_from = %shown(files.before),
             needed,
             "the open-file limit (ulimit -n) is below what the connection caps allow: \
              connections past it are refused as accept errors; raise the hard limit or lower \

@@ -77,8 +77,9 @@ impl Callers {
     }
 
     async fn exchange(&self, slot: &mut Option<Connection>) -> Outcome {
-        // A kept-alive connection the server closed before this request was written is
-        // replaced once, as any client does; a failure on a fresh connection is the answer.
+        // A kept-alive connection the server closed before or while this request was written
+        // is replaced once (a GET is safe to send again), as any client does; a failure on a
+        // fresh connection is the answer.
         for attempt in 0..2 {
             let fresh = slot.as_ref().is_none_or(SendRequest::is_closed);
             if fresh {
@@ -105,7 +106,9 @@ impl Callers {
             };
             let response = match connection.send_request(request).await {
                 Ok(response) => response,
-                Err(e) if e.is_canceled() && !fresh && attempt == 0 => {
+                Err(e)
+                    if (e.is_canceled() || e.is_incomplete_message()) && !fresh && attempt == 0 =>
+                {
                     *slot = None;
                     continue;
                 }

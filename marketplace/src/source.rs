@@ -16,12 +16,13 @@
 
 use std::{
     future::Future,
+    panic::AssertUnwindSafe,
     pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
-    task::{Context, Poll, ready},
+    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
@@ -324,15 +325,17 @@ impl RecommendationSource for GrpcSource {
             // under every other page's calls. The slot stays taken while the backend still
             // works.
             let mut client = backend.client();
-            let reply = RunToEnd::new(
+            let call = RunToEnd::new(
                 async move {
                     let reply = tokio::time::timeout(remaining, client.recommend(request)).await;
                     drop(slot);
                     reply
                 }
                 .in_current_span(),
-            )
-            .await;
+            );
+            let Ok(reply) = call.await else {
+                return Err(SourceError::Unavailable("the backend call panicked".into()));
+            };
             let status = match reply {
                 Err(_) => return Err(SourceError::Timeout(self.timeout)),
                 Ok(Ok(reply)) => {
@@ -396,16 +399,22 @@ impl<F: Future<Output: Send> + Send + 'static> RunToEnd<F> {
 }
 
 impl<F: Future<Output: Send> + Send + 'static> Future for RunToEnd<F> {
-    type Output = F::Output;
+    /// Err if the future panicked: it is then dropped, not handed on to be polled again.
+    type Output = std::thread::Result<F::Output>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let Some(future) = self.future.as_mut() else {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(mut future) = self.future.take() else {
             // Polled again after it finished: nothing more will come.
             return Poll::Pending;
         };
-        let output = ready!(future.as_mut().poll(cx));
-        self.future = None;
-        Poll::Ready(output)
+        match std::panic::catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
+            Ok(Poll::Pending) => {
+                self.future = Some(future);
+                Poll::Pending
+            }
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
     }
 }
 
@@ -467,6 +476,20 @@ mod tests {
         assert_eq!(end.ok().and_then(Result::ok), Some("ran to the end"));
 
         // Waited for, it answers in the caller's own task.
-        assert_eq!(RunToEnd::new(async { 7 }).await, 7);
+        assert_eq!(RunToEnd::new(async { 7 }).await.ok(), Some(7));
+    }
+
+    #[tokio::test]
+    async fn a_call_that_panics_is_an_error_and_is_not_run_again() {
+        let polls = Arc::new(AtomicUsize::new(0));
+        let counted = polls.clone();
+        let call = RunToEnd::new(async move {
+            counted.fetch_add(1, Ordering::Relaxed);
+            tokio::task::yield_now().await;
+            panic!("a bug in the call");
+        });
+        assert!(call.await.is_err());
+        tokio::task::yield_now().await;
+        assert_eq!(polls.load(Ordering::Relaxed), 1);
     }
 }

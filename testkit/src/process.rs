@@ -63,6 +63,12 @@ impl ServiceProcess {
     }
 
     fn spawn(name: &str, mut command: Command, env: &[(&str, String)]) -> Self {
+        // Tests hold hundreds of sockets of their own against the services they start; a
+        // shell's soft limit of 1024 would fail them before the service.
+        static RAISED: std::sync::Once = std::sync::Once::new();
+        RAISED.call_once(|| {
+            bookstore_common::fd_limit::raise();
+        });
         command
             .env_clear()
             .env("RUST_LOG", "info")
