@@ -86,8 +86,8 @@ pub fn router(
     });
     // Every layer in one `Router::layer` call, outermost first. Each call wraps every route in
     // one more box, and axum clones a route's whole boxed stack for each request it routes, so
-    // six calls cost each request some twenty allocations where one costs a few (measured: the
-    // page 1.17x faster without the three middleware functions, most of it this).
+    // a call per layer costs each request a box per layer below it (measured as the
+    // marketplace's CPU per page: about 1 µs of some 46 against the five calls this replaced).
     let edge = ServiceBuilder::new()
         .layer(middleware::from_fn_with_state(
             Arc::new(HttpMetrics::new(metrics.clone())),
