@@ -80,9 +80,9 @@ impl Callers {
         // A kept-alive connection the server closed before or while this request was written
         // is replaced once (a GET is safe to send again), as any client does; a failure on a
         // fresh connection is the answer.
-        for attempt in 0..2 {
-            let fresh = slot.as_ref().is_none_or(SendRequest::is_closed);
-            if fresh {
+        loop {
+            let reused = slot.as_ref().is_some_and(|c| !c.is_closed());
+            if !reused {
                 match self.connect().await {
                     Ok(connection) => *slot = Some(connection),
                     Err(_) => return transport(slot),
@@ -92,11 +92,11 @@ impl Callers {
                 return transport(slot);
             };
             if connection.ready().await.is_err() {
-                *slot = None;
-                if fresh || attempt > 0 {
-                    return Outcome::Failed("http:transport".into());
+                if reused {
+                    *slot = None;
+                    continue;
                 }
-                continue;
+                return transport(slot);
             }
             let request = Request::get(self.path.clone())
                 .header(HOST, &self.authority)
@@ -106,9 +106,7 @@ impl Callers {
             };
             let response = match connection.send_request(request).await {
                 Ok(response) => response,
-                Err(e)
-                    if (e.is_canceled() || e.is_incomplete_message()) && !fresh && attempt == 0 =>
-                {
+                Err(e) if reused && (e.is_canceled() || e.is_incomplete_message()) => {
                     *slot = None;
                     continue;
                 }
@@ -124,7 +122,6 @@ impl Callers {
                 }
             };
         }
-        transport(slot)
     }
 
     async fn connect(&self) -> anyhow::Result<Connection> {
