@@ -23,13 +23,15 @@ async fn stack(
     (recommendations, marketplace, web)
 }
 
+/// A backend address where nothing listens (the discard port).
+const VACANT: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9);
+
 /// A marketplace whose backend is never asked (unfinished requests never reach a handler).
 async fn marketplace_alone(
     pki: &TestPki,
     extra: &[(&'static str, String)],
 ) -> (ServiceProcess, SocketAddr) {
-    let vacant = SocketAddr::from(([127, 0, 0, 1], 9));
-    process::start_marketplace(pki.dir(), vacant, extra).await
+    process::start_marketplace(pki.dir(), VACANT, extra).await
 }
 
 /// A deadline, a queue wait and an in-flight limit far off, for tests of reach rather than of
@@ -243,14 +245,14 @@ async fn past_the_connection_cap_new_connections_are_refused_and_the_rest_keep_w
 #[tokio::test]
 async fn a_low_soft_open_file_limit_is_raised_so_the_connection_cap_is_reachable() {
     let pki = TestPki::new();
-    let env = [
-        ("LISTEN_ADDR", "127.0.0.1:0".to_owned()),
-        ("RECOMMENDATIONS_HOST", "localhost".to_owned()),
-        ("RECOMMENDATIONS_PORT", "9".to_owned()),
-        ("CERTS_DIR", pki.dir().display().to_string()),
-        ("HEADER_READ_TIMEOUT_SECS", secs(120)),
-        ("IDLE_TIMEOUT_SECS", secs(120)),
-    ];
+    let env = process::marketplace_env(
+        pki.dir(),
+        VACANT,
+        &[
+            ("HEADER_READ_TIMEOUT_SECS", secs(120)),
+            ("IDLE_TIMEOUT_SECS", secs(120)),
+        ],
+    );
     let mut marketplace = ServiceProcess::start_with_ulimit("marketplace", &env, "-S -n 256");
     let web = marketplace.listening_addr().await;
     let admin = marketplace.admin_addr().await;
@@ -296,13 +298,7 @@ async fn a_low_soft_open_file_limit_is_raised_so_the_connection_cap_is_reachable
 #[tokio::test]
 async fn a_hard_open_file_limit_below_the_caps_is_warned_about_at_start_up() {
     let pki = TestPki::new();
-    let vacant = SocketAddr::from(([127, 0, 0, 1], 9));
-    let env = [
-        ("LISTEN_ADDR", "127.0.0.1:0".to_owned()),
-        ("RECOMMENDATIONS_HOST", "localhost".to_owned()),
-        ("RECOMMENDATIONS_PORT", vacant.port().to_string()),
-        ("CERTS_DIR", pki.dir().display().to_string()),
-    ];
+    let env = process::marketplace_env(pki.dir(), VACANT, &[]);
     let mut marketplace = ServiceProcess::start_with_ulimit("marketplace", &env, "-n 256");
     let web = marketplace.listening_addr().await;
     let line = marketplace

@@ -264,6 +264,19 @@ pub async fn start_marketplace(
     backend: SocketAddr,
     extra: &[(&str, String)],
 ) -> (ServiceProcess, SocketAddr) {
+    let mut process = ServiceProcess::start("marketplace", &marketplace_env(certs, backend, extra));
+    let addr = process.listening_addr().await;
+    (process, addr)
+}
+
+/// The environment [`start_marketplace`] gives the marketplace, for a test that starts it
+/// another way: a free loopback port, recommendations at `localhost` on `backend`'s port, the
+/// PKI in `certs`; `extra` adds or overrides variables.
+pub fn marketplace_env<'a>(
+    certs: &Path,
+    backend: SocketAddr,
+    extra: &[(&'a str, String)],
+) -> Vec<(&'a str, String)> {
     let mut env = vec![
         ("LISTEN_ADDR", "127.0.0.1:0".to_owned()),
         ("RECOMMENDATIONS_HOST", "localhost".to_owned()),
@@ -271,7 +284,5 @@ pub async fn start_marketplace(
         ("CERTS_DIR", certs.display().to_string()),
     ];
     env.extend_from_slice(extra);
-    let mut process = ServiceProcess::start("marketplace", &env);
-    let addr = process.listening_addr().await;
-    (process, addr)
+    env
 }
