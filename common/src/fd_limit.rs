@@ -24,26 +24,16 @@ pub struct OpenFiles {
 pub fn raise() -> OpenFiles {
     let limit = getrlimit(Resource::Nofile);
     let before = limit.current;
-    if limit.current == limit.maximum {
-        return OpenFiles {
-            before,
-            now: before,
-        };
-    }
     let raised = Rlimit {
         current: limit.maximum,
         maximum: limit.maximum,
     };
-    match setrlimit(Resource::Nofile, raised) {
-        Ok(()) => OpenFiles {
-            before,
-            now: getrlimit(Resource::Nofile).current,
-        },
-        Err(_) => OpenFiles {
-            before,
-            now: before,
-        },
-    }
+    let now = if before != limit.maximum && setrlimit(Resource::Nofile, raised).is_ok() {
+        getrlimit(Resource::Nofile).current
+    } else {
+        before
+    };
+    OpenFiles { before, now }
 }
 
 /// [`raise`], then a line saying the limit, at warn level if it is below `connections` (what
