@@ -58,15 +58,18 @@ impl Logged {
             .map_or(0, |m| m.len())
     }
 
-    /// What was written after `mark`.
+    /// What was written after `mark` (only that part of the log is read).
     fn since(server: &Server, mark: u64) -> Self {
-        let Some(path) = &server.log else {
-            return Logged::default();
-        };
-        let written = std::fs::read(path).unwrap_or_default();
-        let new = written
-            .get(usize::try_from(mark).unwrap_or(usize::MAX)..)
-            .unwrap_or(&[]);
+        use std::io::{Read, Seek, SeekFrom};
+        let mut new = Vec::new();
+        if let Some(mut file) = server
+            .log
+            .as_ref()
+            .and_then(|p| std::fs::File::open(p).ok())
+            && file.seek(SeekFrom::Start(mark)).is_ok()
+        {
+            let _ = file.read_to_end(&mut new);
+        }
         Logged {
             lines: new.iter().filter(|b| **b == b'\n').count() as u64,
             bytes: new.len() as u64,
