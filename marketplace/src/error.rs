@@ -6,6 +6,7 @@ use std::sync::{LazyLock, Mutex};
 use askama::Template;
 use axum::{
     Json,
+    body::Bytes,
     http::{HeaderValue, StatusCode, header},
     response::{Html, IntoResponse, Response},
 };
@@ -164,20 +165,53 @@ impl<E: Into<AppError>> From<E> for HtmlError {
 impl IntoResponse for HtmlError {
     fn into_response(self) -> Response {
         let e = self.0;
-        let page = ErrorPage {
-            heading: e.heading(),
-            message: e.page_text(),
-            nav: NavLink::all(None),
-        };
-        let response = match page.render() {
-            Ok(html) => (e.status(), Html(html)).into_response(),
-            Err(render) => {
-                tracing::error!(error = %render, "error page failed to render");
-                (e.status(), e.to_string()).into_response()
-            }
+        let response = match fixed_page(&e) {
+            Some(html) => (e.status(), Html(html.clone())).into_response(),
+            None => match render_page(&e) {
+                Ok(html) => (e.status(), Html(html)).into_response(),
+                Err(render) => {
+                    tracing::error!(error = %render, "error page failed to render");
+                    (e.status(), e.to_string()).into_response()
+                }
+            },
         };
         e.with_retry_after(response)
     }
+}
+
+/// Every error whose page never changes (all but a bad request, which names its reason).
+const FIXED: [AppError; 7] = [
+    AppError::NoBooks,
+    AppError::Unavailable,
+    AppError::Busy,
+    AppError::NotFound,
+    AppError::UriTooLong,
+    AppError::HeadersTooLarge,
+    AppError::Internal,
+];
+
+/// `e`'s page if it never changes, rendered once: a flood answered 503 (shed) or 404 (a
+/// scanner) then costs no template work and no allocation for its body.
+fn fixed_page(e: &AppError) -> Option<&'static Bytes> {
+    static PAGES: LazyLock<Vec<(AppError, Bytes)>> = LazyLock::new(|| {
+        FIXED
+            .into_iter()
+            .filter_map(|e| render_page(&e).ok().map(|html| (e, Bytes::from(html))))
+            .collect()
+    });
+    PAGES
+        .iter()
+        .find(|(fixed, _)| fixed == e)
+        .map(|(_, html)| html)
+}
+
+fn render_page(e: &AppError) -> askama::Result<String> {
+    ErrorPage {
+        heading: e.heading(),
+        message: e.page_text(),
+        nav: NavLink::all(None),
+    }
+    .render()
 }
 
 /// An error shown as JSON: `{"error": {"code": "...", "message": "..."}}`.
@@ -196,5 +230,20 @@ impl IntoResponse for JsonError {
         let body = json!({ "error": { "code": e.code(), "message": e.to_string() } });
         let response = (e.status(), Json(body)).into_response();
         e.with_retry_after(response)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fixed_page_is_what_rendering_it_gives_and_a_bad_request_is_rendered_each_time() {
+        for e in FIXED {
+            let rendered = render_page(&e).expect("renders");
+            let fixed = fixed_page(&e).expect("kept");
+            assert_eq!(fixed.as_ref(), rendered.as_bytes(), "{e:?}");
+        }
+        assert!(fixed_page(&AppError::BadRequest("no".into())).is_none());
     }
 }
