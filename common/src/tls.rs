@@ -633,6 +633,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "service")]
     fn expiry_gauges_show_the_identity_and_the_last_ca_to_expire() {
         let now = OffsetDateTime::now_utc().replace_nanosecond(0).expect("ns");
         let (leaf, key) = self_signed(now - Duration::days(1), now + Duration::days(30));
