@@ -63,9 +63,15 @@ pub enum Target {
         label: String,
         callers: Arc<Callers>,
     },
-    Http {
+    /// HTTP/1.1 from one shared pool (the open loop's crowd).
+    Crowd {
         label: String,
-        /// One shared pool (HTTP/1.1, open loop), or one client per h2c connection.
+        client: reqwest::Client,
+        url: String,
+    },
+    /// HTTP/2 with prior knowledge, a client per connection.
+    H2c {
+        label: String,
         clients: Vec<reqwest::Client>,
         url: String,
     },
@@ -121,9 +127,9 @@ impl Target {
     /// none idle and keeps up to `idle` of them, so an open loop that outruns the server brings
     /// new connections, as more visitors would.
     pub fn http_crowd(url: &str, idle: usize) -> anyhow::Result<Self> {
-        Ok(Target::Http {
+        Ok(Target::Crowd {
             label: url.to_owned(),
-            clients: vec![http1_client(idle.max(1))?],
+            client: http1_client(idle.max(1))?,
             url: url.to_owned(),
         })
     }
@@ -140,7 +146,7 @@ impl Target {
                     .build()
             })
             .collect::<Result<_, _>>()?;
-        Ok(Target::Http {
+        Ok(Target::H2c {
             label: format!("h2c {url}"),
             clients,
             url: url.to_owned(),
@@ -151,17 +157,19 @@ impl Target {
         match self {
             Target::Grpc { label, .. }
             | Target::Http1 { label, .. }
-            | Target::Http { label, .. } => label,
+            | Target::Crowd { label, .. }
+            | Target::H2c { label, .. } => label,
         }
     }
 
-    /// Connections in use (gRPC: fixed; HTTP: at most one per concurrent caller).
+    /// Connections in use (gRPC, h2c and HTTP/1.1 callers: fixed; the crowd: at most one per
+    /// call outstanding).
     pub fn connections(&self, concurrency: usize) -> usize {
         match self {
             Target::Grpc { clients, .. } => clients.len(),
+            Target::H2c { clients, .. } => clients.len(),
             Target::Http1 { callers, .. } => callers.len(),
-            Target::Http { clients, .. } if clients.len() > 1 => clients.len(),
-            Target::Http { .. } => concurrency,
+            Target::Crowd { .. } => concurrency,
         }
     }
 
@@ -178,22 +186,25 @@ impl Target {
                 }
             }
             Target::Http1 { callers, .. } => callers.call(worker).await,
-            Target::Http { clients, url, .. } => {
-                match clients[worker % clients.len()].get(url).send().await {
-                    Ok(response) => {
-                        let status = response.status();
-                        // The whole body, as a browser would read it.
-                        match response.bytes().await {
-                            Ok(_) if status.is_success() => Outcome::Ok,
-                            Ok(_) => Outcome::Failed(format!("http:{}", status.as_u16())),
-                            Err(_) => Outcome::Failed("http:body".into()),
-                        }
-                    }
-                    Err(e) if e.is_timeout() => Outcome::Failed("http:timeout".into()),
-                    Err(_) => Outcome::Failed("http:transport".into()),
-                }
+            Target::Crowd { client, url, .. } => get(client, url).await,
+            Target::H2c { clients, url, .. } => get(&clients[worker % clients.len()], url).await,
+        }
+    }
+}
+
+/// One GET of `url`, its whole body read, as a browser would.
+async fn get(client: &reqwest::Client, url: &str) -> Outcome {
+    match client.get(url).send().await {
+        Ok(response) => {
+            let status = response.status();
+            match response.bytes().await {
+                Ok(_) if status.is_success() => Outcome::Ok,
+                Ok(_) => Outcome::Failed(format!("http:{}", status.as_u16())),
+                Err(_) => Outcome::Failed("http:body".into()),
             }
         }
+        Err(e) if e.is_timeout() => Outcome::Failed("http:timeout".into()),
+        Err(_) => Outcome::Failed("http:transport".into()),
     }
 }
 
@@ -205,4 +216,26 @@ fn http1_client(idle: usize) -> reqwest::Result<reqwest::Client> {
         .tcp_nodelay(true)
         .timeout(Duration::from_secs(30))
         .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_target_reports_the_connections_it_holds() {
+        let url = "http://127.0.0.1:9/";
+        let concurrency = 100;
+        let h2c = |n| {
+            Target::h2c(url, n)
+                .expect("client")
+                .connections(concurrency)
+        };
+        assert_eq!(h2c(1), 1);
+        assert_eq!(h2c(8), 8);
+        let http1 = Target::http(url, 32).expect("callers");
+        assert_eq!(http1.connections(concurrency), 32);
+        let crowd = Target::http_crowd(url, 50).expect("client");
+        assert_eq!(crowd.connections(concurrency), concurrency);
+    }
 }
