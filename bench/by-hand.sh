@@ -7,7 +7,7 @@
 #   bench/by-hand.sh cpu [CONNECTIONS...]  CPU per page of each service in a closed loop of
 #                                          this many connections; default 32 1000
 #
-# The marketplace's settings come from the environment, e.g.
+# Settings come from the environment, which both services inherit, e.g.
 #   MAX_REQUESTS_IN_FLIGHT=128 bench/by-hand.sh curve
 # Needs `cargo build --profile profiling -p marketplace -p recommendations -p loadgen`, a dev
 # PKI in certs/dev (`cargo xtask up` makes one), python3 and taskset. Ports 15000, 19090,
@@ -29,23 +29,27 @@ LISTEN_ADDR=127.0.0.1:50061 ADMIN_ADDR=127.0.0.1:19091 CERTS_DIR=$certs LOG_FORM
 pids+=($!)
 recommendations=$!
 sleep 0.5
-LISTEN_ADDR=127.0.0.1:15000 ADMIN_ADDR=127.0.0.1:19090 RECOMMENDATIONS_HOST=localhost \
-    RECOMMENDATIONS_PORT=50061 CERTS_DIR=$certs LOG_FORMAT=json \
+# By address, not by name: the marketplace calls every address a name resolves to, and
+# recommendations listens on 127.0.0.1 only. The dev certificate names localhost.
+LISTEN_ADDR=127.0.0.1:15000 ADMIN_ADDR=127.0.0.1:19090 RECOMMENDATIONS_HOST=127.0.0.1 \
+    RECOMMENDATIONS_PORT=50061 RECOMMENDATIONS_TLS_NAME=localhost CERTS_DIR=$certs LOG_FORMAT=json \
     taskset -c 0 "$bin/marketplace" 2>/dev/null &
 pids+=($!)
 marketplace=$!
+ready=
 for _ in $(seq 50); do
-    curl -fs -o /dev/null http://127.0.0.1:15000/ && break
+    curl -fs -o /dev/null http://127.0.0.1:15000/ && { ready=1; break; }
     sleep 0.1
 done
+[ -n "$ready" ] || { echo "the marketplace did not serve a page within 5 s" >&2; exit 1; }
 
-load() { taskset -c 1 "$bin/loadgen" http --url http://127.0.0.1:15000/ --json "$@" 2>/dev/null; }
+load() { taskset -c 1 "$bin/loadgen" http --url http://127.0.0.1:15000/ --json "$@"; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 case $what in
 curve)
     peak=$(load -c 32 -d "$secs" | python3 -c 'import json,sys; print(json.load(sys.stdin)["throughput"])')
-    printf 'peak (32 connections, closed loop): %.0f pages/s\n' "$peak"
+    python3 -c "print(f'peak (32 connections, closed loop): {$peak:.0f} pages/s')"
     for fraction in "${@:-0.9 1 1.25 1.5 2}"; do
         for f in $fraction; do
             rate=$(python3 -c "print(round($peak * $f))")
@@ -60,9 +64,11 @@ print(f'{$f}x, {$rate} offered: {r[\"throughput\"]:.0f} answered 200/s ({100 * r
 cpu)
     for connections in "${@:-32 1000}"; do
         for c in $connections; do
+            load -c "$c" -d 1 >/dev/null # connections open before the CPU is read
             m0=$(cpu_ticks "$marketplace")
             r0=$(cpu_ticks "$recommendations")
-            report=$(load -c "$c" -d "$secs")
+            # No warm-up inside the run: the CPU read around it must cover the pages it counts.
+            report=$(load -c "$c" -d "$secs" --warmup 0)
             m1=$(cpu_ticks "$marketplace")
             r1=$(cpu_ticks "$recommendations")
             ticks=$(getconf CLK_TCK)
