@@ -3,7 +3,9 @@
 # on CPU 1, as the benchmark's overload curve runs them (docs/performance.md).
 #
 #   bench/by-hand.sh curve [FRACTION...]   the open loop at these fractions of the closed-loop
-#                                          peak (32 connections); default 0.9 1 1.25 1.5 2
+#                                          peak (32 connections); default 0.9 1 1.25 1.5 2.
+#                                          PEAK=<pages/s> skips measuring the peak, so two
+#                                          builds can be offered the same rates
 #   bench/by-hand.sh cpu [CONNECTIONS...]  CPU per page of each service in a closed loop of
 #                                          this many connections; default 32 1000
 #
@@ -48,8 +50,13 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 case $what in
 curve)
-    peak=$(load -c 32 -d "$secs" | python3 -c 'import json,sys; print(json.load(sys.stdin)["throughput"])')
-    python3 -c "print(f'peak (32 connections, closed loop): {$peak:.0f} pages/s')"
+    if [ -n "${PEAK:-}" ]; then
+        peak=$PEAK
+        echo "peak (given): $peak pages/s"
+    else
+        peak=$(load -c 32 -d "$secs" | python3 -c 'import json,sys; print(json.load(sys.stdin)["throughput"])')
+        python3 -c "print(f'peak (32 connections, closed loop): {$peak:.0f} pages/s')"
+    fi
     for fraction in "${@:-0.9 1 1.25 1.5 2}"; do
         for f in $fraction; do
             rate=$(python3 -c "print(round($peak * $f))")
