@@ -1,7 +1,10 @@
 //! The HTTP surface driven without a socket, with a stand-in recommendations source (the real
 //! gRPC source is exercised in `against_recommendations.rs`).
 
-use std::sync::{Arc, Mutex};
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use async_trait::async_trait;
 use axum::{
@@ -12,7 +15,7 @@ use bookstore_common::{context::RequestContext, metrics::Metrics};
 use http_body_util::BodyExt;
 use marketplace::{
     books::{Book, Category, RecommendationQuery},
-    routes::router,
+    routes::{in_flight::STORM_DELAY, router},
     source::{RecommendationSource, SourceError},
 };
 use tower::ServiceExt;
@@ -582,6 +585,48 @@ async fn past_the_in_flight_limit_a_request_is_answered_busy_at_once_and_counted
     ] {
         assert!(text.contains(line), "missing {line} in:\n{text}");
     }
+}
+
+/// A client that asks again the moment it is refused makes a storm of refusals; once the
+/// marketplace sees one, each refusal waits before it is sent, and a page let in does not.
+#[tokio::test]
+async fn a_storm_of_refusals_is_slowed_and_pages_let_in_are_not() {
+    let (arrived, mut arrivals) = tokio::sync::mpsc::unbounded_channel();
+    let held = Arc::new(Held {
+        release: tokio::sync::Semaphore::new(0),
+        arrived,
+    });
+    let app = router(held.clone(), Metrics::new("marketplace", "0"), 1);
+    let holder = {
+        let app = app.clone();
+        tokio::spawn(async move { get_with(&app, "/", &[]).await.status() })
+    };
+    arrivals.recv().await.expect("the held page");
+    // Refused back to back, as fast as this process can ask, until one waits.
+    let started = Instant::now();
+    let mut refused = 0u32;
+    let slowed = loop {
+        let asked = Instant::now();
+        let answer = get_with(&app, "/style.css", &[]).await;
+        assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+        refused += 1;
+        let took = asked.elapsed();
+        if took >= STORM_DELAY {
+            break took;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{refused} refusals in 10 s, none slowed"
+        );
+    };
+    assert!(refused > 1_000, "slowed after only {refused} refusals");
+    assert!(slowed < STORM_DELAY * 5, "{slowed:?}");
+    // During the storm, a request let in is answered at once.
+    held.release.add_permits(2);
+    assert_eq!(holder.await.expect("held page"), StatusCode::OK);
+    let asked = Instant::now();
+    assert_eq!(get_with(&app, "/", &[]).await.status(), StatusCode::OK);
+    assert!(asked.elapsed() < STORM_DELAY, "{:?}", asked.elapsed());
 }
 
 #[tokio::test]
