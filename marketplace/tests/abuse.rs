@@ -389,7 +389,13 @@ async fn clients_that_cancel_their_pages_do_not_break_the_backend_connection() {
     let pki = TestPki::new();
     let (mut recommendations, backend) =
         process::start_recommendations(pki.dir(), &[("ARTIFICIAL_DELAY_MS", "200".into())]).await;
-    let (mut marketplace, web) = process::start_marketplace(pki.dir(), backend, &[]).await;
+    // 600 pages let in at once, so that 600 are given up on at once.
+    let (mut marketplace, web) = process::start_marketplace(
+        pki.dir(),
+        backend,
+        &[("MAX_REQUESTS_IN_FLIGHT", "1024".into())],
+    )
+    .await;
     let admin = marketplace.admin_addr().await;
     let picked = ["bookstore_backend_calls_total"];
     let mut clients = Vec::new();
