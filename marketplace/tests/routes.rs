@@ -520,6 +520,18 @@ struct Held {
     arrived: tokio::sync::mpsc::UnboundedSender<()>,
 }
 
+impl Held {
+    /// A source holding every call, and where each call's arrival is told.
+    fn new() -> (Arc<Self>, tokio::sync::mpsc::UnboundedReceiver<()>) {
+        let (arrived, arrivals) = tokio::sync::mpsc::unbounded_channel();
+        let held = Held {
+            release: tokio::sync::Semaphore::new(0),
+            arrived,
+        };
+        (Arc::new(held), arrivals)
+    }
+}
+
 #[async_trait]
 impl RecommendationSource for Held {
     async fn recommend(
@@ -538,11 +550,7 @@ impl RecommendationSource for Held {
 
 #[tokio::test]
 async fn past_the_in_flight_limit_a_request_is_answered_busy_at_once_and_counted() {
-    let (arrived, mut arrivals) = tokio::sync::mpsc::unbounded_channel();
-    let held = Arc::new(Held {
-        release: tokio::sync::Semaphore::new(0),
-        arrived,
-    });
+    let (held, mut arrivals) = Held::new();
     let metrics = Metrics::new("marketplace", "0");
     let app = router(held.clone(), metrics.clone(), 2);
     let in_flight: Vec<_> = (0..2)
@@ -591,11 +599,7 @@ async fn past_the_in_flight_limit_a_request_is_answered_busy_at_once_and_counted
 /// marketplace sees one, each refusal waits before it is sent, and a page let in does not.
 #[tokio::test]
 async fn a_storm_of_refusals_is_slowed_and_pages_let_in_are_not() {
-    let (arrived, mut arrivals) = tokio::sync::mpsc::unbounded_channel();
-    let held = Arc::new(Held {
-        release: tokio::sync::Semaphore::new(0),
-        arrived,
-    });
+    let (held, mut arrivals) = Held::new();
     let app = router(held.clone(), Metrics::new("marketplace", "0"), 1);
     let holder = {
         let app = app.clone();
