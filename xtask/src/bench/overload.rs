@@ -172,7 +172,7 @@ pub struct Overload {
 
 /// The open loop's cap on pages outstanding at once, per 1,000 pages a second offered (the load
 /// generator's `--concurrency` in open loop; at least 1,000 in all). Meant to be above what the
-/// marketplace lets in (1,024 requests in flight, on at most 2,048 connections), so that the
+/// marketplace lets in (128 requests in flight, on at most 2,048 connections), so that the
 /// marketplace refuses the excess, not the generator.
 const OPEN_LOOP_CONNECTIONS_PER_1000: usize = 500;
 
