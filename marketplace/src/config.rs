@@ -74,7 +74,7 @@ pub struct Config {
     #[arg(long, env = "MAX_HEAD_BYTES", default_value_t = 24 * 1024,
           value_parser = clap::value_parser!(u64).range(8192..=1024 * 1024))]
     pub max_head_bytes: u64,
-    /// Requests on LISTEN_ADDR being answered at once at most (under a hundredth of a second
+    /// Requests on LISTEN_ADDR being answered at once at most (about a hundredth of a second
     /// of pages at one core's peak); past it a request gets a 503 with Retry-After at once.
     /// Pages a second cannot exceed it over the backend's latency.
     #[arg(long, env = "MAX_REQUESTS_IN_FLIGHT", default_value_t = 128,
