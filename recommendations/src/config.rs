@@ -49,12 +49,15 @@ pub struct Config {
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 1024,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_connections: u64,
-    /// TLS handshakes in progress at most; past it new connections are closed on arrival.
+    /// TLS handshakes in progress at most, apart from the open connections (a connection takes
+    /// its place among MAX_CONNECTIONS once its handshake is done); past it the oldest pending
+    /// handshake gives way to the new connection, first among those that have sent nothing.
     #[arg(long, env = "MAX_HANDSHAKES", default_value_t = 128,
           value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub max_handshakes: u64,
-    /// Seconds a TLS handshake may take.
-    #[arg(long, env = "TLS_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10,
+    /// Seconds a TLS handshake may take (one round trip and a signature or two: far less on
+    /// any network a mutual-TLS client would use).
+    #[arg(long, env = "TLS_HANDSHAKE_TIMEOUT_SECS", default_value_t = 3,
           value_parser = clap::value_parser!(u64).range(1..=300))]
     pub tls_handshake_timeout_secs: u64,
     /// Seconds a connection may go with nothing moving either way (not even an HTTP/2 ping)

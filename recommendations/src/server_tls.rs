@@ -10,20 +10,31 @@
 //!   few lines a minute so a flood cannot fill a disk; every one is counted.
 //!
 //! It also owns the listener's connection limits, TLS or not ([`Incoming`]): a cap on open
-//! connections and on handshakes in progress (past either a new connection is closed on
-//! arrival), a handshake timeout, and an idle timeout (a connection on which nothing moves either
-//! way, not even an HTTP/2 ping, for that long is closed); once the server stops, a connection
-//! found with no call in flight at two checks 250 ms apart is closed. Each connection carries a
+//! connections (past it a new connection is closed on arrival), and for TLS a budget of its own
+//! for handshakes in progress, with a timeout; an idle timeout (a connection on which nothing
+//! moves either way, not even an HTTP/2 ping, for that long is closed); once the server stops,
+//! a connection found with no call in flight at two checks 250 ms apart is closed.
+//!
+//! **Anonymous connections cannot lock out authenticated ones.** A connection still in its
+//! handshake holds no place under the connection cap: it takes one only once its handshake is
+//! done (with mutual TLS, once it has shown a certificate the CA signed). When the handshake
+//! budget is full, a new connection is not refused: the oldest pending handshake gives way,
+//! first among those that have not sent a byte (an idle TCP connection never does; a real
+//! client sends its hello at once). A flood of connections that never finish their handshake
+//! then only shortens each other's lives, and a real client's handshake, which takes a round
+//! trip, completes between them. Each connection carries a
 //! [`PeerInfo`] to the request handlers, with its own count of calls in flight for the
 //! per-connection call limit.
 
 use std::{
+    collections::VecDeque,
     io,
     net::SocketAddr,
+    os::fd::AsFd,
     pin::Pin,
     sync::{
         Arc, RwLock,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -36,8 +47,7 @@ use rustls::{
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::{OwnedSemaphorePermit, Semaphore},
-    task::JoinSet,
+    task::{AbortHandle, JoinSet},
     time::{Instant, Sleep},
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
@@ -135,7 +145,7 @@ fn bad_config(files: &TlsFiles, e: rustls::Error) -> TlsError {
 pub struct ConnLimits {
     /// Open connections at most; more are closed on arrival.
     pub max_connections: usize,
-    /// TLS handshakes in progress at most; more connections are closed on arrival.
+    /// TLS handshakes in progress at most; past it the oldest gives way to a new connection.
     pub max_handshakes: usize,
     /// A TLS handshake taking longer is dropped.
     pub handshake_timeout: Duration,
@@ -182,7 +192,10 @@ pub struct Conn {
     stopping: Pin<Box<WaitForCancellationFutureOwned>>,
     /// After the stop: the next check, and whether the last one found no call in flight.
     closing: Option<(Pin<Box<Sleep>>, bool)>,
-    _slot: Slot,
+    /// Set at the first byte read from the peer (see [`PendingHandshake::silent`]).
+    spoke: Arc<AtomicBool>,
+    /// Its place under the connection cap; with TLS, taken once the handshake is done.
+    _slot: Option<Slot>,
 }
 
 impl Conn {
@@ -204,6 +217,9 @@ impl AsyncRead for Conn {
             Poll::Ready(result) => {
                 if buf.filled().len() > before {
                     this.progress();
+                    if !this.spoke.load(Ordering::Relaxed) {
+                        this.spoke.store(true, Ordering::Relaxed);
+                    }
                 }
                 Poll::Ready(result)
             }
@@ -361,21 +377,48 @@ impl AsyncWrite for ServerIo {
 }
 
 /// Accepted connections for `serve_with_incoming`, within the [`ConnLimits`]. With TLS,
-/// handshakes run concurrently (a slow client cannot hold up others) and each uses the
-/// configuration current when its TCP connection arrived. Dropping the stream closes the
-/// listening socket.
+/// handshakes run concurrently (a slow client cannot hold up others), each uses the
+/// configuration current when its TCP connection arrived, and each takes its place under the
+/// connection cap only once it is done. Dropping the stream closes the listening socket.
 pub struct Incoming {
     listener: TcpListener,
     tls: Option<Arc<ServerTls>>,
     limits: ConnLimits,
     cap: Arc<ConnectionCap>,
-    handshake_slots: Arc<Semaphore>,
     counters: Counters,
     handshakes: JoinSet<Option<TlsStream<Conn>>>,
+    /// The handshakes in progress, oldest first (finished ones are pruned when the budget is
+    /// full).
+    pending: VecDeque<PendingHandshake>,
     stop: CancellationToken,
     /// After an accept error (EMFILE…), accepting pauses briefly instead of spinning.
     paused: Option<Pin<Box<Sleep>>>,
     _closed: ListenerClosedLog,
+}
+
+/// A handshake in progress, as the budget sees it.
+struct PendingHandshake {
+    task: AbortHandle,
+    /// Set once the handshake has read from the peer.
+    spoke: Arc<AtomicBool>,
+    /// The same socket (a second descriptor), to ask the kernel whether the peer has sent
+    /// anything: the handshake task may not have run yet to read it.
+    socket: Option<std::net::TcpStream>,
+}
+
+impl PendingHandshake {
+    /// Whether the peer has sent nothing yet (or is gone): an idle TCP connection never sends,
+    /// a real client sends its hello at once.
+    fn silent(&self) -> bool {
+        if self.spoke.load(Ordering::Relaxed) {
+            return false;
+        }
+        let Some(socket) = &self.socket else {
+            return true;
+        };
+        // The descriptor shares the original's non-blocking mode.
+        !matches!(socket.peek(&mut [0u8; 1]), Ok(n) if n > 0)
+    }
 }
 
 /// Logs "Stopped accepting new connections" when dropped. The listener keeps one beside its
@@ -406,12 +449,12 @@ impl std::fmt::Debug for Incoming {
 /// share.
 #[derive(Clone)]
 struct Counters {
-    /// `bookstore_tls_handshakes_total{result}`: completed, refused, timed out.
+    /// `bookstore_tls_handshakes_total{result}`: completed, refused, timed out, evicted (gave
+    /// way to a newer connection with the budget full).
     completed: Counter,
     refused: Counter,
     timed_out: Counter,
-    /// `bookstore_connections_refused_total{listener="grpc", reason="max_handshakes"}`.
-    at_handshake_cap: Counter,
+    evicted: Counter,
     cap: Arc<ConnectionCap>,
 }
 
@@ -423,10 +466,7 @@ impl Counters {
             completed: handshakes("completed"),
             refused: handshakes("refused"),
             timed_out: handshakes("timed_out"),
-            at_handshake_cap: metrics.counter(
-                "bookstore_connections_refused_total",
-                &[("listener", "grpc"), ("reason", "max_handshakes")],
-            ),
+            evicted: handshakes("evicted"),
             cap,
         }
     }
@@ -457,21 +497,21 @@ impl Incoming {
             listener,
             tls,
             cap: cap.clone(),
-            handshake_slots: Arc::new(Semaphore::new(limits.max_handshakes)),
             limits,
             counters: Counters::new(metrics, cap),
             handshakes: JoinSet::new(),
+            pending: VecDeque::new(),
             stop,
             paused: None,
             _closed: ListenerClosedLog,
         }
     }
 
-    /// A new TCP connection within the caps, or None (closed and counted) past them.
-    fn admit(&self, tcp: TcpStream, peer: SocketAddr) -> Option<Conn> {
-        let slot = self.cap.admit(peer)?;
+    /// A new TCP connection, holding `slot` under the connection cap (None until its handshake
+    /// is done).
+    fn conn(&self, tcp: TcpStream, peer: SocketAddr, slot: Option<Slot>) -> Conn {
         let _ = tcp.set_nodelay(true);
-        Some(Conn {
+        Conn {
             tcp,
             remote_addr: peer,
             calls: Arc::new(AtomicUsize::new(0)),
@@ -479,8 +519,47 @@ impl Incoming {
             idle: Box::pin(tokio::time::sleep(self.limits.idle_timeout)),
             stopping: Box::pin(self.stop.clone().cancelled_owned()),
             closing: None,
+            spoke: Arc::new(AtomicBool::new(false)),
             _slot: slot,
-        })
+        }
+    }
+
+    /// Starts the handshake of `conn`. With the budget full, the oldest pending handshake whose
+    /// peer has sent nothing gives way first, else the oldest of all.
+    fn start_handshake(&mut self, tls: &ServerTls, conn: Conn) {
+        if self.pending.len() >= self.limits.max_handshakes {
+            let silent = self.pending.iter().position(PendingHandshake::silent);
+            if let Some(oldest) = self.pending.remove(silent.unwrap_or(0)) {
+                oldest.task.abort();
+                self.counters.evicted.increment(1);
+                if let Some(suppressed) = self.counters.may_log() {
+                    tracing::warn!(
+                        peer = %conn.remote_addr,
+                        max_handshakes = self.limits.max_handshakes,
+                        suppressed,
+                        "TLS handshakes at their limit: the oldest pending one gave way"
+                    );
+                }
+            }
+        }
+        let spoke = conn.spoke.clone();
+        let socket = conn
+            .tcp
+            .as_fd()
+            .try_clone_to_owned()
+            .ok()
+            .map(std::net::TcpStream::from);
+        let task = self.handshakes.spawn(handshake(
+            TlsAcceptor::from(tls.config()),
+            conn,
+            self.limits.handshake_timeout,
+            self.counters.clone(),
+        ));
+        self.pending.push_back(PendingHandshake {
+            task,
+            spoke,
+            socket,
+        });
     }
 }
 
@@ -489,7 +568,6 @@ async fn handshake(
     conn: Conn,
     timeout: Duration,
     counters: Counters,
-    _slot: OwnedSemaphorePermit,
 ) -> Option<TlsStream<Conn>> {
     let peer = conn.remote_addr;
     match tokio::time::timeout(timeout, acceptor.accept(conn)).await {
@@ -533,33 +611,15 @@ impl tokio_stream::Stream for Incoming {
             }
             match this.listener.poll_accept(cx) {
                 Poll::Ready(Ok((tcp, peer))) => {
-                    let Some(conn) = this.admit(tcp, peer) else {
-                        continue;
-                    };
-                    let Some(tls) = &this.tls else {
+                    let Some(tls) = this.tls.clone() else {
+                        let Some(slot) = this.cap.admit(peer) else {
+                            continue;
+                        };
+                        let conn = this.conn(tcp, peer, Some(slot));
                         return Poll::Ready(Some(Ok(ServerIo::Plain(conn))));
                     };
-                    let Ok(handshake_slot) = this.handshake_slots.clone().try_acquire_owned()
-                    else {
-                        this.counters.at_handshake_cap.increment(1);
-                        if let Some(suppressed) = this.counters.may_log() {
-                            tracing::warn!(
-                                %peer,
-                                max_handshakes = this.limits.max_handshakes,
-                                suppressed,
-                                "connection refused: too many TLS handshakes in progress"
-                            );
-                        }
-                        continue;
-                    };
-                    let acceptor = TlsAcceptor::from(tls.config());
-                    this.handshakes.spawn(handshake(
-                        acceptor,
-                        conn,
-                        this.limits.handshake_timeout,
-                        this.counters.clone(),
-                        handshake_slot,
-                    ));
+                    let conn = this.conn(tcp, peer, None);
+                    this.start_handshake(&tls, conn);
                     continue;
                 }
                 Poll::Ready(Err(e)) => {
@@ -575,17 +635,28 @@ impl tokio_stream::Stream for Incoming {
 }
 
 impl Incoming {
-    /// The next finished handshake, skipping refused ones.
+    /// The next finished handshake that finds a place under the connection cap, skipping
+    /// refused ones (and those past the cap, closed and counted).
     fn poll_handshakes(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<ServerIo>>> {
         loop {
-            return match self.handshakes.poll_join_next(cx) {
-                Poll::Ready(Some(Ok(Some(tls)))) => {
-                    Poll::Ready(Some(Ok(ServerIo::Tls(Box::new(tls)))))
-                }
-                // A refused handshake (already counted) or a handshake task that panicked.
-                Poll::Ready(Some(_)) => continue,
-                Poll::Ready(None) | Poll::Pending => Poll::Pending,
+            let (id, done) = match self.handshakes.poll_join_next_with_id(cx) {
+                Poll::Ready(Some(Ok((id, done)))) => (id, done),
+                Poll::Ready(Some(Err(e))) => (e.id(), None),
+                Poll::Ready(None) | Poll::Pending => return Poll::Pending,
             };
+            // Its second descriptor goes with it, or the socket would outlive the connection.
+            if let Some(at) = self.pending.iter().position(|p| p.task.id() == id) {
+                self.pending.remove(at);
+            }
+            // A refused, timed out or evicted handshake (already counted), or a handshake task
+            // that panicked.
+            let Some(mut tls) = done else { continue };
+            let conn = tls.get_mut().0;
+            let Some(slot) = self.cap.admit(conn.remote_addr) else {
+                continue;
+            };
+            conn._slot = Some(slot);
+            return Poll::Ready(Some(Ok(ServerIo::Tls(Box::new(tls)))));
         }
     }
 }

@@ -247,7 +247,9 @@ impl Application {
     /// here, before anything is served.
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
         config.check().map_err(anyhow::Error::msg)?;
-        fd_limit::raise_for(config.max_connections + config.admin_max_connections);
+        fd_limit::raise_for(
+            config.max_connections + config.max_handshakes + config.admin_max_connections,
+        );
         let catalog = load_catalog(config)?;
         let faults = faults(config);
         let metrics = Metrics::new("recommendations", env!("CARGO_PKG_VERSION"));

@@ -84,7 +84,7 @@ pub fn recommendations_config(certs_dir: &Path) -> recommendations::config::Conf
         catalog_max_bytes: 256 * 1024 * 1024,
         max_connections: 1024,
         max_handshakes: 128,
-        tls_handshake_timeout_secs: 10,
+        tls_handshake_timeout_secs: 3,
         idle_timeout_secs: 300,
         max_calls_per_connection: 256,
         max_calls: 2048,
