@@ -39,6 +39,7 @@ pub fn limits(max_connections: usize) -> HttpLimits {
         header_read_timeout: Duration::from_secs(5),
         idle_timeout: Duration::from_secs(30),
         max_head_bytes: http_server::MIN_HEAD_BYTES,
+        max_head_bytes_total: max_connections.saturating_mul(http_server::MIN_HEAD_BYTES),
         max_streams: 16,
     }
 }

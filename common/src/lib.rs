@@ -9,7 +9,8 @@
 //! - `shutdown`: the signal, and a drain bounded in time; `fd_limit`: the open-file limit,
 //!   raised at start-up to what the connection caps need.
 //! - `conn_cap`: the connection cap every listener shares; `http_server`: the HTTP listener
-//!   (marketplace's page, both admin ports); `admin`: the admin port (liveness, readiness,
+//!   (marketplace's page, both admin ports), and `head_budget`, its bound on unfinished request
+//!   heads; `admin`: the admin port (liveness, readiness,
 //!   metrics), binding a service's two ports, and the `healthcheck` subcommand.
 //! - `metrics` and `process_metrics`: the Prometheus registry and every series' help text;
 //!   `grpc_call`: what either end of a gRPC call records about it (series and log line) and
@@ -30,6 +31,8 @@ pub mod context;
 pub mod fd_limit;
 #[cfg(feature = "service")]
 pub mod grpc_call;
+#[cfg(feature = "service")]
+pub mod head_budget;
 #[cfg(feature = "service")]
 pub mod http_server;
 #[cfg(feature = "service")]

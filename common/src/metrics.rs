@@ -101,7 +101,7 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
     (
         "bookstore_tls_handshakes_total",
         Kind::Counter,
-        "TLS handshakes on the gRPC port, by result: completed, refused, timed_out.",
+        "TLS handshakes on the gRPC port, by result: completed, refused, timed_out, evicted (gave way to a newer connection with MAX_HANDSHAKES in progress).",
     ),
     (
         "bookstore_tls_reloads_total",
@@ -122,6 +122,11 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
         "bookstore_connections_refused_total",
         Kind::Counter,
         "Connections closed on arrival, by listener and reason.",
+    ),
+    (
+        "bookstore_connections_closed_total",
+        Kind::Counter,
+        "Open connections closed for what their client did, by listener and reason: head_too_large (an HTTP/2 header block past MAX_HEAD_BYTES), head_budget (an unfinished head that gave way to newer ones past MAX_HEAD_BYTES_TOTAL), send_stalled (answers waiting SEND_TIMEOUT for a client that does not read them).",
     ),
     (
         "bookstore_connections_open",

@@ -74,6 +74,12 @@ pub struct Config {
     #[arg(long, env = "MAX_HEAD_BYTES", default_value_t = 24 * 1024,
           value_parser = clap::value_parser!(u64).range(8192..=1024 * 1024))]
     pub max_head_bytes: u64,
+    /// Bytes of unfinished request heads on LISTEN_ADDR at most, over every connection (HTTP/2
+    /// header blocks included); past it the connections that have held theirs longest are
+    /// closed. At least MAX_HEAD_BYTES.
+    #[arg(long, env = "MAX_HEAD_BYTES_TOTAL", default_value_t = 16 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(8192..=1 << 34))]
+    pub max_head_bytes_total: u64,
     /// Requests on LISTEN_ADDR being answered at once at most (about a hundredth of a second
     /// of pages at one core's peak); past it a request gets a 503 with Retry-After at once.
     /// Pages a second cannot exceed it over the backend's latency.
@@ -111,6 +117,19 @@ pub struct Config {
 }
 
 impl Config {
+    /// Settings that are valid one by one but not together. Checked before anything is loaded
+    /// or bound.
+    pub fn check(&self) -> Result<(), String> {
+        if self.max_head_bytes_total < self.max_head_bytes {
+            return Err(format!(
+                "MAX_HEAD_BYTES_TOTAL ({}) is below MAX_HEAD_BYTES ({}): not even one whole head \
+                 would fit",
+                self.max_head_bytes_total, self.max_head_bytes
+            ));
+        }
+        Ok(())
+    }
+
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
     }
@@ -142,6 +161,7 @@ impl Config {
             header_read_timeout: Duration::from_secs(self.header_read_timeout_secs),
             idle_timeout: Duration::from_secs(self.idle_timeout_secs),
             max_head_bytes: to_usize(self.max_head_bytes),
+            max_head_bytes_total: to_usize(self.max_head_bytes_total),
             max_streams: MAX_STREAMS_PER_CONNECTION,
         }
     }

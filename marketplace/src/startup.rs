@@ -92,6 +92,7 @@ impl Application {
         config: &Config,
         resolver: Arc<dyn Resolve>,
     ) -> anyhow::Result<Self> {
+        config.check().map_err(anyhow::Error::msg)?;
         config.tls.tls_mode.warn_if_weak();
         fd_limit::raise_for(config.max_connections + config.admin_max_connections);
         let tls_stamps = (config.tls.tls_mode != TlsMode::Off)

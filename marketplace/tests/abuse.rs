@@ -7,6 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bookstore_common::http_server;
 use bookstore_testkit::{
     TestPki,
     process::{self, ServiceProcess},
@@ -716,4 +717,246 @@ async fn a_queue_that_moves_too_slowly_refuses_newcomers_at_once() {
         assert_eq!(status, Some(200));
     }
     drop(recommendations);
+}
+
+/// Issue 21: one h2c connection that set its stream window to 0 and opened 128 `GET /` streams
+/// held every place in flight, so every other client's page was a 503 (39 of 40 in 20 s), for
+/// good if it opened and reset a stream now and then. An answer now gives its place back when
+/// it is ready, and a connection whose answers stop moving is closed.
+async fn zero_window_hold(attackers: usize, keep_alive_trick: bool) {
+    let pki = TestPki::new();
+    let (_recommendations, mut marketplace, web) = stack(&pki, &[]).await;
+    let admin = marketplace.admin_addr().await;
+    let started = Instant::now();
+    let mut attacks = JoinSet::new();
+    for _ in 0..attackers {
+        let tcp = TcpStream::connect(web).await.expect("connect");
+        let (client, connection) = h2::client::Builder::new()
+            .initial_window_size(0)
+            .max_concurrent_reset_streams(0)
+            .handshake::<_, bytes::Bytes>(tcp)
+            .await
+            .expect("h2 handshake");
+        // Finishes when the server closes the connection.
+        let connection = tokio::spawn(connection);
+        attacks.spawn(async move {
+            let mut held = Vec::new();
+            let request = || {
+                http::Request::get(format!("http://{web}/"))
+                    .body(())
+                    .expect("request")
+            };
+            for _ in 0..128 {
+                let Ok(mut ready) = client.clone().ready().await else {
+                    break;
+                };
+                let Ok(stream) = ready.send_request(request(), true) else {
+                    break;
+                };
+                held.push(stream);
+            }
+            let mut tricks = 0;
+            let closed = async {
+                let _ = connection.await;
+                started.elapsed()
+            };
+            tokio::pin!(closed);
+            loop {
+                tokio::select! {
+                    took = &mut closed => break (took, held.len(), tricks),
+                    () = tokio::time::sleep(Duration::from_secs(2)), if keep_alive_trick => {
+                        // One more stream, at once reset: a request started and ended.
+                        if let Ok(mut ready) = client.clone().ready().await
+                            && let Ok((_, mut stream)) = ready.send_request(request(), false)
+                        {
+                            stream.send_reset(h2::Reason::CANCEL);
+                            tricks += 1;
+                        }
+                    }
+                    () = tokio::time::sleep(Duration::from_secs(30)) => {
+                        break (Duration::MAX, held.len(), tricks);
+                    }
+                }
+            }
+        });
+    }
+    // Another client's pages, ten a second, throughout.
+    let mut pages = Vec::new();
+    let mut peak_rss_kib = 0;
+    while started.elapsed() < http_server::SEND_TIMEOUT + Duration::from_secs(4) {
+        pages.push(raw::get(web, "/").await);
+        peak_rss_kib = peak_rss_kib.max(marketplace.rss_kib());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ok = pages.iter().filter(|s| **s == Some(200)).count();
+    assert!(
+        ok * 100 >= pages.len() * 99,
+        "{ok} of {} pages were 200: {pages:?}",
+        pages.len()
+    );
+    for (took, held, tricks) in attacks.join_all().await {
+        assert_eq!(held, 128, "the attacker could not open its streams");
+        assert!(
+            !keep_alive_trick || tricks >= 3,
+            "only {tricks} streams opened and reset"
+        );
+        assert!(
+            took <= http_server::SEND_TIMEOUT + Duration::from_secs(3),
+            "the attacker's connection lasted {took:?}"
+        );
+    }
+    let metrics = raw::scrape(admin).await;
+    let closed = raw::metric(
+        &metrics,
+        &[
+            "bookstore_connections_closed_total",
+            "listener=\"http\"",
+            "reason=\"send_stalled\"",
+        ],
+    );
+    assert_eq!(closed, attackers as f64, "{metrics}");
+    eprintln!(
+        "{attackers} zero-window connection(s), trick {keep_alive_trick}: {ok} of {} pages 200, \
+         peak RSS {peak_rss_kib} KiB",
+        pages.len()
+    );
+}
+
+#[tokio::test]
+async fn one_connection_that_never_reads_its_answers_takes_nothing_from_other_clients() {
+    zero_window_hold(1, false).await;
+}
+
+#[tokio::test]
+async fn one_connection_that_never_reads_and_keeps_opening_streams_is_closed_all_the_same() {
+    zero_window_hold(1, true).await;
+}
+
+#[tokio::test]
+async fn eight_connections_that_never_read_their_answers_take_nothing_from_other_clients() {
+    zero_window_hold(8, false).await;
+}
+
+#[tokio::test]
+async fn eight_connections_that_never_read_and_keep_opening_streams_are_closed_all_the_same() {
+    zero_window_hold(8, true).await;
+}
+
+/// 2,000 h2c connections each sending `block` (after the preface and SETTINGS) and holding it,
+/// the way an attack would until the first-request timeout: the marketplace's RSS before and at
+/// its peak, and its metrics after.
+async fn unfinished_header_blocks(block: &[u8]) -> (u64, u64, String) {
+    let pki = TestPki::new();
+    let (mut marketplace, web) = marketplace_alone(&pki, &[]).await;
+    let admin = marketplace.admin_addr().await;
+    let before = marketplace.rss_kib();
+    let mut attack = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    attack.extend([0, 0, 0, 4, 0, 0, 0, 0, 0]); // an empty SETTINGS frame
+    attack.extend_from_slice(block);
+    let attack = std::sync::Arc::new(attack);
+    let mut connections = JoinSet::new();
+    for _ in 0..2000 {
+        let attack = attack.clone();
+        connections.spawn(async move {
+            let mut stream = TcpStream::connect(web).await.ok()?;
+            // Stops at the first write the server no longer takes.
+            let _ = stream.write_all(&attack).await;
+            Some(stream)
+        });
+    }
+    let mut peak = before;
+    let mut streams = Vec::new();
+    while !connections.is_empty() {
+        peak = peak.max(marketplace.rss_kib());
+        tokio::select! {
+            Some(done) = connections.join_next() => {
+                streams.extend(done.ok().flatten());
+            }
+            () = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+    // Held while the server reads them all (the kernel took every write at once): until none
+    // is left unread, for at least a second.
+    let held = Instant::now();
+    loop {
+        peak = peak.max(marketplace.rss_kib());
+        let text = raw::scrape(admin).await;
+        let sorted = closed_for(&text, "head_too_large") + closed_for(&text, "head_budget");
+        let open = raw::metric(&text, &["bookstore_connections_open", "listener=\"http\""]);
+        if held.elapsed() > Duration::from_secs(1) && sorted + open >= 2000.0 {
+            eprintln!("all read after {:?}", held.elapsed());
+            break;
+        }
+        assert!(
+            held.elapsed() < Duration::from_secs(20),
+            "{sorted} closed, {open} open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The site still answers.
+    assert_eq!(raw::get(web, "/style.css").await, Some(200));
+    let metrics = raw::scrape(admin).await;
+    drop(streams);
+    (before, peak, metrics)
+}
+
+/// An HTTP/2 frame of `length` zero bytes.
+fn h2_frame(kind: u8, flags: u8, length: usize) -> Vec<u8> {
+    let [_, a, b, c] = u32::try_from(length).expect("a frame length").to_be_bytes();
+    let mut bytes = vec![a, b, c, kind, flags, 0, 0, 0, 1];
+    bytes.resize(9 + length, 0);
+    bytes
+}
+
+fn closed_for(metrics: &str, reason: &str) -> f64 {
+    raw::metric(
+        metrics,
+        &[
+            "bookstore_connections_closed_total",
+            "listener=\"http\"",
+            &format!("reason=\"{reason}\""),
+        ],
+    )
+}
+
+/// Issue 21: each HTTP/2 connection could hold about 96 KB of unfinished header block (a
+/// 16 KiB HEADERS frame and five CONTINUATIONs of 16 KiB) for the first-request timeout;
+/// 2,000 of them took the marketplace from 12.9 to 190.5 MiB, past its 160 MiB container
+/// limit. A block is now held to MAX_HEAD_BYTES: the connection is closed at the frame that
+/// would cross it.
+#[tokio::test]
+async fn two_thousand_oversized_http2_header_blocks_stay_within_half_the_memory_limit() {
+    let mut block = h2_frame(0x1, 0, 16_384); // HEADERS without END_HEADERS
+    for _ in 0..5 {
+        block.extend(h2_frame(0x9, 0, 16_384)); // CONTINUATION without END_HEADERS
+    }
+    let (before, peak, metrics) = unfinished_header_blocks(&block).await;
+    let too_large = closed_for(&metrics, "head_too_large");
+    let gave_way = closed_for(&metrics, "head_budget");
+    eprintln!(
+        "2,000 blocks of 96 KiB: RSS {before} KiB, peak {peak} KiB; {too_large} closed at the \
+         bound, {gave_way} gave way"
+    );
+    // Half of the 160 MiB container limit.
+    assert!(peak <= 80 * 1024, "peak RSS {peak} KiB (from {before})");
+    // Every one closed, nearly all at the frame that crossed the bound (the first few may give
+    // way before, with the budget full of 16 KiB HEADERS frames).
+    assert_eq!(too_large + gave_way, 2000.0, "{metrics}");
+    assert!(too_large >= 1000.0, "{metrics}");
+}
+
+/// The same with blocks just under MAX_HEAD_BYTES (24 KiB): each is allowed, but all of them
+/// together are held to MAX_HEAD_BYTES_TOTAL (16 MiB); past it the connections that have held
+/// theirs longest give way.
+#[tokio::test]
+async fn two_thousand_unfinished_http2_header_blocks_share_one_budget() {
+    let mut block = h2_frame(0x1, 0, 16_384);
+    block.extend(h2_frame(0x9, 0, 24 * 1024 - 16_384));
+    let (before, peak, metrics) = unfinished_header_blocks(&block).await;
+    let gave_way = closed_for(&metrics, "head_budget");
+    eprintln!("2,000 blocks of 24 KiB: RSS {before} KiB, peak {peak} KiB; {gave_way} gave way");
+    assert!(peak <= 80 * 1024, "peak RSS {peak} KiB (from {before})");
+    // 16 MiB holds 682 blocks of 24 KiB.
+    assert!(gave_way >= 1300.0, "{metrics}");
+    assert_eq!(closed_for(&metrics, "head_too_large"), 0.0, "{metrics}");
 }

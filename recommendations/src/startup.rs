@@ -199,6 +199,9 @@ fn routes(
     });
     Ok(Server::builder()
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        // tonic turns off hyper's bound on streams the server itself resets for a peer's
+        // errors (the "MadeYouReset" attack); this is hyper's own default.
+        .http2_max_local_error_reset_streams(Some(1024))
         .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
         .layer(ProtocolLayer::new(metrics))
         .layer(CallLayer::new(metrics.clone(), METHODS, MAX_CALL_DURATION))

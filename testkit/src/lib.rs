@@ -117,6 +117,7 @@ pub fn marketplace_config(
         header_read_timeout_secs: 10,
         idle_timeout_secs: 60,
         max_head_bytes: 24 * 1024,
+        max_head_bytes_total: 16 * 1024 * 1024,
         max_requests_in_flight: 1024,
         max_queued_calls: 2048,
         max_queue_wait_ms: 250,

@@ -3,9 +3,11 @@
 //! microseconds each and the requests let in keep their latency: without it every connection's
 //! request is let in, and all of them share the CPU until each takes seconds.
 //!
-//! A request holds its place until its answer's body is sent or dropped, not only while its
-//! handler runs: a client that stops reading (an HTTP/2 window left at zero) otherwise keeps
-//! answers in memory beyond the bound, as many as its streams allow on every connection.
+//! A place is for work: a request holds it while its handler runs, and gives it back when its
+//! answer is ready. An answer that then waits for the client (one that stops reading, an HTTP/2
+//! window left at zero) holds no place; the listener bounds those answers' bytes per connection
+//! and in total, and closes a connection whose answers stop moving
+//! ([`bookstore_common::http_server`]).
 //!
 //! Clients that ask again the moment they are refused would make a storm of refusals, each a
 //! few microseconds of CPU taken from the pages let in. While refusals are most of what arrives,
@@ -22,13 +24,11 @@ use std::{
 };
 
 use axum::{
-    body::Body,
     extract::{Request, State},
     middleware::Next,
     response::{IntoResponse, Response},
 };
 use bookstore_common::metrics::Metrics;
-use http_body_util::BodyExt;
 use metrics::Counter;
 use tokio::sync::Semaphore;
 
@@ -56,7 +56,7 @@ impl InFlight {
     }
 }
 
-/// Lets a request in if a slot is free (until its answer is sent), else answers 503: at once,
+/// Lets a request in if a slot is free (until its answer is ready), else answers 503: at once,
 /// or after [`STORM_DELAY`] during a storm of refusals. JSON on the API, a page elsewhere.
 pub async fn limit(
     State(in_flight): State<Arc<InFlight>>,
@@ -76,13 +76,9 @@ pub async fn limit(
         };
     };
     in_flight.storm.let_in(arrived);
-    next.run(request).await.map(|body| {
-        Body::new(body.map_frame(move |frame| {
-            // Owned by the body: given back when the body is done with or dropped.
-            let _ = &slot;
-            frame
-        }))
-    })
+    let response = next.run(request).await;
+    drop(slot);
+    response
 }
 
 /// Counts, over windows of [`StormWatch::WINDOW`], the requests let in and refused, and tells
