@@ -469,6 +469,29 @@ mod tests {
     }
 
     #[test]
+    fn a_block_is_refused_at_the_frame_that_crosses_the_bound_however_it_is_split() {
+        let mut block = frame(HEADERS, 0, 16_384);
+        for _ in 0..5 {
+            block.extend(frame(CONTINUATION, 0, 16_384));
+        }
+        // The second frame's header is what crosses 24 KiB.
+        let crossing = FRAME_HEADER + 16_384 + FRAME_HEADER;
+        for size in [1, 7, 9, 10, 100, 4096, 8195, 16_393, 16_402, 100_000] {
+            let mut frames = Frames::default();
+            let mut read = 0;
+            let failed_at = block.chunks(size).find_map(|chunk| {
+                read += chunk.len();
+                frames.read(chunk, 24 * 1024).is_err().then_some(read)
+            });
+            let failed_at = failed_at.unwrap_or_else(|| panic!("never refused, reads of {size}"));
+            assert!(
+                failed_at >= crossing && failed_at < crossing + size,
+                "reads of {size}: refused after {failed_at} bytes"
+            );
+        }
+    }
+
+    #[test]
     fn any_frame_still_arriving_counts_at_its_declared_length() {
         let mut frames = Frames::default();
         let data = frame(0x0, 0, 16_384);
