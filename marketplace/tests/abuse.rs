@@ -955,10 +955,16 @@ fn closed_for(metrics: &str, reason: &str) -> f64 {
 /// would cross it.
 #[tokio::test]
 async fn two_thousand_oversized_http2_header_blocks_stay_within_half_the_memory_limit() {
-    let block = unfinished_block(&[16_384; 6]);
-    // Every one closed.
-    let (before, peak, metrics) =
-        unfinished_header_blocks(&block, |closed, _| closed >= 2000.0).await;
+    // As the attack was measured: zero bytes, which h2 decodes as they come (empty headers),
+    // keeping what it decoded until the block ends.
+    let mut block = Vec::new();
+    for kind in [0x1, 0x9, 0x9, 0x9, 0x9, 0x9] {
+        block.extend([0x00, 0x40, 0x00, kind, 0, 0, 0, 0, 1]);
+        block.resize(block.len() + 16_384, 0);
+    }
+    // Every one closed: by the bound, or by h2 itself when what it decoded outgrew its own
+    // limit first (not counted here).
+    let (before, peak, metrics) = unfinished_header_blocks(&block, |_, open| open == 0.0).await;
     let too_large = closed_for(&metrics, "head_too_large");
     let gave_way = closed_for(&metrics, "head_budget");
     eprintln!(
@@ -967,9 +973,6 @@ async fn two_thousand_oversized_http2_header_blocks_stay_within_half_the_memory_
     );
     // Half of the 160 MiB container limit.
     assert!(peak <= 80 * 1024, "peak RSS {peak} KiB (from {before})");
-    // Every one closed, nearly all at the frame that crossed the bound (the first few may give
-    // way before, with the budget full of 16 KiB HEADERS frames).
-    assert_eq!(too_large + gave_way, 2000.0, "{metrics}");
     assert!(too_large >= 1000.0, "{metrics}");
 }
 
