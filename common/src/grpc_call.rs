@@ -19,7 +19,7 @@ use std::{
     fmt,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, OnceLock},
+    sync::{Arc, Mutex, OnceLock},
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -31,6 +31,7 @@ use tonic::{Code, Status, body::Body};
 
 use crate::{
     context::{RequestId, TraceContext},
+    log_limit::LogLimit,
     metrics::Metrics,
     request_log::RequestLog,
 };
@@ -96,6 +97,9 @@ pub struct CallSeries {
     handles: Vec<Handles>,
     /// Which calls get a line of their own.
     lines: RequestLog,
+    /// Calls shed (RESOURCE_EXHAUSTED) come in floods: a few lines a minute, the metrics count
+    /// every one.
+    shed_lines: Mutex<LogLimit>,
 }
 
 impl fmt::Debug for CallSeries {
@@ -117,6 +121,7 @@ impl CallSeries {
             metrics,
             methods,
             lines: RequestLog::from_settings(),
+            shed_lines: Mutex::new(LogLimit::per_minute(10)),
         };
         for slot in 0..methods.len() {
             series.started(slot).increment(0);
@@ -390,7 +395,7 @@ impl CallRecord {
         };
         let latency_ms = elapsed.as_secs_f64() * 1e3;
         macro_rules! call_line {
-            ($level:ident) => {
+            ($level:ident $(, $extra:ident)*) => {
                 tracing::$level!(
                     target: "bookstore::grpc",
                     side,
@@ -403,11 +408,21 @@ impl CallRecord {
                     trace_id = %trace_id,
                     // Not `message`: that key is the event's own text in JSON logs.
                     grpc_message = status.message(),
+                    $($extra,)*
                     "gRPC call"
                 )
             };
         }
-        if is_server_fault(status.code()) {
+        if status.code() == Code::ResourceExhausted {
+            let admitted = series
+                .shed_lines
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .admit();
+            if let Some(suppressed) = admitted {
+                call_line!(warn, suppressed);
+            }
+        } else if is_server_fault(status.code()) {
             call_line!(warn);
         } else if !series.lines.admit(status.code() != Code::Ok, elapsed) {
             // Counted and timed above; not every call needs a line of its own.

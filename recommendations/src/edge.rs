@@ -15,7 +15,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
 };
@@ -34,6 +34,11 @@ use crate::server_tls::PeerInfo;
 pub const UNDECODABLE: &str = "the request message could not be decoded";
 /// What a caller reads for any other failure of ours or of the library: never its text.
 pub const INTERNAL: &str = "internal error";
+/// What a call whose caller reset its stream before its message was whole is recorded with.
+pub const CANCELLED: &str = "the caller cancelled the call";
+/// What a caller reads for a compressed request (the library's own text named its internals).
+pub const COMPRESSED: &str =
+    "compressed requests are not supported: send them uncompressed (grpc-encoding: identity)";
 
 /// Refuses requests that are not gRPC with a plain HTTP status.
 #[derive(Clone)]
@@ -280,8 +285,9 @@ where
             Err(status) => return Box::pin(std::future::ready(Ok(status.into_http()))),
         };
         let unary = self.shared.unary.contains(&request.uri().path());
+        let cancelled = Arc::new(AtomicBool::new(false));
         let request = if unary {
-            request.map(|body| Body::new(OneMessage::new(body)))
+            request.map(|body| Body::new(OneMessage::new(body, cancelled.clone())))
         } else {
             request
         };
@@ -289,7 +295,13 @@ where
         let max_bytes = self.shared.max_message_bytes;
         Box::pin(async move {
             let mut response = call.await?;
-            clean_status(response.headers_mut(), max_bytes);
+            if cancelled.load(Ordering::Relaxed) {
+                // tonic answers a request body cut short "Missing request message" (INTERNAL);
+                // the caller gave up, which is CANCELLED.
+                let _ = Status::cancelled(CANCELLED).add_header(response.headers_mut());
+            } else {
+                clean_status(response.headers_mut(), max_bytes);
+            }
             if unary {
                 // The answer is complete; its trailers are tonic's status for our handler's
                 // result (an encoder cannot fail on our small messages).
@@ -324,6 +336,9 @@ fn clean_status(headers: &mut HeaderMap, max_message_bytes: usize) {
         }
         Code::OutOfRange => {
             format!("the request message is larger than the limit of {max_message_bytes} bytes")
+        }
+        Code::Unimplemented if status.message().starts_with("Content is compressed") => {
+            COMPRESSED.to_owned()
         }
         _ => return,
     };
@@ -376,6 +391,8 @@ impl HttpBody for CleanTrailers {
 /// gRPC's "request cardinality violation". It reads the 5-byte frame headers as they pass.
 struct OneMessage {
     body: Body,
+    /// Set when the caller resets the stream before the message is whole.
+    cancelled: Arc<AtomicBool>,
     /// Bytes of the current frame header read so far (5 in all: flag and length).
     header: [u8; 5],
     header_len: usize,
@@ -385,9 +402,10 @@ struct OneMessage {
 }
 
 impl OneMessage {
-    fn new(body: Body) -> Self {
+    fn new(body: Body, cancelled: Arc<AtomicBool>) -> Self {
         OneMessage {
             body,
+            cancelled,
             header: [0; 5],
             header_len: 0,
             remaining: 0,
@@ -423,6 +441,21 @@ impl OneMessage {
     }
 }
 
+/// Whether `status` comes from the caller resetting its HTTP/2 stream.
+fn reset_by_caller(status: &Status) -> bool {
+    if status.code() == Code::Cancelled {
+        return true;
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(error) = cause {
+        if let Some(h2) = error.downcast_ref::<h2::Error>() {
+            return h2.is_reset() && h2.is_remote();
+        }
+        cause = error.source();
+    }
+    false
+}
+
 fn cardinality() -> Status {
     Status::unimplemented("a unary call carries exactly one request message")
 }
@@ -448,6 +481,13 @@ impl HttpBody for OneMessage {
             // No message at all. A stream cut inside a frame is left to the decoder (INTERNAL).
             Poll::Ready(None) if self.messages == 0 && self.header_len == 0 => {
                 Poll::Ready(Some(Err(cardinality())))
+            }
+            // The caller reset its stream before its message was whole: it gave up, which is
+            // CANCELLED, not a failure of ours (noted for the answer: tonic reports a body that
+            // failed as a missing message).
+            Poll::Ready(Some(Err(status))) if reset_by_caller(&status) => {
+                self.cancelled.store(true, Ordering::Relaxed);
+                Poll::Ready(Some(Err(Status::cancelled(CANCELLED))))
             }
             other => other,
         }
@@ -478,14 +518,14 @@ mod tests {
     fn one_message_passes_in_any_chunking_and_a_second_is_refused() {
         let one = frame(10);
         for split in 0..one.len() {
-            let mut body = OneMessage::new(Body::empty());
+            let mut body = OneMessage::new(Body::empty(), Arc::default());
             body.follow(&one[..split]).expect("first part");
             body.follow(&one[split..]).expect("second part");
             assert_eq!(body.messages, 1);
         }
         let mut two = frame(3);
         two.extend(frame(0));
-        let mut body = OneMessage::new(Body::empty());
+        let mut body = OneMessage::new(Body::empty(), Arc::default());
         let refused = body.follow(&two).expect_err("two messages");
         assert_eq!(refused.code(), Code::Unimplemented);
     }
@@ -517,6 +557,13 @@ mod tests {
         assert!(
             text(Code::OutOfRange, "Error, decoded message length too large")
                 .contains("4096 bytes")
+        );
+        assert_eq!(
+            text(
+                Code::Unimplemented,
+                "Content is compressed with `gzip` which isn't supported"
+            ),
+            COMPRESSED
         );
         assert_eq!(
             text(Code::NotFound, "Category not found"),

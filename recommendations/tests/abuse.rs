@@ -76,6 +76,15 @@ async fn calls_shed_past_the_connection_limit_are_counted_by_the_server() {
     let shed = shed(&codes);
     assert_eq!(shed, 44, "{codes:?}");
     assert_eq!(shed_counted_by_server(admin).await, 44.0);
+    // Counted, every one; logged a few times a minute (each used to get a WARN line).
+    let lines: Vec<_> = server
+        .read_available()
+        .iter()
+        .filter(|l| l.contains("gRPC call") && l.contains("ResourceExhausted"))
+        .cloned()
+        .collect();
+    assert!(lines.len() <= 10, "{} lines for 44 shed calls", lines.len());
+    assert!(!lines.is_empty(), "not one line for 44 shed calls");
 }
 
 fn shed(codes: &[Code]) -> usize {
@@ -548,6 +557,112 @@ async fn requests_that_break_the_grpc_protocol_are_refused() {
         (answer.http, answer.grpc.as_deref()),
         (200, Some("0")),
         "one message is served: {answer:?}"
+    );
+}
+
+/// Issue 21: a call whose client reset its stream before its message was whole was counted and
+/// logged as UNKNOWN "internal error"; the caller gave up, which is CANCELLED.
+#[tokio::test]
+async fn a_call_cut_off_by_its_client_is_counted_as_cancelled() {
+    let (mut server, client) = h2_plaintext().await;
+    let admin = server.admin_addr().await;
+    let request = http::Request::builder()
+        .method("POST")
+        .uri("http://localhost/Recommendations/Recommend")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request");
+    let mut ready = client.clone().ready().await.expect("ready");
+    let (_response, mut stream) = ready.send_request(request, false).expect("send");
+    // A frame header promising 10 bytes, and 3 of them; then the client gives up.
+    stream
+        .send_data(Bytes::from_static(&[0, 0, 0, 0, 10, 8, 1, 16]), false)
+        .expect("part of a message");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stream.send_reset(h2::Reason::CANCEL);
+    let code = |code: &str| {
+        let code = format!("grpc_code=\"{code}\"");
+        move |text: &str| {
+            raw::metric(
+                text,
+                &["grpc_server_handled_total", "Recommend\"", code.as_str()],
+            )
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = raw::scrape(admin).await;
+        if code("Canceled")(&text) + code("Unknown")(&text) + code("Internal")(&text) > 0.0 {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the call was never counted:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(code("Canceled")(&text), 1.0, "{text}");
+    assert_eq!(
+        code("Unknown")(&text) + code("Internal")(&text),
+        0.0,
+        "{text}"
+    );
+    // It is the caller's doing: no warning for it.
+    let warnings: Vec<_> = server
+        .read_available()
+        .iter()
+        .filter(|l| l.contains("WARN") && l.contains("gRPC call"))
+        .cloned()
+        .collect();
+    assert!(warnings.is_empty(), "{warnings:?}");
+}
+
+/// Issue 21: a compressed request got the library's own text ("Content is compressed with
+/// `gzip` which isn't supported"); it gets UNIMPLEMENTED with a text of ours, which says what
+/// to do instead.
+#[tokio::test]
+async fn a_compressed_request_is_told_to_come_uncompressed() {
+    let (_server, client) = h2_plaintext().await;
+    let request = http::Request::builder()
+        .method("POST")
+        .uri("http://localhost/Recommendations/Recommend")
+        .header("content-type", "application/grpc")
+        .header("grpc-encoding", "gzip")
+        .header("te", "trailers")
+        .body(())
+        .expect("request");
+    let mut ready = client.clone().ready().await.expect("ready");
+    let (response, mut stream) = ready.send_request(request, false).expect("send");
+    // The compressed flag set, on a few bytes that are not gzip at all.
+    stream
+        .send_data(Bytes::from_static(&[1, 0, 0, 0, 2, 8, 1]), true)
+        .expect("body");
+    let response = response.await.expect("response");
+    let headers = response.headers().clone();
+    let mut body = response.into_body();
+    while let Some(chunk) = body.data().await {
+        let _ = chunk.map(|c| body.flow_control().release_capacity(c.len()));
+    }
+    let trailers = body.trailers().await.ok().flatten().unwrap_or_default();
+    let status = |name: &str| {
+        headers
+            .get(name)
+            .or_else(|| trailers.get(name))
+            .map(|v| v.to_str().unwrap_or("").to_owned())
+    };
+    assert_eq!(
+        status("grpc-status").as_deref(),
+        Some("12"),
+        "{headers:?} {trailers:?}"
+    );
+    let message = status("grpc-message")
+        .unwrap_or_default()
+        .replace("%20", " ");
+    assert_eq!(
+        message,
+        recommendations::edge::COMPRESSED,
+        "{headers:?} {trailers:?}"
     );
 }
 
