@@ -5,7 +5,7 @@ use std::{fmt, path::Path};
 
 use serde::Deserialize;
 
-use super::{Book, Catalog, CatalogError, Category, shelf::Builder};
+use super::{Book, Catalog, CatalogError, Category, MAX_TITLE_CHARS, shelf::Builder};
 
 /// The catalog file format (JSON):
 ///
@@ -106,12 +106,59 @@ fn file_kind(file_type: std::fs::FileType) -> &'static str {
     }
 }
 
+/// No JSON string in a catalog file may be longer than this many bytes as written: a title of
+/// 500 characters, each escaped as a surrogate pair (`\ud83d\udcda`), is 6,000.
+pub const MAX_STRING_BYTES: usize = 8 * 1024;
+
+/// A catalog file's bytes as the JSON parser reads them, with every string bounded: the parser holds a whole string before its
+/// title can be checked, so a single string as long as the file would cost as much memory.
+struct Guarded<R> {
+    inner: R,
+    in_string: bool,
+    escaped: bool,
+    string_bytes: usize,
+}
+
+impl<R: std::io::Read> std::io::Read for Guarded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        for &byte in &buf[..n] {
+            if !self.in_string {
+                if byte == b'"' {
+                    (self.in_string, self.string_bytes) = (true, 0);
+                }
+                continue;
+            }
+            self.string_bytes += 1;
+            if self.string_bytes > MAX_STRING_BYTES {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "a string longer than {MAX_STRING_BYTES} bytes (titles are at most \
+                         {MAX_TITLE_CHARS} characters)"
+                    ),
+                ));
+            }
+            match (self.escaped, byte) {
+                (true, _) => self.escaped = false,
+                (false, b'\\') => self.escaped = true,
+                (false, b'"') => self.in_string = false,
+                _ => {}
+            }
+        }
+        Ok(n)
+    }
+}
+
 impl Catalog {
     /// Loads and validates a catalog file (see [`CatalogFile`] for the format) of at most
     /// `max_bytes`. Only a regular file is read (a FIFO would block start-up, a device such as
-    /// `/dev/zero` would never end); a UTF-8 byte order mark is skipped.
+    /// `/dev/zero` would never end); a UTF-8 byte order mark is skipped. The file is parsed as
+    /// it is read, never held whole, and each book is shelved as it is parsed: the memory it
+    /// takes is the catalog's own, and a string too long for a title is refused as soon as it
+    /// is.
     pub fn load(path: &Path, max_bytes: u64) -> Result<Self, LoadError> {
-        use std::io::Read;
+        use std::io::{BufRead, Read};
         let shown = path.display().to_string();
         let read_error = |cause| LoadError::Read {
             path: shown.clone(),
@@ -132,31 +179,51 @@ impl Catalog {
         if metadata.len() > max_bytes {
             return Err(too_large(metadata.len()));
         }
-        let mut bytes = Vec::new();
-        std::fs::File::open(path)
-            .and_then(|file| {
-                file.take(max_bytes.saturating_add(1))
-                    .read_to_end(&mut bytes)
-            })
-            .map_err(read_error)?;
-        // The file grew after it was measured.
-        if bytes.len() as u64 > max_bytes {
-            return Err(too_large(bytes.len() as u64));
+        let file = std::fs::File::open(path).map_err(read_error)?;
+        let mut reader =
+            std::io::BufReader::with_capacity(64 * 1024, file.take(max_bytes.saturating_add(1)));
+        // A byte order mark, then whitespace, then what the top level is.
+        let head = reader.fill_buf().map_err(read_error)?;
+        if head.starts_with(b"\xef\xbb\xbf") {
+            reader.consume(3);
         }
-        let text = String::from_utf8(bytes).map_err(|e| {
-            read_error(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                e.utf8_error(),
-            ))
-        })?;
-        let json = text.strip_prefix('\u{feff}').unwrap_or(&text);
-        if !json.trim_start().starts_with('{') {
+        let first = loop {
+            let head = reader.fill_buf().map_err(read_error)?;
+            match head.iter().position(|b| !b.is_ascii_whitespace()) {
+                Some(at) => {
+                    let first = head[at];
+                    reader.consume(at);
+                    break Some(first);
+                }
+                None if head.is_empty() => break None,
+                None => {
+                    let all = head.len();
+                    reader.consume(all);
+                }
+            }
+        };
+        if first != Some(b'{') {
             return Err(LoadError::Shape { path: shown });
         }
-        Catalog::parse(json).map_err(|e| match e {
-            ParseError::Json(cause) => LoadError::Parse { path: shown, cause },
-            ParseError::Invalid(cause) => LoadError::Invalid { path: shown, cause },
-        })
+        let mut guarded = Guarded {
+            inner: reader,
+            in_string: false,
+            escaped: false,
+            string_bytes: 0,
+        };
+        let parsed = serde_json::from_reader::<_, CatalogFile>(&mut guarded);
+        // The file grew after it was measured: the parser read it to the cap and one byte more
+        // (it reads to the end, to refuse anything after the object).
+        if guarded.inner.get_ref().limit() == 0 {
+            return Err(too_large(max_bytes.saturating_add(1)));
+        }
+        let file = parsed.map_err(|cause| LoadError::Parse {
+            path: shown.clone(),
+            cause,
+        })?;
+        file.books
+            .0
+            .map_err(|cause| LoadError::Invalid { path: shown, cause })
     }
 
     /// Parses and validates catalog JSON.
@@ -177,7 +244,6 @@ pub enum ParseError {
 
 #[cfg(test)]
 mod tests {
-    use super::super::MAX_TITLE_CHARS;
     use super::*;
 
     #[test]
@@ -299,6 +365,28 @@ mod tests {
         let err = Catalog::load(&path, 10).expect_err("too large");
         assert!(err.to_string().contains("over the limit of 10"), "{err}");
         Catalog::load(&path, ONE_BOOK.len() as u64).expect("exactly at the cap");
+    }
+
+    /// Issue 21: a catalog just under the 256 MiB cap took RSS to 269 MiB before it was refused:
+    /// the whole file was read, then parsed. A string longer than any title is refused as soon
+    /// as it is read, here after 8 KiB of a 4 MiB title.
+    #[test]
+    fn a_string_longer_than_any_title_is_refused_as_it_is_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let giant = "x".repeat(4 << 20);
+        let json = format!(r#"{{"books":[{{"id":1,"category":"MYSTERY","title":"{giant}"}}]}}"#);
+        let path = write(&dir, "giant.json", json.as_bytes());
+        let err = Catalog::load(&path, 1 << 30).expect_err("a 4 MiB title");
+        assert!(
+            err.to_string().contains("a string longer than 8192 bytes"),
+            "{err}"
+        );
+        // Escapes count as written, and end no string early.
+        let escaped =
+            r#"{"books":[{"id":1,"category":"MYSTERY","title":"a \"quoted\" \\ title"}]}"#;
+        let path = write(&dir, "escaped.json", escaped.as_bytes());
+        let catalog = Catalog::load(&path, 1 << 20).expect("escapes are fine");
+        assert_eq!(catalog.len(Category::Mystery), 1);
     }
 
     #[test]
