@@ -111,6 +111,9 @@ struct RunArgs {
     /// Exit 1 if any call failed.
     #[arg(long)]
     fail_on_error: bool,
+    /// Also report the run cut into intervals of this many milliseconds (JSON `timeline`).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    timeline_ms: Option<u64>,
 }
 
 impl RunArgs {
@@ -138,9 +141,10 @@ async fn drive(target: Target, args: RunArgs) -> anyhow::Result<ExitCode> {
     let target = Arc::new(target);
     if args.warmup > 0.0 {
         let warmup = Stop::After(Duration::from_secs_f64(args.warmup));
-        drive::run(target.clone(), args.load(), warmup, false).await;
+        drive::run(target.clone(), args.load(), warmup, false, None).await;
     }
-    let report = drive::run(target, args.load(), args.stop(), !args.json).await;
+    let timeline = args.timeline_ms.map(Duration::from_millis);
+    let report = drive::run(target, args.load(), args.stop(), !args.json, timeline).await;
     if args.json {
         #[allow(clippy::print_stdout)] // the JSON report is the program's output
         {

@@ -30,6 +30,22 @@ pub struct Report {
     /// Latency of calls that were sent and failed: how fast a refusal came.
     #[serde(default)]
     pub failed_latency_ms: Latency,
+    /// With `--timeline-ms`: the run cut into intervals of that length, each call counted in
+    /// the interval it was sent (open loop: was due) in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub timeline: Vec<Interval>,
+}
+
+/// One interval of a run's timeline.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Interval {
+    /// When it starts, in seconds after the run started.
+    pub at_s: f64,
+    pub ok: u64,
+    pub failed: u64,
+    /// Latency of its successful calls, in milliseconds (0 with none).
+    pub p50_ms: f64,
+    pub p99_ms: f64,
 }
 
 /// Latency percentiles in milliseconds.

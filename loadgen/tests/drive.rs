@@ -19,6 +19,36 @@ fn mtls(pki: &TestPki) -> Option<GrpcTls> {
     })
 }
 
+/// The timeline cuts a run into intervals by when each call was due: an open loop of 400
+/// calls a second for 2 s is 8 intervals of about 100, which add up to the whole.
+#[tokio::test]
+async fn an_open_loop_timeline_counts_each_call_in_the_interval_it_was_due() {
+    let pki = TestPki::new();
+    let server = spawn_recommendations(&recommendations_config(pki.dir())).await;
+    let target = Target::grpc(&server.addr.to_string(), mtls(&pki), 1, 1)
+        .await
+        .expect("connect");
+    let report = run(
+        Arc::new(target),
+        Load::Open {
+            rate: 400.0,
+            max_outstanding: 1000,
+        },
+        Stop::After(Duration::from_secs(2)),
+        false,
+        Some(Duration::from_millis(250)),
+    )
+    .await;
+    assert_eq!(report.timeline.len(), 8, "{:?}", report.timeline);
+    for (i, interval) in report.timeline.iter().enumerate() {
+        assert!((interval.at_s - 0.25 * i as f64).abs() < 1e-9);
+        assert_eq!(interval.ok + interval.failed, 100, "{interval:?}");
+        assert!(interval.p50_ms > 0.0 && interval.p50_ms <= interval.p99_ms);
+    }
+    let ok: u64 = report.timeline.iter().map(|i| i.ok).sum();
+    assert_eq!(ok, report.ok);
+}
+
 #[tokio::test]
 async fn a_closed_loop_makes_exactly_the_calls_asked_for_over_mutual_tls() {
     let pki = TestPki::new();
@@ -31,6 +61,7 @@ async fn a_closed_loop_makes_exactly_the_calls_asked_for_over_mutual_tls() {
         Load::Closed { concurrency: 8 },
         Stop::Requests(500),
         false,
+        None,
     )
     .await;
     assert_eq!(report.requests, 500);
@@ -56,6 +87,7 @@ async fn grpc_errors_are_counted_by_code_and_never_as_successes() {
         Load::Closed { concurrency: 4 },
         Stop::Requests(100),
         false,
+        None,
     )
     .await;
     assert_eq!(report.ok, 0);
@@ -82,6 +114,7 @@ async fn an_open_loop_keeps_its_rate() {
         },
         Stop::After(Duration::from_secs(2)),
         false,
+        None,
     )
     .await;
     assert_eq!(report.requests, 400, "{report}");
@@ -110,6 +143,7 @@ async fn http_statuses_other_than_2xx_are_failures() {
             Load::Closed { concurrency: 2 },
             Stop::Requests(20),
             false,
+            None,
         )
         .await;
         if ok {
@@ -172,6 +206,7 @@ async fn a_closed_loop_of_n_http_callers_opens_n_connections() {
         },
         Stop::Requests(6000),
         false,
+        None,
     )
     .await;
     assert_eq!(report.ok, 6000, "{report}");
