@@ -79,6 +79,21 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
         "Backend calls sent to each recommendations address (each retry is a call).",
     ),
     (
+        "bookstore_backend_in_flight",
+        Kind::Gauge,
+        "Backend calls in flight to each recommendations address, as the balancer weighs them.",
+    ),
+    (
+        "bookstore_backend_latency_estimate_seconds",
+        Kind::Gauge,
+        "Each recommendations address's latency as the balancer estimates it (a peak-EWMA: a slower answer raises it at once, faster ones lower it over 10 s).",
+    ),
+    (
+        "bookstore_backend_ejected",
+        Kind::Gauge,
+        "1 while a recommendations address is out of the rotation (its calls failed; it rejoins once a probe passes), else 0.",
+    ),
+    (
         "bookstore_backend_ejections_total",
         Kind::Counter,
         "Times an address was taken out of the rotation after a call to it failed UNAVAILABLE.",

@@ -1,21 +1,38 @@
-//! Client-side load balancing over every address of the recommendations service.
+//! Client-side load balancing over every address of the recommendations service, and what
+//! makes one bad address cost nothing.
 //!
 //! One HTTP/2 connection carries every call, so a single connection would pin all traffic to
 //! one pod. Instead the host is resolved to all its addresses (a Kubernetes headless Service
-//! gives one per pod), each address gets its own lazily connected channel, calls go round-robin,
-//! and the host is resolved again periodically so new pods get traffic and removed ones are
-//! dropped. An address whose call just failed as unreachable sits out briefly.
+//! gives one per pod), each address gets its own lazily connected channel, and the host is
+//! resolved again periodically so new pods get traffic and removed ones are dropped.
 //!
-//! Hand-written rather than tonic's balanced channel (tower's power-of-two-choices): that one
-//! hides which address a call goes to, and here each address has its own call slots, ejection
-//! and per-address counters.
+//! - **Balancing sees load and latency.** Each address keeps its calls in flight and a
+//!   peak-EWMA of its latency (a slower answer raises it at once, faster ones bring it down
+//!   over [`DECAY`]); a call in flight counts as at least as slow as it has been waiting. Its
+//!   cost is that latency times (calls in flight + 1), as Linkerd's balancer weighs endpoints.
+//!   Calls go round-robin, but an address loses its turn to another whose cost is less than
+//!   half of its own: equals share the calls evenly, while a hung or slow address stops
+//!   getting them within a few calls.
+//! - **Outlier ejection.** [`EJECT_AFTER`] failures in a row (UNAVAILABLE, DEADLINE_EXCEEDED,
+//!   a broken connection), or a failure rate of half its calls over a window while the others
+//!   fail less than a tenth of theirs, take an address out of the rotation for a while that
+//!   doubles each time it repeats (from [`EJECTION`] to [`MAX_EJECTION`]). At most half of the
+//!   addresses are out at once, and a lone address never is. An ejected address rejoins only
+//!   once a probe passes (a health check over its own connection).
+//! - **Dead transports found in about two seconds**: an HTTP/2 PING every [`KEEPALIVE_INTERVAL`]
+//!   when nothing has come in, answered within [`KEEPALIVE_TIMEOUT`], idle or busy.
+//!
+//! Hand-written rather than tower's `p2c` over `PeakEwma`: the balancer there hides which
+//! address a call goes to, and here each address has its own call slots, ejection, probes and
+//! per-address series; a pair chosen at random also splits calls unevenly between equals at
+//! light load, where the round-robin turn keeps them even.
 
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
     sync::{
         Arc, Mutex, RwLock,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -38,12 +55,30 @@ pub const METHODS: &[KnownMethod] = &[KnownMethod {
 /// The client every call goes through: one connection, wrapped in the call layer.
 pub type Client = RecommendationsClient<crate::call_layer::Call<Channel>>;
 
-/// How long an address that failed to answer is skipped while others are available.
-const EJECTION: Duration = Duration::from_secs(2);
+/// Failures in a row that eject an address.
+pub const EJECT_AFTER: u32 = 5;
+/// The first ejection's length; each one in a row doubles it, up to [`MAX_EJECTION`].
+pub const EJECTION: Duration = Duration::from_secs(1);
+pub const MAX_EJECTION: Duration = Duration::from_secs(8);
+/// Healthy this long after rejoining, an address's next ejection starts from [`EJECTION`] again.
+const FORGIVEN_AFTER: Duration = Duration::from_secs(60);
+/// A probe of an ejected address must answer within this.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// The window over which failure rates are compared, and the calls an address needs in it.
+const RATE_WINDOW: Duration = Duration::from_secs(10);
+const RATE_MIN_CALLS: u64 = 20;
 
-/// How often an idle connection is checked, so a dead peer is noticed before a request needs it.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a connection with nothing coming in is pinged, and how long the answer may take:
+/// a frozen or cut-off peer is found within about two seconds, idle or busy.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How fast a latency estimate forgets (as Linkerd's default).
+pub const DECAY: Duration = Duration::from_secs(10);
+/// An address's latency estimate before its first answer.
+const FIRST_ESTIMATE: Duration = Duration::from_millis(1);
+/// An address loses its round-robin turn to one whose cost is below this share of its own.
+const CHEAPER: f64 = 0.5;
 
 /// While no address is known, resolution is retried this often.
 const RESOLVE_RETRY: Duration = Duration::from_secs(1);
@@ -81,6 +116,23 @@ impl Resolve for DnsResolver {
     }
 }
 
+/// A fixed list of addresses, in place of a lookup (`RECOMMENDATIONS_ADDRS`): replicas on
+/// distinct loopback addresses in a test or a chaos run, or a deployment without DNS.
+#[derive(Debug, Clone)]
+pub struct StaticResolver(pub Vec<SocketAddr>);
+
+#[async_trait]
+impl Resolve for StaticResolver {
+    async fn resolve(&self) -> std::io::Result<Vec<SocketAddr>> {
+        Ok(self.0.clone())
+    }
+
+    fn target(&self) -> String {
+        let addrs: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        addrs.join(",")
+    }
+}
+
 /// How to open a channel to one address: TLS settings and timeouts, shared by every address.
 #[derive(Debug, Clone)]
 pub struct ChannelSettings {
@@ -101,11 +153,163 @@ impl ChannelSettings {
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
         if let Some(tls) = &self.tls {
             endpoint = endpoint.tls_config(tls.clone())?;
         }
         Ok(endpoint.connect_lazy())
+    }
+}
+
+/// What a finished call says about its address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answered (whatever the answer): the address works.
+    Answered,
+    /// UNAVAILABLE, DEADLINE_EXCEEDED or a broken connection: the address may not.
+    Failed,
+}
+
+/// An address's load: calls in flight, how long they have been waiting, and its latency.
+#[derive(Debug)]
+struct Load {
+    epoch: Instant,
+    in_flight: AtomicUsize,
+    /// The start times of the calls in flight, summed, in µs after `epoch`.
+    started_sum_us: AtomicU64,
+    estimate: Mutex<PeakEwma>,
+}
+
+/// A latency estimate that jumps up to a slower sample and decays toward faster ones.
+#[derive(Debug, Clone, Copy)]
+struct PeakEwma {
+    seconds: f64,
+    at: Instant,
+}
+
+impl PeakEwma {
+    fn new(now: Instant) -> Self {
+        PeakEwma {
+            seconds: FIRST_ESTIMATE.as_secs_f64(),
+            at: now,
+        }
+    }
+
+    /// The estimate at `now`, decayed toward zero since the last sample: an address that has
+    /// not answered for a while gets a chance again.
+    fn at(&self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.seconds * (-elapsed / DECAY.as_secs_f64()).exp()
+    }
+
+    fn sample(&mut self, took: Duration, now: Instant) {
+        let took = took.as_secs_f64();
+        let current = self.at(now);
+        self.seconds = if took > current {
+            took
+        } else {
+            let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+            let keep = (-elapsed / DECAY.as_secs_f64()).exp();
+            current * keep + took * (1.0 - keep)
+        };
+        self.at = now;
+    }
+}
+
+impl Load {
+    fn new(now: Instant) -> Self {
+        Load {
+            epoch: now,
+            in_flight: AtomicUsize::new(0),
+            started_sum_us: AtomicU64::new(0),
+            estimate: Mutex::new(PeakEwma::new(now)),
+        }
+    }
+
+    fn micros(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// (latency estimate, calls in flight) now: the estimate is at least the mean time the calls
+    /// in flight have been waiting, so an address that stopped answering costs more with every
+    /// call sent to it.
+    fn now(&self, now: Instant) -> (f64, usize) {
+        let estimate = self
+            .estimate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .at(now);
+        let in_flight = self.in_flight.load(Ordering::Acquire);
+        if in_flight == 0 {
+            return (estimate, 0);
+        }
+        let started = self.started_sum_us.load(Ordering::Acquire) / in_flight as u64;
+        let waiting = self.micros(now).saturating_sub(started) as f64 / 1e6;
+        (estimate.max(waiting), in_flight)
+    }
+
+    fn cost(&self, now: Instant) -> f64 {
+        let (estimate, in_flight) = self.now(now);
+        estimate * (in_flight + 1) as f64
+    }
+}
+
+/// Where an address stands in the rotation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Standing {
+    In,
+    /// Out until the probe after `until` passes.
+    Ejected {
+        until: Instant,
+    },
+}
+
+/// An address's health: its standing, its failures in a row and over the window.
+#[derive(Debug)]
+struct Health {
+    standing: Standing,
+    in_a_row: u32,
+    /// Ejections in a row (each doubles the next one's length); forgotten after
+    /// [`FORGIVEN_AFTER`] in the rotation.
+    times: u32,
+    rejoined: Option<Instant>,
+    window_start: Instant,
+    calls: u64,
+    failures: u64,
+    /// The last window's counts, for comparing failure rates.
+    last_calls: u64,
+    last_failures: u64,
+}
+
+impl Health {
+    fn new(now: Instant) -> Self {
+        Health {
+            standing: Standing::In,
+            in_a_row: 0,
+            times: 0,
+            rejoined: None,
+            window_start: now,
+            calls: 0,
+            failures: 0,
+            last_calls: 0,
+            last_failures: 0,
+        }
+    }
+
+    fn roll(&mut self, now: Instant) {
+        if now.saturating_duration_since(self.window_start) >= RATE_WINDOW {
+            (self.last_calls, self.last_failures) = (self.calls, self.failures);
+            (self.calls, self.failures) = (0, 0);
+            self.window_start = now;
+        }
+    }
+
+    /// Failures over calls in the current and the last window, if there were enough calls.
+    fn failure_rate(&self) -> Option<f64> {
+        let calls = self.calls + self.last_calls;
+        (calls >= RATE_MIN_CALLS)
+            .then(|| (self.failures + self.last_failures) as f64 / calls as f64)
     }
 }
 
@@ -114,29 +318,71 @@ impl ChannelSettings {
 pub struct Backend {
     pub addr: SocketAddr,
     client: Client,
-    ejected_until: Mutex<Option<Instant>>,
+    /// The same connection without the call layer, for probes.
+    channel: Channel,
     slots: Arc<Semaphore>,
+    load: Load,
+    health: Mutex<Health>,
     counters: AddressCounters,
 }
 
+/// The series of one address (kept per address seen since start: pods come and go, a restart
+/// forgets the old ones):
 /// `bookstore_backend_{calls,ejections,readmissions}_total{addr}`: how calls spread over the
-/// addresses, and each address leaving and rejoining the rotation. Kept per address seen since
-/// start (pods come and go: a restart forgets the old ones).
+/// addresses, and each address leaving and rejoining the rotation;
+/// `bookstore_backend_{in_flight,latency_estimate_seconds,ejected}{addr}`: what the balancer
+/// weighs, and whether the address is out now.
 #[derive(Debug, Clone)]
 struct AddressCounters {
     calls: metrics::Counter,
     ejections: metrics::Counter,
     readmissions: metrics::Counter,
+    in_flight: metrics::Gauge,
+    estimate: metrics::Gauge,
+    ejected: metrics::Gauge,
 }
 
 impl AddressCounters {
     fn new(metrics: &Metrics, addr: SocketAddr) -> Self {
         let addr = addr.to_string();
-        let counter = |name| metrics.counter(name, &[("addr", addr.as_str())]);
-        AddressCounters {
+        let labels = [("addr", addr.as_str())];
+        let counter = |name| metrics.counter(name, &labels);
+        let gauge = |name| metrics.gauge(name, &labels);
+        let counters = AddressCounters {
             calls: counter("bookstore_backend_calls_total"),
             ejections: counter("bookstore_backend_ejections_total"),
             readmissions: counter("bookstore_backend_readmissions_total"),
+            in_flight: gauge("bookstore_backend_in_flight"),
+            estimate: gauge("bookstore_backend_latency_estimate_seconds"),
+            ejected: gauge("bookstore_backend_ejected"),
+        };
+        counters.estimate.set(FIRST_ESTIMATE.as_secs_f64());
+        counters.ejected.set(0.0);
+        counters
+    }
+}
+
+/// A call in flight to a [`Backend`], counted in its load until [`Backend::finished`] (or
+/// dropped, as a failure).
+#[derive(Debug)]
+pub struct InFlightCall {
+    backend: Arc<Backend>,
+    started: Instant,
+    done: bool,
+}
+
+impl InFlightCall {
+    /// Records the call's end: its latency (when answered) and what it says of the address.
+    pub fn finished(mut self, outcome: Outcome) {
+        self.done = true;
+        self.backend.end_call(self.started, Some(outcome));
+    }
+}
+
+impl Drop for InFlightCall {
+    fn drop(&mut self) {
+        if !self.done {
+            self.backend.end_call(self.started, None);
         }
     }
 }
@@ -157,27 +403,121 @@ impl Backend {
         self.client.clone()
     }
 
-    /// Skips this address for a while: a call to it could not get through.
-    pub fn eject(&self) {
-        let mut until = self.ejected_until.lock().unwrap_or_else(|p| p.into_inner());
-        if until.is_none() {
-            self.counters.ejections.increment(1);
+    /// Counts a call as in flight from now.
+    pub fn start_call(self: &Arc<Self>) -> InFlightCall {
+        let now = Instant::now();
+        self.load
+            .started_sum_us
+            .fetch_add(self.load.micros(now), Ordering::AcqRel);
+        let in_flight = self.load.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
+        self.counters.in_flight.set(in_flight as f64);
+        InFlightCall {
+            backend: self.clone(),
+            started: now,
+            done: false,
         }
-        *until = Some(Instant::now() + EJECTION);
     }
 
-    /// Whether the address sits out now; one whose time is up rejoins here.
-    fn is_ejected(&self, now: Instant) -> bool {
-        let mut until = self.ejected_until.lock().unwrap_or_else(|p| p.into_inner());
-        match *until {
-            Some(end) if now < end => true,
-            Some(_) => {
-                *until = None;
-                self.counters.readmissions.increment(1);
-                false
-            }
-            None => false,
+    fn end_call(&self, started: Instant, outcome: Option<Outcome>) {
+        let now = Instant::now();
+        self.load
+            .started_sum_us
+            .fetch_sub(self.load.micros(started), Ordering::AcqRel);
+        let in_flight = self.load.in_flight.fetch_sub(1, Ordering::AcqRel) - 1;
+        self.counters.in_flight.set(in_flight as f64);
+        if outcome == Some(Outcome::Answered) {
+            let mut estimate = self.load.estimate.lock().unwrap_or_else(|p| p.into_inner());
+            estimate.sample(now.saturating_duration_since(started), now);
+            self.counters.estimate.set(estimate.seconds);
         }
+        let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        health.roll(now);
+        health.calls += 1;
+        match outcome {
+            Some(Outcome::Answered) => health.in_a_row = 0,
+            // A call given up by its page without an answer says nothing either way.
+            None => health.calls -= 1,
+            Some(Outcome::Failed) => {
+                health.failures += 1;
+                health.in_a_row += 1;
+            }
+        }
+    }
+
+    /// The balancer's weighing of this address now.
+    fn cost(&self, now: Instant) -> f64 {
+        self.load.cost(now)
+    }
+
+    /// Whether the address is in the rotation at `now`.
+    fn is_in(&self) -> bool {
+        let health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        health.standing == Standing::In
+    }
+
+    /// Whether this address has earned an ejection: failures in a row, or a failure rate of
+    /// half its calls while `others_rate` (the other addresses') is below a tenth.
+    fn should_eject(&self, others_rate: Option<f64>) -> bool {
+        let health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        if health.standing != Standing::In {
+            return false;
+        }
+        health.in_a_row >= EJECT_AFTER
+            || health
+                .failure_rate()
+                .zip(others_rate)
+                .is_some_and(|(own, others)| own >= 0.5 && others < 0.1)
+    }
+
+    /// Takes the address out; returns when it may be probed.
+    fn eject(&self, now: Instant) -> Instant {
+        let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        if health
+            .rejoined
+            .is_some_and(|at| now.saturating_duration_since(at) >= FORGIVEN_AFTER)
+        {
+            health.times = 0;
+        }
+        let length = EJECTION
+            .saturating_mul(1 << health.times.min(8))
+            .min(MAX_EJECTION);
+        health.times += 1;
+        let until = now + length;
+        health.standing = Standing::Ejected { until };
+        health.in_a_row = 0;
+        (
+            health.calls,
+            health.failures,
+            health.last_calls,
+            health.last_failures,
+        ) = (0, 0, 0, 0);
+        self.counters.ejections.increment(1);
+        self.counters.ejected.set(1.0);
+        until
+    }
+
+    /// Puts the address back in the rotation (its probe passed).
+    fn rejoin(&self, now: Instant) {
+        let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        health.standing = Standing::In;
+        health.rejoined = Some(now);
+        self.counters.readmissions.increment(1);
+        self.counters.ejected.set(0.0);
+        // A fresh start: its old calls' latency says nothing about it now.
+        *self.load.estimate.lock().unwrap_or_else(|p| p.into_inner()) = PeakEwma::new(now);
+    }
+
+    /// One health check over the address's own connection: SERVING within [`PROBE_TIMEOUT`].
+    async fn probe(&self) -> bool {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(self.channel.clone());
+        let check = health.check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        });
+        matches!(
+            tokio::time::timeout(PROBE_TIMEOUT, check).await,
+            Ok(Ok(answer)) if answer.get_ref().status
+                == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        )
     }
 }
 
@@ -188,6 +528,8 @@ pub struct Backends {
     settings: RwLock<ChannelSettings>,
     current: RwLock<Arc<[Arc<Backend>]>>,
     next: AtomicUsize,
+    /// Cancelled at shutdown: the probes stop.
+    stop: CancellationToken,
 }
 
 impl std::fmt::Debug for Backends {
@@ -208,31 +550,109 @@ impl Backends {
             settings: RwLock::new(settings),
             current: RwLock::new(Arc::from([])),
             next: AtomicUsize::new(0),
+            stop: CancellationToken::new(),
         }
     }
 
-    /// The next address in turn, skipping those sitting out unless all are. None when no
-    /// address is known.
-    pub fn pick(&self) -> Option<Arc<Backend>> {
-        let current = self
-            .current
+    fn current(&self) -> Arc<[Arc<Backend>]> {
+        self.current
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        if current.is_empty() {
-            return None;
-        }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+            .clone()
+    }
+
+    /// The address for the next call, other than `except` if there is another: the next in
+    /// turn among those in the rotation, unless another in it costs less than half as much
+    /// (with three or more, one other drawn at random). With every address out, still one of
+    /// them. None when no address is known.
+    pub fn pick(&self, except: Option<SocketAddr>) -> Option<Arc<Backend>> {
+        let current = self.current();
         let now = Instant::now();
-        let picked = (0..current.len())
-            .map(|i| &current[(start + i) % current.len()])
-            .find(|b| !b.is_ejected(now))
-            .or_else(|| current.get(start % current.len()))
-            .cloned();
-        if let Some(backend) = &picked {
-            backend.counters.calls.increment(1);
+        let usable = |b: &&Arc<Backend>| Some(b.addr) != except;
+        let mut candidates: Vec<&Arc<Backend>> = current
+            .iter()
+            .filter(usable)
+            .filter(|b| b.is_in())
+            .collect();
+        if candidates.is_empty() {
+            candidates = current.iter().filter(usable).collect();
         }
-        picked
+        if candidates.is_empty() {
+            candidates = current.iter().collect();
+        }
+        let n = candidates.len();
+        let picked = match n {
+            0 => return None,
+            1 => candidates[0],
+            _ => {
+                let turn = self.next.fetch_add(1, Ordering::Relaxed);
+                let first = candidates[turn % n];
+                let other = if n == 2 {
+                    candidates[(turn + 1) % 2]
+                } else {
+                    let offset = 1 + rand::random_range(0..n - 1);
+                    candidates[(turn + offset) % n]
+                };
+                if other.cost(now) < CHEAPER * first.cost(now) {
+                    other
+                } else {
+                    first
+                }
+            }
+        };
+        picked.counters.calls.increment(1);
+        Some(picked.clone())
+    }
+
+    /// After a call to `backend` ended: ejects it if it has earned it and the rotation can
+    /// spare it (at most half of the addresses out, never a lone one), and then probes it until
+    /// it may rejoin.
+    pub fn judge(self: &Arc<Self>, backend: &Arc<Backend>) {
+        let current = self.current();
+        let others_rate = {
+            let (mut calls, mut failures) = (0, 0);
+            for other in current.iter().filter(|b| b.addr != backend.addr) {
+                let health = other.health.lock().unwrap_or_else(|p| p.into_inner());
+                calls += health.calls + health.last_calls;
+                failures += health.failures + health.last_failures;
+            }
+            (calls >= RATE_MIN_CALLS).then(|| failures as f64 / calls as f64)
+        };
+        if !backend.should_eject(others_rate) {
+            return;
+        }
+        let out = current.iter().filter(|b| !b.is_in()).count();
+        if current.len() < 2 || (out + 1) * 2 > current.len() {
+            return;
+        }
+        let until = backend.eject(Instant::now());
+        tracing::warn!(
+            recommendations = %backend.addr,
+            out_for_ms = until.saturating_duration_since(Instant::now()).as_millis(),
+            "recommendations address taken out of the rotation: its calls fail"
+        );
+        tokio::spawn(self.clone().probe_until_back(backend.clone(), until));
+    }
+
+    /// Waits out an ejection, then probes the address until one probe passes (each failure
+    /// ejects it again, for longer), unless it leaves the address list or the service stops.
+    async fn probe_until_back(self: Arc<Self>, backend: Arc<Backend>, mut until: Instant) {
+        loop {
+            tokio::select! {
+                () = self.stop.cancelled() => return,
+                () = tokio::time::sleep_until(until.into()) => {}
+            }
+            if !self.current().iter().any(|b| Arc::ptr_eq(b, &backend)) {
+                backend.counters.ejected.set(0.0);
+                return;
+            }
+            if backend.probe().await {
+                backend.rejoin(Instant::now());
+                tracing::info!(recommendations = %backend.addr, "recommendations address back in the rotation: its probe passed");
+                return;
+            }
+            until = backend.eject(Instant::now());
+        }
     }
 
     /// The addresses in use.
@@ -271,13 +691,18 @@ impl Backends {
                 None => self.backend(*addr, &settings),
             })
             .collect::<Result<Vec<_>, _>>()?;
+        for gone in old.values().filter(|b| !found.contains(&b.addr)) {
+            gone.counters.ejected.set(0.0);
+            gone.counters.in_flight.set(0.0);
+        }
         tracing::info!(recommendations = %self.resolver.target(), addrs = ?found, "recommendations addresses");
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = next.into();
         Ok(())
     }
 
     /// New connections for every address with new settings (after a certificate rotation).
-    /// Calls in flight finish on the old connections.
+    /// Calls in flight finish on the old connections; each address starts afresh (in the
+    /// rotation, its latency unknown).
     pub fn reconfigure(&self, settings: ChannelSettings) -> Result<(), String> {
         let next = self
             .current_map()
@@ -298,7 +723,10 @@ impl Backends {
                 interval
             };
             tokio::select! {
-                _ = stop.cancelled() => return,
+                _ = stop.cancelled() => {
+                    self.stop.cancel();
+                    return;
+                }
                 _ = tokio::time::sleep(wait) => {}
             }
             if let Err(e) = self.refresh().await {
@@ -321,11 +749,14 @@ impl Backends {
             .channel(addr)
             .map_err(|e| format!("cannot configure a channel to {addr}: {e}"))?;
         let layer = CallLayer::new(self.metrics.clone(), METHODS, &addr.to_string());
+        let now = Instant::now();
         Ok(Arc::new(Backend {
             addr,
-            client: RecommendationsClient::new(tower::Layer::layer(&layer, channel)),
-            ejected_until: Mutex::new(None),
+            client: RecommendationsClient::new(tower::Layer::layer(&layer, channel.clone())),
+            channel,
             slots: Arc::new(Semaphore::new(settings.max_calls)),
+            load: Load::new(now),
+            health: Mutex::new(Health::new(now)),
             counters: AddressCounters::new(&self.metrics, addr),
         }))
     }
@@ -366,59 +797,144 @@ mod tests {
         (fixed, b)
     }
 
-    #[tokio::test]
-    async fn calls_go_round_robin_and_skip_ejected_addresses() {
-        let (_, b) = backends(vec![addr(3), addr(1), addr(2)]);
-        assert!(b.pick().is_none(), "nothing before the first resolution");
-        b.refresh().await.expect("refresh");
-        let picks: Vec<_> = (0..6).map(|_| b.pick().expect("pick").addr).collect();
-        for a in [addr(1), addr(2), addr(3)] {
-            assert_eq!(picks.iter().filter(|p| **p == a).count(), 2, "{picks:?}");
-        }
-        let second = b.pick().expect("pick");
-        second.eject();
-        assert!((0..6).all(|_| b.pick().expect("pick").addr != second.addr));
-        for backend in [addr(1), addr(2), addr(3)] {
-            b.current_map()[&backend].eject();
-        }
-        assert!(
-            b.pick().is_some(),
-            "with everything ejected, still try something"
-        );
+    fn series(b: &Backends, name: &str, a: SocketAddr) -> String {
+        let line = format!("{name}{{addr=\"{a}\"}} ");
+        let text = b.metrics.render();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&line).map(str::to_owned))
+            .unwrap_or_else(|| panic!("{line} missing from:\n{text}"))
     }
 
     #[tokio::test]
-    async fn each_address_counts_its_calls_ejections_and_readmissions() {
+    async fn equal_addresses_share_calls_in_turn() {
+        let (_, b) = backends(vec![addr(3), addr(1), addr(2)]);
+        assert!(
+            b.pick(None).is_none(),
+            "nothing before the first resolution"
+        );
+        b.refresh().await.expect("refresh");
+        let picks: Vec<_> = (0..6).map(|_| b.pick(None).expect("pick").addr).collect();
+        for a in [addr(1), addr(2), addr(3)] {
+            assert_eq!(picks.iter().filter(|p| **p == a).count(), 2, "{picks:?}");
+        }
+        // Another than the one already tried, when there is one.
+        assert!((0..6).all(|_| b.pick(Some(addr(2))).expect("pick").addr != addr(2)));
+        assert_eq!(series(&b, "bookstore_backend_calls_total", addr(2)), "2");
+    }
+
+    #[tokio::test]
+    async fn an_address_that_stops_answering_stops_getting_calls() {
         let (_, b) = backends(vec![addr(1), addr(2)]);
         b.refresh().await.expect("refresh");
-        for _ in 0..4 {
-            b.pick().expect("pick");
+        let hung = b.current_map()[&addr(1)].clone();
+        // Three calls sent to it, none answered, for 20 ms: it costs at least 20 ms × 4, the
+        // other 1 ms.
+        let pending: Vec<_> = (0..3).map(|_| hung.start_call()).collect();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!((0..10).all(|_| b.pick(None).expect("pick").addr == addr(2)));
+        assert_eq!(series(&b, "bookstore_backend_in_flight", addr(1)), "3");
+        drop(pending);
+        assert_eq!(series(&b, "bookstore_backend_in_flight", addr(1)), "0");
+    }
+
+    #[tokio::test]
+    async fn a_slow_address_stops_getting_calls_and_its_estimate_is_exported() {
+        let (_, b) = backends(vec![addr(1), addr(2)]);
+        b.refresh().await.expect("refresh");
+        let slow = b.current_map()[&addr(1)].clone();
+        let call = slow.start_call();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        call.finished(Outcome::Answered);
+        assert!((0..10).all(|_| b.pick(None).expect("pick").addr == addr(2)));
+        let estimate: f64 = series(&b, "bookstore_backend_latency_estimate_seconds", addr(1))
+            .parse()
+            .expect("a number");
+        assert!(estimate >= 0.03, "{estimate}");
+    }
+
+    #[test]
+    fn a_peak_ewma_jumps_to_a_slower_sample_and_decays_toward_faster_ones() {
+        let t0 = Instant::now();
+        let mut e = PeakEwma::new(t0);
+        e.sample(Duration::from_millis(200), t0);
+        assert!((e.at(t0) - 0.2).abs() < 1e-9);
+        // A second later, a fast sample brings it down by a tenth of the way (1 s of 10).
+        let t1 = t0 + Duration::from_secs(1);
+        e.sample(Duration::from_millis(1), t1);
+        let after = e.at(t1);
+        assert!(after > 0.15 && after < 0.19, "{after}");
+        // With no samples it decays toward zero: an address that got no calls gets a chance.
+        assert!(e.at(t1 + DECAY * 5) < 0.002);
+    }
+
+    #[tokio::test]
+    async fn failures_in_a_row_eject_an_address_but_never_a_lone_one_or_more_than_half() {
+        let (fixed, b) = backends(vec![addr(1)]);
+        let b = Arc::new(b);
+        b.refresh().await.expect("refresh");
+        let lone = b.current_map()[&addr(1)].clone();
+        for _ in 0..EJECT_AFTER {
+            lone.start_call().finished(Outcome::Failed);
+            b.judge(&lone);
         }
-        let first = b.current_map()[&addr(1)].clone();
-        first.eject();
-        first.eject(); // still out: one ejection
-        for _ in 0..2 {
-            assert_eq!(b.pick().expect("pick").addr, addr(2));
+        assert!(lone.is_in(), "a lone address was ejected");
+
+        // The lone one's failures stay counted: a second address of its own.
+        *fixed.0.lock().expect("lock") = Ok(vec![addr(2), addr(3)]);
+        b.refresh().await.expect("refresh");
+        let (one, two) = (
+            b.current_map()[&addr(2)].clone(),
+            b.current_map()[&addr(3)].clone(),
+        );
+        // An answer in between resets the count.
+        for _ in 0..EJECT_AFTER - 1 {
+            one.start_call().finished(Outcome::Failed);
+            b.judge(&one);
         }
-        let series = |name: &str, a: SocketAddr| -> String {
-            let line = format!("{name}{{addr=\"{a}\"}} ");
-            let text = b.metrics.render();
-            text.lines()
-                .find_map(|l| l.strip_prefix(&line).map(str::to_owned))
-                .unwrap_or_else(|| panic!("{line} missing from:\n{text}"))
-        };
-        assert_eq!(series("bookstore_backend_calls_total", addr(1)), "2");
-        assert_eq!(series("bookstore_backend_calls_total", addr(2)), "4");
-        assert_eq!(series("bookstore_backend_ejections_total", addr(1)), "1");
-        assert_eq!(series("bookstore_backend_readmissions_total", addr(1)), "0");
-        // Once its time is up, the address takes calls again, and that is counted.
-        let deadline = Instant::now() + EJECTION + Duration::from_secs(3);
-        while series("bookstore_backend_readmissions_total", addr(1)) == "0" {
-            assert!(Instant::now() < deadline, "never re-admitted");
-            b.pick().expect("pick");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        one.start_call().finished(Outcome::Answered);
+        b.judge(&one);
+        assert!(one.is_in());
+        for _ in 0..EJECT_AFTER {
+            one.start_call().finished(Outcome::Failed);
+            b.judge(&one);
         }
-        assert_eq!(series("bookstore_backend_ejections_total", addr(2)), "0");
+        assert!(!one.is_in(), "five failures in a row");
+        assert_eq!(
+            series(&b, "bookstore_backend_ejections_total", addr(2)),
+            "1"
+        );
+        assert_eq!(series(&b, "bookstore_backend_ejected", addr(2)), "1");
+        assert!((0..6).all(|_| b.pick(None).expect("pick").addr == addr(3)));
+        // The other fails too: half are out already, so it stays.
+        for _ in 0..EJECT_AFTER {
+            two.start_call().finished(Outcome::Failed);
+            b.judge(&two);
+        }
+        assert!(two.is_in(), "more than half of the addresses ejected");
+    }
+
+    #[tokio::test]
+    async fn each_ejection_in_a_row_lasts_twice_as_long_up_to_the_cap() {
+        let (_, b) = backends(vec![addr(1)]);
+        let backend = b
+            .backend(addr(1), &b.settings.read().expect("lock"))
+            .expect("backend");
+        let t0 = Instant::now();
+        let lengths: Vec<_> = (0..6)
+            .map(|_| backend.eject(t0).saturating_duration_since(t0))
+            .collect();
+        assert_eq!(
+            lengths,
+            [1, 2, 4, 8, 8, 8].map(Duration::from_secs),
+            "{lengths:?}"
+        );
+        // Back for long enough, it starts again from the first length.
+        backend.rejoin(t0);
+        let later = t0 + FORGIVEN_AFTER;
+        assert_eq!(
+            backend.eject(later).saturating_duration_since(later),
+            EJECTION
+        );
     }
 
     #[tokio::test]

@@ -34,6 +34,11 @@ pub struct Config {
     /// Port of the recommendations service.
     #[arg(long, env = "RECOMMENDATIONS_PORT", default_value_t = 50051)]
     pub recommendations_port: u16,
+    /// Addresses of the recommendations service (`ip:port`, comma-separated), used as given
+    /// instead of resolving RECOMMENDATIONS_HOST, which still names the certificate to expect
+    /// (unless RECOMMENDATIONS_TLS_NAME does): replicas on fixed addresses, or a test's.
+    #[arg(long, env = "RECOMMENDATIONS_ADDRS", value_delimiter = ',')]
+    pub recommendations_addrs: Vec<SocketAddr>,
     /// Name to check in the recommendations certificate (default: the host).
     #[arg(long, env = "RECOMMENDATIONS_TLS_NAME")]
     pub recommendations_tls_name: Option<String>,

@@ -19,7 +19,7 @@ use std::{
     panic::AssertUnwindSafe,
     pin::Pin,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
@@ -37,7 +37,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
 use crate::{
-    backends::{Backend, Backends},
+    backends::{Backend, Backends, Outcome},
     books::{Book, Category, RecommendationQuery},
     call_layer::CallContext,
 };
@@ -106,8 +106,12 @@ impl RecentWait {
     }
 }
 
-/// At most this many retries per request, for UNAVAILABLE and RESOURCE_EXHAUSTED.
-const MAX_RETRIES: u32 = 2;
+/// At most this many calls per request: the first, and retries (after UNAVAILABLE or
+/// RESOURCE_EXHAUSTED) or hedges (after the per-try timeout) on other addresses.
+const MAX_ATTEMPTS: u32 = 3;
+/// The per-try timeout is never below this: calls take about a millisecond, and a hedge for
+/// every jitter would spend the retry budget on nothing.
+const PER_TRY_FLOOR: Duration = Duration::from_millis(10);
 /// Retry backoff: full jitter over an exponentially growing window.
 const BACKOFF_BASE: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_millis(200);
@@ -161,6 +165,41 @@ pub struct GrpcSource {
     /// `bookstore_client_queue_rejected_total`, by reason: the queue was full, or too slow.
     rejected_full: metrics::Counter,
     rejected_wait: metrics::Counter,
+    /// Calls' latency lately, for the per-try timeout.
+    latency: Arc<Mutex<TryTimer>>,
+}
+
+/// The per-try timeout, from the latency of answered calls, as TCP times a retransmission:
+/// the smoothed latency plus four times its mean deviation, at least [`PER_TRY_FLOOR`]. A
+/// call to a healthy address answers within it nearly always; one to a hung or slow address
+/// does not, and its page is answered from another address instead.
+#[derive(Debug, Clone, Copy)]
+struct TryTimer {
+    smoothed: f64,
+    deviation: f64,
+}
+
+impl TryTimer {
+    fn new() -> Self {
+        TryTimer {
+            smoothed: 0.0,
+            deviation: 0.0,
+        }
+    }
+
+    fn sample(&mut self, took: Duration) {
+        let took = took.as_secs_f64();
+        if self.smoothed == 0.0 {
+            (self.smoothed, self.deviation) = (took, took / 2.0);
+        } else {
+            self.deviation = 0.75 * self.deviation + 0.25 * (self.smoothed - took).abs();
+            self.smoothed = 0.875 * self.smoothed + 0.125 * took;
+        }
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.smoothed + 4.0 * self.deviation).max(PER_TRY_FLOOR)
+    }
 }
 
 impl std::fmt::Debug for GrpcSource {
@@ -180,7 +219,7 @@ fn micros(d: Duration) -> u64 {
 }
 
 /// The `outcome` values of `bookstore_client_retries_total`.
-const RETRY_OUTCOMES: [&str; 3] = ["attempted", "budget_exhausted", "past_deadline"];
+const RETRY_OUTCOMES: [&str; 4] = ["attempted", "hedged", "budget_exhausted", "past_deadline"];
 
 impl GrpcSource {
     /// Calls through `backends`; every request, retries included, ends within `timeout`. A call
@@ -209,6 +248,7 @@ impl GrpcSource {
             max_queued: queue.max_queued,
             max_wait: queue.max_wait,
             waits: RecentWait::new(),
+            latency: Arc::new(Mutex::new(TryTimer::new())),
         }
     }
 
@@ -285,6 +325,106 @@ fn backoff(attempt: u32) -> Duration {
     window.mul_f64(rand::rng().random::<f64>())
 }
 
+/// One call of a request, to one address: its answer, and the address it went to.
+type Attempt = Pin<Box<RunToEnd<AttemptFuture>>>;
+type AttemptFuture = Pin<Box<dyn Future<Output = (Arc<Backend>, Reply)> + Send>>;
+type Reply = Result<tonic::Response<bookstore_proto::RecommendationResponse>, tonic::Status>;
+
+/// Whether a call's status says its address may not work (so it counts toward ejection).
+fn address_failed(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Internal
+    )
+}
+
+impl GrpcSource {
+    /// Starts a call to `backend`, holding `slot`: it runs to its end whatever the page does
+    /// (see [`RunToEnd`]), and its end is recorded in the address's load and health and in the
+    /// per-try timer.
+    fn attempt(
+        &self,
+        backend: Arc<Backend>,
+        slot: OwnedSemaphorePermit,
+        query: &RecommendationQuery,
+        context: &RequestContext,
+        deadline: Instant,
+    ) -> Attempt {
+        let mut request = tonic::Request::new(RecommendationRequest {
+            user_id: query.user_id,
+            category: to_proto(query.category) as i32,
+            max_results: query.max_results,
+        });
+        // Written as headers by the call layer; the deadline goes as `grpc-timeout`, so the
+        // server stops working once nobody waits any more.
+        request.extensions_mut().insert(CallContext {
+            request_id: context.request_id.clone(),
+            trace: context.trace,
+            deadline,
+        });
+        let (backends, latency) = (self.backends.clone(), self.latency.clone());
+        let mut client = backend.client();
+        // No timer of its own: the call ends at its deadline (tonic's channel gives up at the
+        // `grpc-timeout` it carries, and the server stops then), or when the keepalive finds
+        // its connection dead. A call given up by its page is never reset: a burst of resets
+        // on the one connection per address looks like an HTTP/2 rapid-reset attack to the
+        // server, which then closes the connection under every other page's calls.
+        let call: AttemptFuture = Box::pin(
+            async move {
+                let started = Instant::now();
+                let in_flight = backend.start_call();
+                let reply = client.recommend(request).await;
+                drop(slot);
+                let outcome = match &reply {
+                    Ok(_) => {
+                        latency
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .sample(started.elapsed());
+                        Outcome::Answered
+                    }
+                    Err(status) if address_failed(status.code()) => Outcome::Failed,
+                    // NOT_FOUND, RESOURCE_EXHAUSTED…: the address answered.
+                    Err(_) => Outcome::Answered,
+                };
+                in_flight.finished(outcome);
+                backends.judge(&backend);
+                (backend, reply)
+            }
+            .in_current_span(),
+        );
+        Box::pin(RunToEnd::new(call))
+    }
+
+    fn per_try(&self) -> Duration {
+        self.latency
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .timeout()
+            .min(self.timeout / 2)
+    }
+}
+
+/// The next answer of either call in flight (neither is polled after it finished); Err if that
+/// call panicked.
+async fn next_answer(
+    first: &mut Option<Attempt>,
+    second: &mut Option<Attempt>,
+) -> std::thread::Result<(Arc<Backend>, Reply)> {
+    std::future::poll_fn(|cx| {
+        for slot in [&mut *first, &mut *second] {
+            if let Some(attempt) = slot
+                && let Poll::Ready(answer) = attempt.as_mut().poll(cx)
+            {
+                *slot = None;
+                return Poll::Ready(answer);
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
 #[async_trait]
 impl RecommendationSource for GrpcSource {
     async fn recommend(
@@ -293,52 +433,94 @@ impl RecommendationSource for GrpcSource {
         context: &RequestContext,
     ) -> Result<Vec<Book>, SourceError> {
         let deadline = Instant::now() + self.timeout;
+        let timed_out = || SourceError::Timeout(self.timeout);
         self.budget.deposit();
-        let mut attempt = 0;
+        let per_try = self.per_try();
+        let mut started = 0u32;
+        // Up to two calls in flight: the first (or a retry), and a hedge.
+        let (mut first, mut second): (Option<Attempt>, Option<Attempt>) = (None, None);
+        // When the next call starts: now, or after a retry's backoff.
+        let mut start_at = Some(Instant::now());
+        let mut hedge_at = None;
+        let mut last_tried = None;
+        let mut failure = String::new();
         loop {
-            let Some(backend) = self.backends.pick() else {
-                return Err(SourceError::Unavailable(
-                    "no address of the recommendations service is known yet".into(),
-                ));
-            };
-            let slot = self.slot(&backend, deadline).await?;
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                return Err(SourceError::Timeout(self.timeout));
-            }
-            let mut request = tonic::Request::new(RecommendationRequest {
-                user_id: query.user_id,
-                category: to_proto(query.category) as i32,
-                max_results: query.max_results,
-            });
-            // Written as headers by the call layer; the deadline goes as `grpc-timeout`, so the
-            // server stops working once nobody waits any more.
-            request.extensions_mut().insert(CallContext {
-                request_id: context.request_id.clone(),
-                trace: context.trace,
-                deadline,
-            });
-            // The one timer on the call, over the whole answer. The call runs to its end, with
-            // its slot, even if the page is given up: a page abandoned mid-call would otherwise
-            // reset its stream, and a burst of resets on the one connection per address looks
-            // like an HTTP/2 rapid-reset attack to the server, which then closes the connection
-            // under every other page's calls. The slot stays taken while the backend still
-            // works.
-            let mut client = backend.client();
-            let call = RunToEnd::new(
-                async move {
-                    let reply = tokio::time::timeout(remaining, client.recommend(request)).await;
-                    drop(slot);
-                    reply
+            if let Some(at) = start_at
+                && at <= Instant::now()
+            {
+                start_at = None;
+                let Some(backend) = self.backends.pick(last_tried) else {
+                    return Err(SourceError::Unavailable(
+                        "no address of the recommendations service is known yet".into(),
+                    ));
+                };
+                let slot = self.slot(&backend, deadline).await?;
+                if Instant::now() >= deadline {
+                    return Err(timed_out());
                 }
-                .in_current_span(),
-            );
-            let Ok(reply) = call.await else {
-                return Err(SourceError::Unavailable("the backend call panicked".into()));
+                last_tried = Some(backend.addr);
+                let attempt = self.attempt(backend, slot, query, context, deadline);
+                if first.is_none() {
+                    first = Some(attempt);
+                } else {
+                    second = Some(attempt);
+                }
+                started += 1;
+                hedge_at = (started < MAX_ATTEMPTS).then(|| Instant::now() + per_try);
+            }
+            if first.is_none() && second.is_none() && start_at.is_none() {
+                return Err(SourceError::Unavailable(failure));
+            }
+            let wake = [start_at, hedge_at, Some(deadline)]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(deadline);
+            let answer = tokio::select! {
+                answer = next_answer(&mut first, &mut second), if first.is_some() || second.is_some() => answer,
+                () = tokio::time::sleep_until(wake.into()) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Err(timed_out());
+                    }
+                    if hedge_at.is_some_and(|at| at <= now) {
+                        hedge_at = None;
+                        // Another address, a free slot there, and the budget: else the call in
+                        // flight is waited for.
+                        let other = self
+                            .backends
+                            .pick(last_tried)
+                            .filter(|b| Some(b.addr) != last_tried);
+                        if let Some(backend) = other
+                            && let Some(slot) = backend.try_slot()
+                        {
+                            if self.budget.withdraw() {
+                                self.count_retry("hedged");
+                                last_tried = Some(backend.addr);
+                                let attempt = self.attempt(backend, slot, query, context, deadline);
+                                if first.is_none() {
+                                    first = Some(attempt);
+                                } else {
+                                    second = Some(attempt);
+                                }
+                                started += 1;
+                            } else {
+                                self.count_retry("budget_exhausted");
+                            }
+                        }
+                    }
+                    continue;
+                }
+            };
+            let Ok((backend, reply)) = answer else {
+                failure = "the backend call panicked".into();
+                if first.is_some() || second.is_some() {
+                    continue;
+                }
+                return Err(SourceError::Unavailable(failure));
             };
             let status = match reply {
-                Err(_) => return Err(SourceError::Timeout(self.timeout)),
-                Ok(Ok(reply)) => {
+                Ok(reply) => {
                     return Ok(reply
                         .into_inner()
                         .recommendations
@@ -349,23 +531,29 @@ impl RecommendationSource for GrpcSource {
                         })
                         .collect());
                 }
-                Ok(Err(status)) => status,
+                Err(status) => status,
             };
-            let failure = format!("{:?}: {}", status.code(), status.message());
+            failure = format!(
+                "{}: {:?}: {}",
+                backend.addr,
+                status.code(),
+                status.message()
+            );
+            let other_in_flight = first.is_some() || second.is_some();
             match status.code() {
                 Code::NotFound => return Err(SourceError::NoBooks),
-                Code::DeadlineExceeded => return Err(SourceError::Timeout(self.timeout)),
-                // Nothing was done: safe to try again, elsewhere if there is an elsewhere.
-                Code::Unavailable => backend.eject(),
-                // Shed before it ran: safe to try again (the address is healthy, only busy).
-                Code::ResourceExhausted => {}
+                // Another call may still answer in time.
+                _ if other_in_flight => continue,
+                Code::DeadlineExceeded => return Err(timed_out()),
+                // Nothing was done, or it was shed before it ran: safe to try again, elsewhere
+                // if there is an elsewhere.
+                Code::Unavailable | Code::ResourceExhausted => {}
                 _ => return Err(SourceError::Unavailable(failure)),
             }
-            attempt += 1;
-            if attempt > MAX_RETRIES {
+            if started >= MAX_ATTEMPTS {
                 return Err(SourceError::Unavailable(failure));
             }
-            let wait = backoff(attempt);
+            let wait = backoff(started);
             if Instant::now() + wait >= deadline {
                 self.count_retry("past_deadline");
                 return Err(SourceError::Unavailable(failure));
@@ -375,8 +563,9 @@ impl RecommendationSource for GrpcSource {
                 return Err(SourceError::Unavailable(failure));
             }
             self.count_retry("attempted");
-            tracing::debug!(attempt, wait_ms = wait.as_millis(), %failure, "retrying Recommend");
-            tokio::time::sleep(wait).await;
+            tracing::debug!(attempt = started, wait_ms = wait.as_millis(), %failure, "retrying Recommend");
+            hedge_at = None;
+            start_at = Some(Instant::now() + wait);
         }
     }
 }

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::ClientTlsConfig;
 
 use crate::{
-    backends::{Backends, ChannelSettings, DnsResolver, Resolve},
+    backends::{Backends, ChannelSettings, DnsResolver, Resolve, StaticResolver},
     config::Config,
     routes,
     source::GrpcSource,
@@ -80,11 +80,15 @@ impl Application {
     /// problem is reported here, before anything is served; recommendations being down (or not
     /// yet in DNS) is not a problem: it is looked up again until it appears.
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
-        let resolver = DnsResolver::new(
-            config.recommendations_host.clone(),
-            config.recommendations_port,
-        );
-        Self::build_with_resolver(config, Arc::new(resolver)).await
+        let resolver: Arc<dyn Resolve> = if config.recommendations_addrs.is_empty() {
+            Arc::new(DnsResolver::new(
+                config.recommendations_host.clone(),
+                config.recommendations_port,
+            ))
+        } else {
+            Arc::new(StaticResolver(config.recommendations_addrs.clone()))
+        };
+        Self::build_with_resolver(config, resolver).await
     }
 
     /// [`Application::build`] with addresses from `resolver` instead of the system's.

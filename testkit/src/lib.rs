@@ -108,6 +108,7 @@ pub fn marketplace_config(
         listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         recommendations_host: recommendations.ip().to_string(),
         recommendations_port: recommendations.port(),
+        recommendations_addrs: Vec::new(),
         recommendations_tls_name: Some("localhost".into()),
         recommendations_timeout_ms: 1000,
         recommendations_resolve_secs: 1,
