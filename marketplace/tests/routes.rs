@@ -633,19 +633,15 @@ async fn a_storm_of_refusals_is_slowed_and_pages_let_in_are_not() {
     assert!(asked.elapsed() < STORM_DELAY, "{:?}", asked.elapsed());
 }
 
+/// A place is for work: an answer that is ready but not yet read (a client that stops
+/// reading) gives its place back (it used to keep it until sent, so one connection that never
+/// read could hold every place). What such answers hold is bounded by the listener
+/// (`abuse.rs`).
 #[tokio::test]
-async fn an_answer_not_yet_sent_keeps_its_place_in_flight_until_it_is() {
+async fn an_answer_ready_but_not_yet_sent_holds_no_place() {
     let app = router(StandIn::books(&["A"]), Metrics::new("test", "0"), 1);
-    // Handled, but its body not yet read: a client that stops reading holds it.
     let unsent = get_with(&app, "/", &[]).await;
     assert_eq!(unsent.status(), StatusCode::OK);
-    assert_eq!(
-        get_with(&app, "/", &[]).await.status(),
-        StatusCode::SERVICE_UNAVAILABLE
-    );
+    assert_eq!(get_with(&app, "/", &[]).await.status(), StatusCode::OK);
     assert!(body_text(unsent).await.contains("<li>"), "sent in full");
-    assert_eq!(get_with(&app, "/", &[]).await.status(), StatusCode::OK);
-    let dropped = get_with(&app, "/style.css", &[]).await;
-    drop(dropped);
-    assert_eq!(get_with(&app, "/", &[]).await.status(), StatusCode::OK);
 }
