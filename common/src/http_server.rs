@@ -139,6 +139,8 @@ pub async fn serve(
     let cap = ConnectionCap::new(metrics, name, limits.max_connections, 5);
     let shared = Arc::new(Shared {
         heads: HeadBudget::new(limits.max_head_bytes_total, metrics, name),
+        open: AtomicUsize::new(0),
+        max_connections: limits.max_connections,
         backlog: AtomicUsize::new(0),
         send_stalled: metrics.counter(
             "bookstore_connections_closed_total",
@@ -179,8 +181,10 @@ pub async fn serve(
         let _ = tcp.set_nodelay(true);
         let (builder, router, stop) = (builder.clone(), router.clone(), stop.clone());
         let shared = shared.clone();
+        shared.open.fetch_add(1, Ordering::Relaxed);
         connections.spawn(async move {
-            serve_connection(tcp, router, &builder, limits, stop, shared).await;
+            serve_connection(tcp, router, &builder, limits, stop, shared.clone()).await;
+            shared.open.fetch_sub(1, Ordering::Relaxed);
             drop(slot);
         });
     }
@@ -194,6 +198,9 @@ pub async fn serve(
 #[derive(Debug)]
 struct Shared {
     heads: Arc<HeadBudget>,
+    /// Connections open now, and at most.
+    open: AtomicUsize,
+    max_connections: usize,
     /// Bytes of answers ready and not yet delivered, on every connection.
     backlog: AtomicUsize,
     /// `bookstore_connections_closed_total{reason="send_stalled"}`.
@@ -309,6 +316,17 @@ impl Connection {
     /// Places held by this connection's requests; the router's admission keeps the count.
     pub fn places(&self) -> &AtomicUsize {
         &self.0.places
+    }
+
+    /// When the connection was accepted.
+    pub fn opened(&self) -> Instant {
+        self.0.opened
+    }
+
+    /// The listener's open connections now, as a share of its cap.
+    pub fn listener_fill(&self) -> f64 {
+        let shared = &self.0.shared;
+        shared.open.load(Ordering::Relaxed) as f64 / shared.max_connections.max(1) as f64
     }
 }
 

@@ -994,3 +994,54 @@ async fn two_thousand_unfinished_http2_header_blocks_share_one_budget() {
     assert!(gave_way >= 1300.0, "{metrics}");
     assert_eq!(closed_for(&metrics, "head_too_large"), 0.0, "{metrics}");
 }
+
+/// Issue 21: one connection may hold at most a fair share of the places. One h2c connection
+/// asking 20 pages at once of a slow backend used to take every place, and another client got
+/// a 503; it now gets at most three quarters of them, and the other client is served.
+#[tokio::test]
+async fn one_connection_holds_at_most_its_share_of_the_places() {
+    let pki = TestPki::new();
+    let (_recommendations, backend) =
+        process::start_recommendations(pki.dir(), &[("ARTIFICIAL_DELAY_MS", "1500".into())]).await;
+    let (mut marketplace, web) = process::start_marketplace(
+        pki.dir(),
+        backend,
+        &[
+            ("MAX_REQUESTS_IN_FLIGHT", "8".into()),
+            ("RECOMMENDATIONS_TIMEOUT_MS", "5000".into()),
+        ],
+    )
+    .await;
+    let admin = marketplace.admin_addr().await;
+    let tcp = TcpStream::connect(web).await.expect("connect");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(connection);
+    let mut greedy = JoinSet::new();
+    for _ in 0..20 {
+        let mut client = client.clone();
+        greedy.spawn(async move {
+            let request = http::Request::get(format!("http://{web}/"))
+                .body(())
+                .expect("request");
+            client = client.ready().await.ok()?;
+            let (response, _) = client.send_request(request, true).ok()?;
+            Some(response.await.ok()?.status().as_u16())
+        });
+    }
+    // The greedy connection's calls have reached the backend (or been refused).
+    raw::until_metric(
+        admin,
+        &["bookstore_requests_shed_total"],
+        14.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(
+        raw::get(web, "/").await,
+        Some(200),
+        "another client was refused"
+    );
+    let statuses: Vec<_> = greedy.join_all().await;
+    let served = statuses.iter().filter(|s| **s == Some(200)).count();
+    assert_eq!(served, 6, "{statuses:?}");
+}

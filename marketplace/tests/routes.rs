@@ -15,7 +15,10 @@ use bookstore_common::{context::RequestContext, metrics::Metrics};
 use http_body_util::BodyExt;
 use marketplace::{
     books::{Book, Category, RecommendationQuery},
-    routes::{in_flight::STORM_DELAY, router},
+    routes::{
+        in_flight::{ROOM_WAIT, STORM_DELAY},
+        router,
+    },
     source::{RecommendationSource, SourceError},
 };
 use tower::ServiceExt;
@@ -596,9 +599,10 @@ async fn past_the_in_flight_limit_a_request_is_answered_busy_at_once_and_counted
 }
 
 /// A client that asks again the moment it is refused makes a storm of refusals; once the
-/// marketplace sees one, each refusal waits before it is sent, and a page let in does not.
+/// marketplace sees one, a request that finds no place waits in a room for one instead of being
+/// refused, and is served when a place frees.
 #[tokio::test]
-async fn a_storm_of_refusals_is_slowed_and_pages_let_in_are_not() {
+async fn a_storm_of_refusals_opens_a_room_where_requests_wait_for_a_place() {
     let (held, mut arrivals) = Held::new();
     let app = router(held.clone(), Metrics::new("marketplace", "0"), 1);
     let holder = {
@@ -606,31 +610,80 @@ async fn a_storm_of_refusals_is_slowed_and_pages_let_in_are_not() {
         tokio::spawn(async move { get_with(&app, "/", &[]).await.status() })
     };
     arrivals.recv().await.expect("the held page");
-    // Refused back to back, as fast as this process can ask, until one waits.
+    // Refused back to back, as fast as this process can ask, until one is kept waiting longer
+    // than a refusal would be (during the storm, refusals wait STORM_DELAY).
     let started = Instant::now();
     let mut refused = 0u32;
-    let slowed = loop {
-        let asked = Instant::now();
-        let answer = get_with(&app, "/style.css", &[]).await;
-        assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
-        refused += 1;
-        let took = asked.elapsed();
-        if took >= STORM_DELAY {
-            break took;
+    let mut waiting = loop {
+        let app = app.clone();
+        let mut ask = tokio::spawn(async move {
+            let asked = Instant::now();
+            let status = get_with(&app, "/style.css", &[]).await.status();
+            (status, asked.elapsed())
+        });
+        match tokio::time::timeout(STORM_DELAY + Duration::from_millis(50), &mut ask).await {
+            Ok(answer) => {
+                assert_eq!(answer.expect("request").0, StatusCode::SERVICE_UNAVAILABLE);
+                refused += 1;
+            }
+            Err(_) => break ask,
         }
         assert!(
             started.elapsed() < Duration::from_secs(10),
-            "{refused} refusals in 10 s, none slowed"
+            "{refused} refusals in 10 s, none kept waiting"
         );
     };
-    assert!(refused > 1_000, "slowed after only {refused} refusals");
-    assert!(slowed < STORM_DELAY * 5, "{slowed:?}");
-    // During the storm, a request let in is answered at once.
+    assert!(
+        refused > 1_000,
+        "kept waiting after only {refused} refusals"
+    );
+    // The held page ends: its place goes to the request waiting, which is served.
     held.release.add_permits(2);
     assert_eq!(holder.await.expect("held page"), StatusCode::OK);
+    let (status, took) = (&mut waiting).await.expect("request");
+    assert_eq!(status, StatusCode::OK);
+    assert!(took < ROOM_WAIT, "{took:?}");
+    // During the storm, a request finding a place free is answered at once.
     let asked = Instant::now();
     assert_eq!(get_with(&app, "/", &[]).await.status(), StatusCode::OK);
     assert!(asked.elapsed() < STORM_DELAY, "{:?}", asked.elapsed());
+}
+
+/// A request that waits the room's whole bound gets its 503 then, and ends the storm: arrivals
+/// that outrun the places would only pile up there (an open loop).
+#[tokio::test]
+async fn a_request_that_waits_the_room_out_is_refused_and_closes_the_room() {
+    let (held, mut arrivals) = Held::new();
+    let app = router(held.clone(), Metrics::new("marketplace", "0"), 1);
+    let _holder = {
+        let app = app.clone();
+        tokio::spawn(async move { get_with(&app, "/", &[]).await.status() })
+    };
+    arrivals.recv().await.expect("the held page");
+    let started = Instant::now();
+    let waited = loop {
+        let asked = Instant::now();
+        assert_eq!(
+            get_with(&app, "/style.css", &[]).await.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        if asked.elapsed() >= ROOM_WAIT {
+            break asked.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never kept waiting"
+        );
+    };
+    assert!(waited < ROOM_WAIT + STORM_DELAY * 2, "{waited:?}");
+    // The room is closed: the next request is refused without waiting for a place (the refusal
+    // itself may wait STORM_DELAY while the storm lasts).
+    let asked = Instant::now();
+    assert_eq!(
+        get_with(&app, "/style.css", &[]).await.status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert!(asked.elapsed() < ROOM_WAIT, "{:?}", asked.elapsed());
 }
 
 /// A place is for work: an answer that is ready but not yet read (a client that stops
