@@ -16,7 +16,8 @@
 //! - **Outlier ejection.** [`EJECT_AFTER`] failures in a row (UNAVAILABLE, DEADLINE_EXCEEDED,
 //!   a broken connection), or a failure rate of half its calls over a window while the others
 //!   fail less than a tenth of theirs, take an address out of the rotation for a while that
-//!   doubles each time it repeats (from [`EJECTION`] to [`MAX_EJECTION`]). At most half of the
+//!   doubles each time it repeats (from [`EJECTION`] to [`MAX_EJECTION`]: a replica that comes
+//!   back is probed, and rejoins, within a few seconds). At most half of the
 //!   addresses are out at once, and a lone address never is. An ejected address rejoins only
 //!   once a probe passes (a health check over its own connection).
 //! - **Dead transports found in about two seconds**: an HTTP/2 PING every [`KEEPALIVE_INTERVAL`]
@@ -59,7 +60,7 @@ pub type Client = RecommendationsClient<crate::call_layer::Call<Channel>>;
 pub const EJECT_AFTER: u32 = 5;
 /// The first ejection's length; each one in a row doubles it, up to [`MAX_EJECTION`].
 pub const EJECTION: Duration = Duration::from_secs(1);
-pub const MAX_EJECTION: Duration = Duration::from_secs(8);
+pub const MAX_EJECTION: Duration = Duration::from_secs(4);
 /// Healthy this long after rejoining, an address's next ejection starts from [`EJECTION`] again.
 const FORGIVEN_AFTER: Duration = Duration::from_secs(60);
 /// A probe of an ejected address must answer within this.
@@ -925,7 +926,7 @@ mod tests {
             .collect();
         assert_eq!(
             lengths,
-            [1, 2, 4, 8, 8, 8].map(Duration::from_secs),
+            [1, 2, 4, 4, 4, 4].map(Duration::from_secs),
             "{lengths:?}"
         );
         // Back for long enough, it starts again from the first length.

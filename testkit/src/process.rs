@@ -203,6 +203,8 @@ impl ServiceProcess {
             "INT" => Signal::INT,
             "HUP" => Signal::HUP,
             "KILL" => Signal::KILL,
+            "STOP" => Signal::STOP,
+            "CONT" => Signal::CONT,
             other => panic!("no such signal here: {other}"),
         };
         let id = self.pid();

@@ -7,6 +7,7 @@
 #![allow(clippy::print_stdout)] // a command-line tool talks to its user on stdout
 
 mod bench;
+mod chaos;
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -47,6 +48,9 @@ enum Task {
     },
     /// Benchmark the services against floor servers on loopback; writes bench/results/.
     Bench(bench::BenchArgs),
+    /// One recommendations replica killed, frozen, slowed, blackholed and restarted under steady
+    /// page load; what the site loses. Writes target/chaos/.
+    Chaos(chaos::ChaosArgs),
     /// Create the development PKI (CA, server and client certificates) in certs/dev.
     Certs {
         /// Replace an existing PKI.
@@ -82,6 +86,7 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Task::Certs { force } => make_certs(force),
         Task::Bench(args) => bench::bench(args).await,
+        Task::Chaos(args) => chaos::chaos(args).await,
         Task::Up {
             release,
             port,

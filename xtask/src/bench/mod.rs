@@ -285,7 +285,7 @@ impl Plan {
 }
 
 /// Builds the release binaries the benchmark runs; their folder.
-async fn build_release() -> Result<std::path::PathBuf> {
+pub(crate) async fn build_release() -> Result<std::path::PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(&cargo)
         .current_dir(root())

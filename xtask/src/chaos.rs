@@ -1,0 +1,753 @@
+//! `cargo xtask chaos`: one recommendations replica misbehaves while the page is under steady
+//! load, and what the site loses is measured.
+//!
+//! Two replicas, each behind a relay of this process on its own loopback address (127.0.0.2 and
+//! 127.0.0.3, one port): the marketplace is given both addresses (`RECOMMENDATIONS_ADDRS`), as a
+//! headless Service gives one per pod. The load generator drives the page open loop at a rate
+//! one replica carries alone, timing every page from when it was due, in intervals of 250 ms.
+//! Then, in turn, replica B is:
+//!
+//! - **killed** (SIGKILL), and stays dead;
+//! - **frozen** (SIGSTOP) for a while, then thawed (SIGCONT);
+//! - **slow**: its relay delays every byte each way by 200 ms (this machine's kernel has no
+//!   `netem`; the relay gives the same path latency);
+//! - **blackholed**: every packet to its address is dropped (`iptables`, which needs root; the
+//!   scenario is skipped without it);
+//! - **restarted** (SIGTERM, and started again on the same address).
+//!
+//! For each it prints pages/s before, during and after, the failed pages (all, and those after
+//! the fault's first 2 s), the p50 and p99 of each phase (p50: the median of its intervals'; p99:
+//! the worst of its intervals'), how long the page's p99 took to come back under three times
+//! the healthy one, and, once B is back, how long until it had its share of calls again. It
+//! writes the table and a plot of every run to `target/chaos/`.
+
+use std::{
+    collections::VecDeque,
+    fmt::Write as _,
+    net::{Ipv4Addr, SocketAddr},
+    path::Path,
+    process::Stdio,
+    sync::{
+        Arc,
+        atomic::{AtomicU8, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use loadgen::report::{Interval, Report};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    process::{Child, Command},
+};
+
+use crate::root;
+
+/// What `cargo xtask chaos` takes.
+#[derive(Debug, clap::Args)]
+pub struct ChaosArgs {
+    /// Shorter phases (CI's run): 3 s before, 4 s of fault, 5 s after.
+    #[arg(long)]
+    quick: bool,
+    /// Pages a second offered, open loop (one replica must carry it alone).
+    #[arg(long, default_value_t = 2000.0)]
+    rate: f64,
+}
+
+/// How long each phase lasts.
+#[derive(Debug, Clone, Copy)]
+struct Phases {
+    before: Duration,
+    fault: Duration,
+    after: Duration,
+}
+
+/// How the relay in front of a replica passes bytes.
+const PASS: u8 = 0;
+const DELAY: u8 = 1;
+
+/// The relay's added latency in the slow scenario, each way.
+const SLOW_BY: Duration = Duration::from_millis(200);
+
+/// The timeline's intervals.
+const INTERVAL: Duration = Duration::from_millis(250);
+
+/// A replica and the relay in front of it.
+struct Replica {
+    name: &'static str,
+    /// The address the marketplace calls (the relay's).
+    public: SocketAddr,
+    /// The address the process listens on.
+    private: SocketAddr,
+    admin: SocketAddr,
+    child: Option<Child>,
+    mode: Arc<AtomicU8>,
+}
+
+pub async fn chaos(args: ChaosArgs) -> Result<()> {
+    let phases = if args.quick {
+        Phases {
+            before: Duration::from_secs(3),
+            fault: Duration::from_secs(4),
+            after: Duration::from_secs(5),
+        }
+    } else {
+        Phases {
+            before: Duration::from_secs(5),
+            fault: Duration::from_secs(10),
+            after: Duration::from_secs(10),
+        }
+    };
+    let bin = crate::bench::build_release().await?;
+    let out = root().join("target").join("chaos");
+    std::fs::create_dir_all(&out)?;
+    let certs = out.join("certs");
+    bookstore_certs::generate(&certs, false)?;
+    let port = free_port()?;
+    let mut replicas = [
+        Replica::new("A", Ipv4Addr::new(127, 0, 0, 2), port)?,
+        Replica::new("B", Ipv4Addr::new(127, 0, 0, 3), port)?,
+    ];
+    for replica in &mut replicas {
+        replica.start(&bin, &certs, &out).await?;
+        tokio::spawn(relay(replica.public, replica.private, replica.mode.clone()));
+    }
+    let market = start_marketplace(&bin, &certs, &out, &replicas).await?;
+    let blackhole = can_blackhole().await;
+    let mut results = Vec::new();
+    for scenario in SCENARIOS {
+        if scenario == Scenario::Blackhole && !blackhole {
+            eprintln!("chaos: blackhole skipped (iptables, as root, is needed to drop packets)");
+            continue;
+        }
+        let [_, b] = &mut replicas;
+        if b.child.is_none() {
+            b.start(&bin, &certs, &out).await?;
+        }
+        // B is back in the rotation (a probe passed) and takes its share of calls again.
+        settle(&bin, &market, b.public, args.rate).await?;
+        eprintln!("chaos: {}", scenario.what());
+        let run = run_scenario(scenario, &bin, &certs, &out, &market, b, args.rate, phases).await?;
+        println!("{}", run.row());
+        results.push(run);
+    }
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "Chaos check: two recommendations replicas, replica B misbehaving; {} pages/s offered \
+         open loop; {:.0} s before, {:.0} s of fault, {:.0} s after.\n",
+        args.rate,
+        phases.before.as_secs_f64(),
+        phases.fault.as_secs_f64(),
+        phases.after.as_secs_f64()
+    );
+    md.push_str(HEADER);
+    for run in &results {
+        md.push_str(&run.row());
+        md.push('\n');
+    }
+    std::fs::write(out.join("chaos.md"), &md)?;
+    std::fs::write(out.join("chaos.svg"), plot(&results, phases))?;
+    println!("\n{md}");
+    println!(
+        "written: {}, {}",
+        out.join("chaos.md").display(),
+        out.join("chaos.svg").display()
+    );
+    for replica in &mut replicas {
+        replica.stop().await;
+    }
+    let mut market = market;
+    let _ = bookstore_process::stop(&mut market.child, Duration::from_secs(10)).await;
+    let broken: Vec<String> = results.iter().filter_map(Run::broken).collect();
+    if !broken.is_empty() {
+        bail!("chaos: {}", broken.join("; "));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    Kill,
+    Freeze,
+    Slow,
+    Blackhole,
+    Restart,
+}
+
+const SCENARIOS: [Scenario; 5] = [
+    Scenario::Kill,
+    Scenario::Freeze,
+    Scenario::Slow,
+    Scenario::Blackhole,
+    Scenario::Restart,
+];
+
+impl Scenario {
+    fn what(self) -> &'static str {
+        match self {
+            Scenario::Kill => "killed (SIGKILL)",
+            Scenario::Freeze => "frozen (SIGSTOP), then thawed",
+            Scenario::Slow => "200 ms slower each way",
+            Scenario::Blackhole => "blackholed (packets dropped), then restored",
+            Scenario::Restart => "restarted (SIGTERM, started again)",
+        }
+    }
+}
+
+/// One scenario's run.
+struct Run {
+    scenario: Scenario,
+    timeline: Vec<Interval>,
+    /// When the fault began and ended, after the run began.
+    fault_at: Duration,
+    fault_end: Duration,
+    /// From B's return until it had its share of calls again; None if it never came back (or
+    /// was not meant to).
+    regained: Option<Duration>,
+    report: Report,
+}
+
+struct Phase {
+    pages_per_s: f64,
+    failed: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+impl Run {
+    fn phase(&self, from: Duration, to: Duration) -> Phase {
+        let inside: Vec<&Interval> = self
+            .timeline
+            .iter()
+            .filter(|i| {
+                let at = Duration::from_secs_f64(i.at_s);
+                at >= from && at < to
+            })
+            .collect();
+        let ok: u64 = inside.iter().map(|i| i.ok).sum();
+        let failed = inside.iter().map(|i| i.failed).sum();
+        let span = (inside.len() as f64 * INTERVAL.as_secs_f64()).max(1e-9);
+        let mut p50s: Vec<f64> = inside.iter().map(|i| i.p50_ms).collect();
+        p50s.sort_by(f64::total_cmp);
+        Phase {
+            pages_per_s: ok as f64 / span,
+            failed,
+            p50_ms: p50s.get(p50s.len() / 2).copied().unwrap_or(0.0),
+            p99_ms: inside.iter().map(|i| i.p99_ms).fold(0.0, f64::max),
+        }
+    }
+
+    fn end(&self) -> Duration {
+        Duration::from_secs_f64(self.timeline.len() as f64 * INTERVAL.as_secs_f64())
+    }
+
+    /// Failed pages from the fault on, and those after its first 2 s.
+    fn failed(&self) -> (u64, u64) {
+        let all = self.phase(self.fault_at, self.end()).failed;
+        let late = self
+            .phase(self.fault_at + Duration::from_secs(2), self.end())
+            .failed;
+        (all, late)
+    }
+
+    /// From the fault's start until the p99 of every interval after is under three times the
+    /// healthy one (None if it never is).
+    fn recovered(&self) -> Option<Duration> {
+        let healthy = self.phase(Duration::ZERO, self.fault_at).p99_ms.max(0.001);
+        let start = (self.fault_at.as_secs_f64() / INTERVAL.as_secs_f64()) as usize;
+        let after = self.timeline.get(start..)?;
+        let last_bad = after
+            .iter()
+            .rposition(|i| i.p99_ms >= 3.0 * healthy || i.failed > 0);
+        match last_bad {
+            None => Some(Duration::ZERO),
+            Some(at) if at + 1 < after.len() => Some(INTERVAL * u32::try_from(at + 1).ok()?),
+            Some(_) => None,
+        }
+    }
+
+    fn row(&self) -> String {
+        let before = self.phase(Duration::ZERO, self.fault_at);
+        let during = self.phase(self.fault_at, self.fault_end);
+        let after = self.phase(self.fault_end, self.end());
+        let (failed, late) = self.failed();
+        let offered = self.report.rate.unwrap_or(0.0) * self.report.duration_s;
+        let share = |d: Option<Duration>| {
+            d.map_or("–".to_owned(), |d| format!("{:.1} s", d.as_secs_f64()))
+        };
+        format!(
+            "| {} | {:.0} | {:.0} ({:.2}×) | {:.0} | {} ({:.3} %) | {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} | {} | {} |",
+            self.scenario.what(),
+            before.pages_per_s,
+            during.pages_per_s,
+            during.pages_per_s / before.pages_per_s.max(1e-9),
+            after.pages_per_s,
+            failed,
+            100.0 * failed as f64 / offered.max(1.0),
+            late,
+            before.p50_ms,
+            before.p99_ms,
+            during.p50_ms,
+            during.p99_ms,
+            after.p50_ms,
+            after.p99_ms,
+            share(self.recovered()),
+            share(self.regained),
+        )
+    }
+
+    /// What the run broke of what must hold everywhere (CI checks it): no page fails when a
+    /// replica is killed or restarted, and none after the first 2 s of any fault.
+    fn broken(&self) -> Option<String> {
+        let (failed, late) = self.failed();
+        match self.scenario {
+            Scenario::Kill | Scenario::Restart if failed > 0 => {
+                Some(format!("{}: {failed} pages failed", self.scenario.what()))
+            }
+            _ if late > 0 => Some(format!(
+                "{}: {late} pages failed after the fault's first 2 s",
+                self.scenario.what()
+            )),
+            _ => None,
+        }
+    }
+}
+
+const HEADER: &str = "| Replica B | Pages/s before | during | after | Failed pages | after the first 2 s | p50 / p99 ms before | during | after | p99 under 3× healthy after | B's share back after |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+
+#[allow(clippy::too_many_arguments)]
+async fn run_scenario(
+    scenario: Scenario,
+    bin: &Path,
+    certs: &Path,
+    out: &Path,
+    market: &Market,
+    b: &mut Replica,
+    rate: f64,
+    phases: Phases,
+) -> Result<Run> {
+    let total = phases.before + phases.fault + phases.after;
+    let load = Command::new(bin.join("loadgen"))
+        .args([
+            "http",
+            "--url",
+            &format!("http://{}/", market.addr),
+            "--rate",
+            &rate.to_string(),
+            "-d",
+            &total.as_secs_f64().to_string(),
+            "--warmup",
+            "1",
+            "--json",
+            "--timeline-ms",
+            &INTERVAL.as_millis().to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start the load generator")?;
+    // The generator's one-second warm-up, then the run's own clock.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let started = Instant::now();
+    tokio::time::sleep(phases.before).await;
+    let fault_at = started.elapsed();
+    match scenario {
+        Scenario::Kill => b.signal(bookstore_process::Signal::KILL, true)?,
+        Scenario::Freeze => b.signal(bookstore_process::Signal::STOP, false)?,
+        Scenario::Slow => b.mode.store(DELAY, Ordering::Relaxed),
+        Scenario::Blackhole => iptables("-A", b.public).await?,
+        Scenario::Restart => b.stop().await,
+    }
+    if scenario == Scenario::Restart {
+        // Started again at once: its address is back within the fault phase.
+        b.start(bin, certs, out).await?;
+    }
+    tokio::time::sleep(phases.fault.saturating_sub(started.elapsed() - fault_at)).await;
+    let fault_end = started.elapsed();
+    match scenario {
+        Scenario::Kill | Scenario::Restart => {}
+        Scenario::Freeze => b.signal(bookstore_process::Signal::CONT, false)?,
+        Scenario::Slow => b.mode.store(PASS, Ordering::Relaxed),
+        Scenario::Blackhole => iptables("-D", b.public).await?,
+    }
+    let regained = if scenario == Scenario::Kill {
+        None
+    } else {
+        share_back(market, b.public, fault_end, started, total).await
+    };
+    let output = load.wait_with_output().await?;
+    let report: Report =
+        serde_json::from_slice(&output.stdout).context("the load generator's report")?;
+    Ok(Run {
+        scenario,
+        timeline: report.timeline.clone(),
+        fault_at,
+        fault_end,
+        regained,
+        report,
+    })
+}
+
+/// The marketplace's calls to `addr`, and to the other addresses, so far.
+async fn calls(market: &Market, addr: SocketAddr) -> (f64, f64) {
+    let text = scrape(market.admin).await.unwrap_or_default();
+    let sum = |mine: bool| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with("bookstore_backend_calls_total{"))
+            .filter(|l| l.contains(&format!("addr=\"{addr}\"")) == mine)
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    (sum(true), sum(false))
+}
+
+/// Drives the page a second at a time until `addr` takes at least a third of the calls (an
+/// address ejected by the last scenario rejoins once its probe passes), for 40 s at most.
+async fn settle(bin: &Path, market: &Market, addr: SocketAddr, rate: f64) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        let before = calls(market, addr).await;
+        let status = Command::new(bin.join("loadgen"))
+            .args([
+                "http",
+                "--url",
+                &format!("http://{}/", market.addr),
+                "--rate",
+                &rate.to_string(),
+                "-d",
+                "1",
+                "--warmup",
+                "0",
+                "--json",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await?;
+        if !status.success() {
+            bail!("the load generator failed");
+        }
+        let after = calls(market, addr).await;
+        let (mine, others) = (after.0 - before.0, after.1 - before.1);
+        if mine > 0.0 && mine * 3.0 >= mine + others {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(40) {
+            bail!("{addr} took {mine} of {} calls after 40 s", mine + others);
+        }
+    }
+}
+
+/// Watches the marketplace's calls per address from `from` (after `started`) until the run's
+/// end: how long until `addr` took at least a third of a second's calls.
+async fn share_back(
+    market: &Market,
+    addr: SocketAddr,
+    from: Duration,
+    started: Instant,
+    total: Duration,
+) -> Option<Duration> {
+    let mut samples: VecDeque<(f64, f64)> = VecDeque::new();
+    while started.elapsed() < total {
+        samples.push_back(calls(market, addr).await);
+        if samples.len() > 4 {
+            samples.pop_front();
+        }
+        if let (Some(first), Some(last)) = (samples.front(), samples.back())
+            && samples.len() == 4
+        {
+            let (mine, others) = (last.0 - first.0, last.1 - first.1);
+            if mine > 0.0 && mine * 3.0 >= mine + others {
+                return Some(started.elapsed().saturating_sub(from));
+            }
+        }
+        tokio::time::sleep(INTERVAL).await;
+    }
+    None
+}
+
+impl Replica {
+    fn new(name: &'static str, ip: Ipv4Addr, port: u16) -> Result<Self> {
+        Ok(Replica {
+            name,
+            public: SocketAddr::from((ip, port)),
+            private: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)),
+            admin: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)),
+            child: None,
+            mode: Arc::new(AtomicU8::new(PASS)),
+        })
+    }
+
+    async fn start(&mut self, bin: &Path, certs: &Path, out: &Path) -> Result<()> {
+        let log = std::fs::File::create(out.join(format!("recommendations-{}.log", self.name)))?;
+        let mut command = Command::new(bin.join("recommendations"));
+        command
+            .env_clear()
+            .env("LISTEN_ADDR", self.private.to_string())
+            .env("ADMIN_ADDR", self.admin.to_string())
+            .env("CERTS_DIR", certs)
+            .env("LOG_FORMAT", "json");
+        let child = bookstore_process::start(&mut command, log)
+            .with_context(|| format!("cannot start replica {}", self.name))?;
+        self.child = Some(child);
+        ready(self.admin).await
+    }
+
+    fn signal(&mut self, signal: bookstore_process::Signal, gone: bool) -> Result<()> {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(Child::id)
+            .context("replica not running")?;
+        bookstore_process::send(pid, signal)?;
+        if gone {
+            self.child = None;
+        }
+        Ok(())
+    }
+
+    async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = bookstore_process::stop(&mut child, Duration::from_secs(10)).await;
+        }
+    }
+}
+
+struct Market {
+    child: Child,
+    addr: SocketAddr,
+    admin: SocketAddr,
+}
+
+async fn start_marketplace(
+    bin: &Path,
+    certs: &Path,
+    out: &Path,
+    replicas: &[Replica],
+) -> Result<Market> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+    let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+    let addrs: Vec<String> = replicas.iter().map(|r| r.public.to_string()).collect();
+    let log = std::fs::File::create(out.join("marketplace.log"))?;
+    let mut command = Command::new(bin.join("marketplace"));
+    command
+        .env_clear()
+        .env("LISTEN_ADDR", addr.to_string())
+        .env("ADMIN_ADDR", admin.to_string())
+        .env("RECOMMENDATIONS_ADDRS", addrs.join(","))
+        .env("RECOMMENDATIONS_TLS_NAME", "localhost")
+        .env("CERTS_DIR", certs)
+        .env("LOG_FORMAT", "json");
+    let child =
+        bookstore_process::start(&mut command, log).context("cannot start the marketplace")?;
+    ready(admin).await?;
+    Ok(Market { child, addr, admin })
+}
+
+/// Relays every connection to `listen` on to `to`, each byte delayed by [`SLOW_BY`] while
+/// `mode` is [`DELAY`].
+async fn relay(listen: SocketAddr, to: SocketAddr, mode: Arc<AtomicU8>) {
+    let Ok(listener) = TcpListener::bind(listen).await else {
+        eprintln!("chaos: cannot listen on {listen}");
+        return;
+    };
+    while let Ok((inbound, _)) = listener.accept().await {
+        let mode = mode.clone();
+        tokio::spawn(async move {
+            let Ok(outbound) = TcpStream::connect(to).await else {
+                return;
+            };
+            let _ = inbound.set_nodelay(true);
+            let _ = outbound.set_nodelay(true);
+            let (in_read, in_write) = inbound.into_split();
+            let (out_read, out_write) = outbound.into_split();
+            tokio::spawn(pump(in_read, out_write, mode.clone()));
+            tokio::spawn(pump(out_read, in_write, mode));
+        });
+    }
+}
+
+/// Copies one direction of a relayed connection, each chunk held until [`SLOW_BY`] after it
+/// was read while the relay is slow (order kept).
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mode: Arc<AtomicU8>,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let writer = tokio::spawn(async move {
+        while let Some((due, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(due.into()).await;
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let _ = to.shutdown().await;
+    });
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let delay = if mode.load(Ordering::Relaxed) == DELAY {
+            SLOW_BY
+        } else {
+            Duration::ZERO
+        };
+        if tx
+            .send((Instant::now() + delay, buf[..n].to_vec()))
+            .is_err()
+        {
+            break;
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+/// Whether packets can be dropped here: `iptables`, as root.
+async fn can_blackhole() -> bool {
+    Command::new("iptables")
+        .args(["-L", "-n"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .is_ok_and(|s| s.success())
+}
+
+/// Adds (`-A`) or deletes (`-D`) the rule dropping every packet to `addr`.
+async fn iptables(op: &str, addr: SocketAddr) -> Result<()> {
+    let status = Command::new("iptables")
+        .args([
+            op,
+            "INPUT",
+            "-d",
+            &addr.ip().to_string(),
+            "-p",
+            "tcp",
+            "--dport",
+            &addr.port().to_string(),
+            "-j",
+            "DROP",
+        ])
+        .status()
+        .await?;
+    if !status.success() {
+        bail!("iptables {op} failed");
+    }
+    Ok(())
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port())
+}
+
+async fn ready(admin: SocketAddr) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if scrape_path(admin, "/readyz")
+            .await
+            .is_ok_and(|(status, _)| status == 200)
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{admin} was not ready within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn scrape(admin: SocketAddr) -> Result<String> {
+    Ok(scrape_path(admin, "/metrics").await?.1)
+}
+
+async fn scrape_path(admin: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut stream = TcpStream::connect(admin).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut all = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut all)).await??;
+    let status = all.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = all.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+    Ok((status, body))
+}
+
+/// Every run as a panel: pages answered 200 a second (blue), failed pages a second (red), and
+/// the p99 in ms (orange, on its own scale), the fault shaded.
+fn plot(runs: &[Run], phases: Phases) -> String {
+    let (width, panel, gap) = (760.0, 150.0, 40.0);
+    let height = (panel + gap) * runs.len() as f64 + 20.0;
+    let total = (phases.before + phases.fault + phases.after).as_secs_f64();
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">"#
+    );
+    for (n, run) in runs.iter().enumerate() {
+        let top = 20.0 + n as f64 * (panel + gap);
+        let (left, right) = (50.0, width - 60.0);
+        let x = |s: f64| left + (right - left) * (s / total).clamp(0.0, 1.0);
+        let max_rate = run
+            .timeline
+            .iter()
+            .map(|i| (i.ok + i.failed) as f64 / INTERVAL.as_secs_f64())
+            .fold(1.0, f64::max)
+            * 1.25;
+        let max_p99 = run.timeline.iter().map(|i| i.p99_ms).fold(1.0, f64::max);
+        let y = |v: f64, max: f64| top + panel - panel * (v / max).clamp(0.0, 1.0);
+        let _ = write!(
+            svg,
+            r##"<text x="{left}" y="{}" font-weight="bold">Replica B {}</text><rect x="{}" y="{top}" width="{}" height="{panel}" fill="#eee"/><line x1="{left}" y1="{}" x2="{right}" y2="{}" stroke="#999"/>"##,
+            top - 6.0,
+            run.scenario.what(),
+            x(run.fault_at.as_secs_f64()),
+            x(run.fault_end.as_secs_f64()) - x(run.fault_at.as_secs_f64()),
+            top + panel,
+            top + panel,
+        );
+        let line = |value: &dyn Fn(&Interval) -> f64, max: f64, colour: &str| {
+            let points: Vec<String> = run
+                .timeline
+                .iter()
+                .map(|i| {
+                    format!(
+                        "{:.1},{:.1}",
+                        x(i.at_s + INTERVAL.as_secs_f64() / 2.0),
+                        y(value(i), max)
+                    )
+                })
+                .collect();
+            format!(
+                r#"<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{}"/>"#,
+                points.join(" ")
+            )
+        };
+        svg.push_str(&line(
+            &|i| i.ok as f64 / INTERVAL.as_secs_f64(),
+            max_rate,
+            "#1f77b4",
+        ));
+        svg.push_str(&line(
+            &|i| i.failed as f64 / INTERVAL.as_secs_f64(),
+            max_rate,
+            "#d62728",
+        ));
+        svg.push_str(&line(&|i| i.p99_ms, max_p99, "#ff7f0e"));
+        let _ = write!(
+            svg,
+            r##"<text x="{}" y="{}" text-anchor="end" fill="#1f77b4">{max_rate:.0}/s</text><text x="{}" y="{}" fill="#ff7f0e">p99 {max_p99:.0} ms</text><text x="{right}" y="{}" text-anchor="end">{total:.0} s</text>"##,
+            left - 4.0,
+            top + 10.0,
+            right + 4.0,
+            top + 10.0,
+            top + panel + 14.0,
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
