@@ -16,7 +16,7 @@ mod overload;
 mod report;
 mod servers;
 
-use std::{collections::BTreeMap, path::Path, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
 
 use anyhow::{Result, bail};
 use loadgen::report::Report;
@@ -24,7 +24,7 @@ use serde::Serialize;
 use tokio::process::Command;
 
 use crate::root;
-use load::{grpc_args, http_args, load};
+use load::{grpc_args, http_args, load, load_on};
 use report::{markdown, svg};
 use servers::{
     Server, http_body, metric, start_floor, start_original, start_service, write_catalog,
@@ -69,6 +69,10 @@ struct Measured {
     round: u32,
     report: Report,
     peak_rss_kib: Option<u64>,
+    /// CPU the servers behind the case (the marketplace and recommendations for the page) spent
+    /// per successful call, in µs: what the load generator's own cost cannot move.
+    #[serde(default)]
+    server_cpu_us: Option<f64>,
 }
 
 fn file_size(path: &Path) -> Option<u64> {
@@ -109,6 +113,11 @@ struct Row {
     floor_p99_ms: f64,
     errors: u64,
     target: String,
+    /// The median over rounds of the baseline's server CPU per call over this case's: the same
+    /// comparison by what the servers spent rather than by what the load generator measured.
+    /// Where the two differ by more than 0.05 the run was disturbed (or the generator limited
+    /// one side).
+    cpu_ratio: Option<f64>,
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -140,6 +149,14 @@ fn summarize(runs: &[Measured], case: &str, floor: &str, what: &str, target: &st
         })
         .collect();
     let ratio = median(&mut ratios);
+    let mut cpu_ratios: Vec<f64> = ours
+        .iter()
+        .filter_map(|m| {
+            let b = base.iter().find(|b| b.round == m.round)?;
+            Some(b.server_cpu_us? / m.server_cpu_us?.max(1e-9))
+        })
+        .collect();
+    let cpu_ratio = (!cpu_ratios.is_empty()).then(|| median(&mut cpu_ratios));
     Some(Row {
         what: what.into(),
         throughput: med(&ours, |r| r.throughput),
@@ -152,6 +169,7 @@ fn summarize(runs: &[Measured], case: &str, floor: &str, what: &str, target: &st
         floor_p99_ms: med(&base, |r| r.latency_ms.p99),
         errors: ours.iter().map(|m| m.report.error_count()).sum(),
         target: target.into(),
+        cpu_ratio,
     })
 }
 
@@ -190,11 +208,12 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
         None
     };
     let mut cases = stack.cases(&certs, plan.duration);
-    if let Some((_, flask)) = &original {
+    if let Some((grpcio, flask)) = &original {
         cases.push((
             "original_page",
             flask,
             http_args(flask, HTTP_CONCURRENCY, plan.duration),
+            vec![flask, grpcio],
         ));
     }
     let (runs, handshakes) = run_rounds(&loadgen, &cases, plan.rounds, &stack.rec_mtls).await?;
@@ -207,6 +226,7 @@ pub async fn bench(args: BenchArgs) -> Result<()> {
     let overload = overload::run(
         &loadgen,
         [&stack.market, &stack.rec_mtls],
+        &stack.market_unlimited,
         plan.duration,
         Duration::from_secs(if plan.quick { 5 } else { 60 }),
     )
@@ -279,7 +299,7 @@ impl Plan {
             ..
         } = self;
         format!(
-            "duration {duration} s, {rounds} rounds, sweep {sweep_duration} s, {big} books; gRPC {GRPC_CONCURRENCY} callers over {GRPC_CONNECTIONS} connections, HTTP {HTTP_CONCURRENCY} keep-alive connections; services as the images run them (JSON log, default level and sampling)"
+            "duration {duration} s, {rounds} rounds, sweep {sweep_duration} s, {big} books; gRPC {GRPC_CONCURRENCY} callers over {GRPC_CONNECTIONS} connections, HTTP {HTTP_CONCURRENCY} keep-alive connections; services as the images run them (JSON log, default level and sampling), every server on one CPU and the load generator on another when there are two"
         )
     }
 }
@@ -317,10 +337,15 @@ struct Stack {
     rec_every_call: Server,
     rec_big: Server,
     market: Server,
+    /// The same marketplace with MAX_REQUESTS_IN_FLIGHT out of the way, for the overload rows.
+    market_unlimited: Server,
     floor_mtls: Server,
     floor_plain: Server,
     floor_page: Server,
     floor_chain: Server,
+    /// The chain floor calling the real recommendations: the page against it is the
+    /// marketplace's own cost alone.
+    floor_chain_real: Server,
 }
 
 impl Stack {
@@ -358,14 +383,24 @@ impl Stack {
             with_certs(&[("CATALOG_PATH", catalog.display().to_string())]),
         )
         .await?;
+        let backend = [
+            ("RECOMMENDATIONS_HOST", "127.0.0.1".into()),
+            ("RECOMMENDATIONS_PORT", rec_mtls.addr.port().to_string()),
+            ("RECOMMENDATIONS_TLS_NAME", "localhost".into()),
+        ];
         let market = start_service(
             "marketplace",
             &bin.join("marketplace"),
-            &with_certs(&[
-                ("RECOMMENDATIONS_HOST", "127.0.0.1".into()),
-                ("RECOMMENDATIONS_PORT", rec_mtls.addr.port().to_string()),
-                ("RECOMMENDATIONS_TLS_NAME", "localhost".into()),
-            ]),
+            &with_certs(&backend),
+            work,
+        )
+        .await?;
+        let mut unlimited = backend.to_vec();
+        unlimited.push(("MAX_REQUESTS_IN_FLIGHT", "100000".into()));
+        let market_unlimited = start_service(
+            "marketplace (limit out of the way)",
+            &bin.join("marketplace"),
+            &with_certs(&unlimited),
             work,
         )
         .await?;
@@ -388,20 +423,21 @@ impl Stack {
             &["floor-http".into(), "--body-file".into(), page_arg.clone()],
         )
         .await?;
-        let floor_chain = start_floor(
-            "floor-chain",
-            &loadgen,
-            &[
+        let chain = |name, backend: SocketAddr| {
+            let args = [
                 "floor-chain".into(),
                 "--backend".into(),
-                floor_mtls.addr.to_string(),
+                backend.to_string(),
                 "--certs".into(),
-                certs_arg,
+                certs_arg.clone(),
                 "--body-file".into(),
-                page_arg,
-            ],
-        )
-        .await?;
+                page_arg.clone(),
+            ];
+            let loadgen = loadgen.clone();
+            async move { start_floor(name, &loadgen, &args).await }
+        };
+        let floor_chain = chain("floor-chain", floor_mtls.addr).await?;
+        let floor_chain_real = chain("floor-chain (real backend)", rec_mtls.addr).await?;
         Ok(Stack {
             rec_mtls,
             rec_plain,
@@ -409,10 +445,12 @@ impl Stack {
             rec_every_call,
             rec_big,
             market,
+            market_unlimited,
             floor_mtls,
             floor_plain,
             floor_page,
             floor_chain,
+            floor_chain_real,
         })
     }
 
@@ -449,10 +487,18 @@ impl Stack {
                 name,
                 server,
                 grpc_args(server, certs, GRPC_CONCURRENCY, duration),
+                vec![server],
             )
         };
-        let http = |name, server: &'a Server| -> Case<'a> {
-            (name, server, http_args(server, HTTP_CONCURRENCY, duration))
+        let http = |name, server: &'a Server, behind: Option<&'a Server>| -> Case<'a> {
+            let mut cpu = vec![server];
+            cpu.extend(behind);
+            (
+                name,
+                server,
+                http_args(server, HTTP_CONCURRENCY, duration),
+                cpu,
+            )
         };
         vec![
             grpc("floor_grpc_mtls", &self.floor_mtls, true),
@@ -462,9 +508,14 @@ impl Stack {
             grpc("recommend_mtls_every_call", &self.rec_every_call, true),
             grpc("recommend_plain", &self.rec_plain, false),
             grpc("floor_grpc_plain", &self.floor_plain, false),
-            http("page", &self.market),
-            http("floor_chain", &self.floor_chain),
-            http("floor_page", &self.floor_page),
+            http("page", &self.market, Some(&self.rec_mtls)),
+            http("floor_chain", &self.floor_chain, Some(&self.floor_mtls)),
+            http(
+                "floor_chain_real",
+                &self.floor_chain_real,
+                Some(&self.rec_mtls),
+            ),
+            http("floor_page", &self.floor_page, None),
         ]
     }
 
@@ -476,7 +527,9 @@ impl Stack {
             self.rec_every_call,
             self.rec_big,
             self.market,
+            self.market_unlimited,
             self.floor_chain,
+            self.floor_chain_real,
             self.floor_mtls,
             self.floor_plain,
             self.floor_page,
@@ -486,8 +539,9 @@ impl Stack {
     }
 }
 
-/// A throughput case: its name, the server it loads, and the load generator's arguments.
-type Case<'a> = (&'static str, &'a Server, Vec<String>);
+/// A throughput case: its name, the server it loads, the load generator's arguments, and the
+/// servers whose CPU it costs (the server and what it calls).
+type Case<'a> = (&'static str, &'a Server, Vec<String>, Vec<&'a Server>);
 
 /// Every case once per round; also the TLS handshakes recommendations completed while only
 /// the marketplace called it (the page runs).
@@ -498,17 +552,27 @@ async fn run_rounds(
     rec_mtls: &Server,
 ) -> Result<(Vec<Measured>, f64)> {
     const HANDSHAKES: &str = "bookstore_tls_handshakes_total{result=\"completed\"}";
+    // Every server on one CPU, the generator on the other: on shared CPUs the generator's own
+    // cost per call, which differs between targets, moved the ratios (docs/performance.md).
+    let mut servers: Vec<&Server> = cases.iter().flat_map(|c| c.3.iter().copied()).collect();
+    servers.dedup_by_key(|s| s.pid());
+    let cpus = overload::pin(&servers).await;
+    let generator = cpus.map(|(_, generator)| generator);
     let mut handshakes = 0.0;
     let mut runs = Vec::new();
     for round in 0..rounds {
-        for (case, server, args) in cases {
+        for (case, server, args, cpu) in cases {
             eprintln!("round {} of {rounds}: {case}", round + 1);
             let before = if *case == "page" {
                 Some(metric(rec_mtls, HANDSHAKES).await?)
             } else {
                 None
             };
-            let (report, peak_rss_kib) = load(loadgen, args, server).await?;
+            let cpu_before = cpu_seconds(cpu);
+            let (report, peaks) = load_on(generator, loadgen, args, server).await?;
+            let server_cpu_us = cpu_seconds(cpu)
+                .zip(cpu_before)
+                .map(|(after, before)| (after - before) * 1e6 / (report.ok.max(1) as f64));
             if let Some(before) = before {
                 handshakes += metric(rec_mtls, HANDSHAKES).await? - before;
             }
@@ -516,11 +580,31 @@ async fn run_rounds(
                 case: (*case).into(),
                 round,
                 report,
-                peak_rss_kib,
+                peak_rss_kib: peaks.rss_kib,
+                server_cpu_us,
             });
         }
     }
+    overload::unpin(&servers).await;
     Ok((runs, handshakes))
+}
+
+/// User and system CPU seconds the processes have used so far (None if one is unreadable). The
+/// load generator's warm-up second is inside the window; its calls are not counted, so a case's
+/// CPU per call reads a little high, alike on both sides of a comparison.
+fn cpu_seconds(servers: &[&Server]) -> Option<f64> {
+    servers
+        .iter()
+        .map(|s| {
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", s.pid()?)).ok()?;
+            // Fields after the command name, which is in parentheses and may hold spaces.
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            let ticks: f64 =
+                fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+            // USER_HZ, 100 on Linux.
+            Some(ticks / 100.0)
+        })
+        .sum()
 }
 
 /// The page, its constant floor and Recommend at each concurrency of [`SWEEP`].
@@ -556,6 +640,7 @@ async fn run_sweep(
                 round: 0,
                 report,
                 peak_rss_kib,
+                server_cpu_us: None,
             });
         }
     }
@@ -595,6 +680,12 @@ fn summary(runs: &[Measured], big: u32) -> Vec<Row> {
             "floor_chain",
             "Page end to end vs its chain floor",
             "≥ 0.9× chain floor",
+        ),
+        (
+            "page",
+            "floor_chain_real",
+            "Page vs a chain floor over the same recommendations (the marketplace's own cost)",
+            "(its cost)",
         ),
         (
             "page",

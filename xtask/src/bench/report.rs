@@ -10,13 +10,23 @@ pub(super) fn markdown(r: &Results) -> String {
     let _ = writeln!(md, "Measured {} on {} ({}).\n", r.date, r.machine, r.args);
     let _ = writeln!(
         md,
-        "| Case | Throughput (ok/s) | Baseline (ok/s) | Ratio (lowest–highest round) | p50 ms | p99 ms | Baseline p99 ms | Errors | Target |"
+        "| Case | Throughput (ok/s) | Baseline (ok/s) | Ratio (lowest–highest round) | By server CPU per call | p50 ms | p99 ms | Baseline p99 ms | Errors | Target |"
     );
-    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---|");
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     for row in &r.summary {
+        let cpu = row.cpu_ratio.map_or("–".to_owned(), |c| {
+            // The two ways of comparing disagree: the run was disturbed, or the generator
+            // limited one side.
+            let flag = if (c - row.ratio).abs() > 0.05 {
+                " (!)"
+            } else {
+                ""
+            };
+            format!("{c:.2}×{flag}")
+        });
         let _ = writeln!(
             md,
-            "| {} | {:.0} | {:.0} | {:.2}× ({:.2}–{:.2}) | {:.3} | {:.3} | {:.3} | {} | {} |",
+            "| {} | {:.0} | {:.0} | {:.2}× ({:.2}–{:.2}) | {cpu} | {:.3} | {:.3} | {:.3} | {} | {} |",
             row.what,
             row.throughput,
             row.floor_throughput,
