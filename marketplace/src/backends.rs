@@ -359,6 +359,7 @@ impl AddressCounters {
         };
         counters.estimate.set(FIRST_ESTIMATE.as_secs_f64());
         counters.ejected.set(0.0);
+        counters.in_flight.set(0.0);
         counters
     }
 }
