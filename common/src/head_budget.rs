@@ -326,6 +326,11 @@ impl<IO> Metered<IO> {
                         *heads = Http1Heads::default();
                         break 0;
                     }
+                    // The common case, with nothing left over from an earlier read: whole heads
+                    // only (a GET has no body), nothing unfinished.
+                    if heads.bytes == 0 && data.ends_with(b"\r\n\r\n") {
+                        break 0;
+                    }
                     break heads.read(data);
                 }
                 Proto::Http2(frames) => {

@@ -221,8 +221,10 @@ struct Activity {
     waiting_bytes: AtomicUsize,
     /// Milliseconds since `opened` when answers started waiting, or one was last delivered.
     sent_ms: AtomicU64,
-    /// Wakes a request held back by the backlog when an answer goes.
+    /// Wakes a request held back by the backlog when an answer goes; `held` counts them, so an
+    /// answer going with none held costs no lock.
     drained: Notify,
+    held: AtomicUsize,
     /// The router's places held by this connection's requests (see [`Connection`]).
     places: AtomicUsize,
     opened: Instant,
@@ -243,6 +245,7 @@ impl Activity {
             waiting_bytes: AtomicUsize::new(0),
             sent_ms: AtomicU64::new(0),
             drained: Notify::new(),
+            held: AtomicUsize::new(0),
             places: AtomicUsize::new(0),
             opened: Instant::now(),
             shared,
@@ -297,13 +300,16 @@ impl Activity {
     /// An answer of `bytes` went: `delivered` whole, or dropped (the stream was reset, or the
     /// connection is closing).
     fn gone(&self, bytes: usize, delivered: bool) {
-        if delivered {
-            self.sent_ms.store(self.now_ms(), Ordering::Relaxed);
-        }
         self.waiting_bytes.fetch_sub(bytes, Ordering::Relaxed);
         self.shared.backlog.fetch_sub(bytes, Ordering::Relaxed);
-        self.waiting.fetch_sub(1, Ordering::AcqRel);
-        self.drained.notify_waiters();
+        let left = self.waiting.fetch_sub(1, Ordering::AcqRel) - 1;
+        // With none left waiting the time does not matter: the next to wait sets it.
+        if delivered && left > 0 {
+            self.sent_ms.store(self.now_ms(), Ordering::Relaxed);
+        }
+        if self.held.load(Ordering::Acquire) > 0 {
+            self.drained.notify_waiters();
+        }
     }
 }
 
@@ -371,12 +377,16 @@ async fn serve_connection(
             let router = router.clone();
             async move {
                 let activity = &guard.0;
-                while activity.backlogged() {
-                    let drained = activity.drained.notified();
-                    if !activity.backlogged() {
-                        break;
+                if activity.backlogged() {
+                    activity.held.fetch_add(1, Ordering::AcqRel);
+                    loop {
+                        let drained = activity.drained.notified();
+                        if !activity.backlogged() {
+                            break;
+                        }
+                        drained.await;
                     }
-                    drained.await;
+                    activity.held.fetch_sub(1, Ordering::AcqRel);
                 }
                 let h2 = request.version() == axum::http::Version::HTTP_2;
                 let mut request = request.map(Body::new);

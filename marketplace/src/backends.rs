@@ -33,7 +33,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex, RwLock,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -180,6 +180,10 @@ struct Load {
     /// The start times of the calls in flight, summed, in µs after `epoch`.
     started_sum_us: AtomicU64,
     estimate: Mutex<PeakEwma>,
+    /// The estimate as last sampled (f64 bits) and when (µs after `epoch`), for the balancer to
+    /// read without the lock.
+    estimate_bits: AtomicU64,
+    estimate_at_us: AtomicU64,
 }
 
 /// A latency estimate that jumps up to a slower sample and decays toward faster ones.
@@ -225,6 +229,8 @@ impl Load {
             in_flight: AtomicUsize::new(0),
             started_sum_us: AtomicU64::new(0),
             estimate: Mutex::new(PeakEwma::new(now)),
+            estimate_bits: AtomicU64::new(FIRST_ESTIMATE.as_secs_f64().to_bits()),
+            estimate_at_us: AtomicU64::new(0),
         }
     }
 
@@ -236,11 +242,11 @@ impl Load {
     /// in flight have been waiting, so an address that stopped answering costs more with every
     /// call sent to it.
     fn now(&self, now: Instant) -> (f64, usize) {
-        let estimate = self
-            .estimate
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .at(now);
+        let sampled = f64::from_bits(self.estimate_bits.load(Ordering::Relaxed));
+        let since = self
+            .micros(now)
+            .saturating_sub(self.estimate_at_us.load(Ordering::Relaxed));
+        let estimate = sampled * (-(since as f64 / 1e6) / DECAY.as_secs_f64()).exp();
         let in_flight = self.in_flight.load(Ordering::Acquire);
         if in_flight == 0 {
             return (estimate, 0);
@@ -253,6 +259,14 @@ impl Load {
     fn cost(&self, now: Instant) -> f64 {
         let (estimate, in_flight) = self.now(now);
         estimate * (in_flight + 1) as f64
+    }
+
+    /// Makes `estimate` the one the balancer reads.
+    fn publish(&self, estimate: &PeakEwma) {
+        self.estimate_bits
+            .store(estimate.seconds.to_bits(), Ordering::Relaxed);
+        self.estimate_at_us
+            .store(self.micros(estimate.at), Ordering::Relaxed);
     }
 }
 
@@ -324,6 +338,8 @@ pub struct Backend {
     slots: Arc<Semaphore>,
     load: Load,
     health: Mutex<Health>,
+    /// Whether it is out of the rotation now (the health's standing, readable without the lock).
+    out: AtomicBool,
     counters: AddressCounters,
 }
 
@@ -430,6 +446,7 @@ impl Backend {
         if outcome == Some(Outcome::Answered) {
             let mut estimate = self.load.estimate.lock().unwrap_or_else(|p| p.into_inner());
             estimate.sample(now.saturating_duration_since(started), now);
+            self.load.publish(&estimate);
             self.counters.estimate.set(estimate.seconds);
         }
         let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
@@ -453,8 +470,7 @@ impl Backend {
 
     /// Whether the address is in the rotation at `now`.
     fn is_in(&self) -> bool {
-        let health = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        health.standing == Standing::In
+        !self.out.load(Ordering::Relaxed)
     }
 
     /// Whether this address has earned an ejection: failures in a row, or a failure rate of
@@ -486,6 +502,7 @@ impl Backend {
         health.times += 1;
         let until = now + length;
         health.standing = Standing::Ejected { until };
+        self.out.store(true, Ordering::Relaxed);
         health.in_a_row = 0;
         (
             health.calls,
@@ -502,11 +519,14 @@ impl Backend {
     fn rejoin(&self, now: Instant) {
         let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
         health.standing = Standing::In;
+        self.out.store(false, Ordering::Relaxed);
         health.rejoined = Some(now);
         self.counters.readmissions.increment(1);
         self.counters.ejected.set(0.0);
         // A fresh start: its old calls' latency says nothing about it now.
-        *self.load.estimate.lock().unwrap_or_else(|p| p.into_inner()) = PeakEwma::new(now);
+        let fresh = PeakEwma::new(now);
+        *self.load.estimate.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
+        self.load.publish(&fresh);
     }
 
     /// One health check over the address's own connection: SERVING within [`PROBE_TIMEOUT`].
@@ -569,32 +589,31 @@ impl Backends {
     /// them. None when no address is known.
     pub fn pick(&self, except: Option<SocketAddr>) -> Option<Arc<Backend>> {
         let current = self.current();
-        let now = Instant::now();
-        let usable = |b: &&Arc<Backend>| Some(b.addr) != except;
-        let mut candidates: Vec<&Arc<Backend>> = current
-            .iter()
-            .filter(usable)
-            .filter(|b| b.is_in())
-            .collect();
-        if candidates.is_empty() {
-            candidates = current.iter().filter(usable).collect();
-        }
-        if candidates.is_empty() {
-            candidates = current.iter().collect();
-        }
-        let n = candidates.len();
+        let usable = |b: &Arc<Backend>| Some(b.addr) != except;
+        // Those in the rotation (and not `except`); failing that, any but `except`; failing
+        // that, any.
+        let rotation = |b: &Arc<Backend>| usable(b) && b.is_in();
+        let pool: &dyn Fn(&Arc<Backend>) -> bool = if current.iter().any(rotation) {
+            &rotation
+        } else if current.iter().any(usable) {
+            &usable
+        } else {
+            &|_| true
+        };
+        let n = current.iter().filter(|b| pool(b)).count();
+        let nth = |i: usize| current.iter().filter(|b| pool(b)).nth(i % n.max(1));
         let picked = match n {
             0 => return None,
-            1 => candidates[0],
+            1 => nth(0)?,
             _ => {
                 let turn = self.next.fetch_add(1, Ordering::Relaxed);
-                let first = candidates[turn % n];
-                let other = if n == 2 {
-                    candidates[(turn + 1) % 2]
+                let offset = if n == 2 {
+                    1
                 } else {
-                    let offset = 1 + rand::random_range(0..n - 1);
-                    candidates[(turn + offset) % n]
+                    1 + rand::random_range(0..n - 1)
                 };
+                let (first, other) = (nth(turn)?, nth(turn + offset)?);
+                let now = Instant::now();
                 if other.cost(now) < CHEAPER * first.cost(now) {
                     other
                 } else {
@@ -759,6 +778,7 @@ impl Backends {
             slots: Arc::new(Semaphore::new(settings.max_calls)),
             load: Load::new(now),
             health: Mutex::new(Health::new(now)),
+            out: AtomicBool::new(false),
             counters: AddressCounters::new(&self.metrics, addr),
         }))
     }

@@ -19,7 +19,7 @@ use std::{
     panic::AssertUnwindSafe,
     pin::Pin,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
@@ -166,39 +166,42 @@ pub struct GrpcSource {
     rejected_full: metrics::Counter,
     rejected_wait: metrics::Counter,
     /// Calls' latency lately, for the per-try timeout.
-    latency: Arc<Mutex<TryTimer>>,
+    latency: Arc<TryTimer>,
 }
 
 /// The per-try timeout, from the latency of answered calls, as TCP times a retransmission:
 /// the smoothed latency plus four times its mean deviation, at least [`PER_TRY_FLOOR`]. A
 /// call to a healthy address answers within it nearly always; one to a hung or slow address
 /// does not, and its page is answered from another address instead.
-#[derive(Debug, Clone, Copy)]
+/// Both figures in seconds, as f64 bits: updated without a lock (two calls ending at once may
+/// each miss the other's sample, which a smoothed figure can afford).
+#[derive(Debug, Default)]
 struct TryTimer {
-    smoothed: f64,
-    deviation: f64,
+    smoothed: AtomicU64,
+    deviation: AtomicU64,
 }
 
 impl TryTimer {
-    fn new() -> Self {
-        TryTimer {
-            smoothed: 0.0,
-            deviation: 0.0,
-        }
-    }
-
-    fn sample(&mut self, took: Duration) {
+    fn sample(&self, took: Duration) {
         let took = took.as_secs_f64();
-        if self.smoothed == 0.0 {
-            (self.smoothed, self.deviation) = (took, took / 2.0);
+        let smoothed = f64::from_bits(self.smoothed.load(Ordering::Relaxed));
+        let deviation = f64::from_bits(self.deviation.load(Ordering::Relaxed));
+        let (smoothed, deviation) = if smoothed == 0.0 {
+            (took, took / 2.0)
         } else {
-            self.deviation = 0.75 * self.deviation + 0.25 * (self.smoothed - took).abs();
-            self.smoothed = 0.875 * self.smoothed + 0.125 * took;
-        }
+            (
+                0.875 * smoothed + 0.125 * took,
+                0.75 * deviation + 0.25 * (smoothed - took).abs(),
+            )
+        };
+        self.smoothed.store(smoothed.to_bits(), Ordering::Relaxed);
+        self.deviation.store(deviation.to_bits(), Ordering::Relaxed);
     }
 
     fn timeout(&self) -> Duration {
-        Duration::from_secs_f64(self.smoothed + 4.0 * self.deviation).max(PER_TRY_FLOOR)
+        let smoothed = f64::from_bits(self.smoothed.load(Ordering::Relaxed));
+        let deviation = f64::from_bits(self.deviation.load(Ordering::Relaxed));
+        Duration::from_secs_f64(smoothed + 4.0 * deviation).max(PER_TRY_FLOOR)
     }
 }
 
@@ -248,7 +251,7 @@ impl GrpcSource {
             max_queued: queue.max_queued,
             max_wait: queue.max_wait,
             waits: RecentWait::new(),
-            latency: Arc::new(Mutex::new(TryTimer::new())),
+            latency: Arc::new(TryTimer::default()),
         }
     }
 
@@ -326,8 +329,7 @@ fn backoff(attempt: u32) -> Duration {
 }
 
 /// One call of a request, to one address: its answer, and the address it went to.
-type Attempt = Pin<Box<RunToEnd<AttemptFuture>>>;
-type AttemptFuture = Pin<Box<dyn Future<Output = (Arc<Backend>, Reply)> + Send>>;
+type Attempt = RunToEnd<(Arc<Backend>, Reply)>;
 type Reply = Result<tonic::Response<bookstore_proto::RecommendationResponse>, tonic::Status>;
 
 /// Whether a call's status says its address may not work (so it counts toward ejection).
@@ -369,7 +371,7 @@ impl GrpcSource {
         // its connection dead. A call given up by its page is never reset: a burst of resets
         // on the one connection per address looks like an HTTP/2 rapid-reset attack to the
         // server, which then closes the connection under every other page's calls.
-        let call: AttemptFuture = Box::pin(
+        RunToEnd::new(
             async move {
                 let started = Instant::now();
                 let in_flight = backend.start_call();
@@ -377,10 +379,7 @@ impl GrpcSource {
                 drop(slot);
                 let outcome = match &reply {
                     Ok(_) => {
-                        latency
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .sample(started.elapsed());
+                        latency.sample(started.elapsed());
                         Outcome::Answered
                     }
                     Err(status) if address_failed(status.code()) => Outcome::Failed,
@@ -388,20 +387,17 @@ impl GrpcSource {
                     Err(_) => Outcome::Answered,
                 };
                 in_flight.finished(outcome);
-                backends.judge(&backend);
+                if outcome == Outcome::Failed {
+                    backends.judge(&backend);
+                }
                 (backend, reply)
             }
             .in_current_span(),
-        );
-        Box::pin(RunToEnd::new(call))
+        )
     }
 
     fn per_try(&self) -> Duration {
-        self.latency
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .timeout()
-            .min(self.timeout / 2)
+        self.latency.timeout().min(self.timeout / 2)
     }
 }
 
@@ -414,7 +410,7 @@ async fn next_answer(
     std::future::poll_fn(|cx| {
         for slot in [&mut *first, &mut *second] {
             if let Some(attempt) = slot
-                && let Poll::Ready(answer) = attempt.as_mut().poll(cx)
+                && let Poll::Ready(answer) = Pin::new(attempt).poll(cx)
             {
                 *slot = None;
                 return Poll::Ready(answer);
@@ -571,25 +567,25 @@ impl RecommendationSource for GrpcSource {
 }
 
 /// A future run in the caller's task while the caller waits for it, and in a task of its own,
-/// to its end, if the caller gives up first. A backend call thus finishes whatever the page
-/// does, without a task spawned for every call: the spawn, its wake-ups and a switch between
-/// worker threads were a few microseconds of every page.
-struct RunToEnd<F: Future<Output: Send> + Send + 'static> {
+/// to its end, if the caller gives up first. A backend call thus finishes whatever the page does,
+/// without a task spawned for every call: the spawn, its wake-ups and a switch between worker
+/// threads were a few microseconds of every page.
+struct RunToEnd<T: Send + 'static> {
     /// None once it has finished.
-    future: Option<Pin<Box<F>>>,
+    future: Option<Pin<Box<dyn Future<Output = T> + Send>>>,
 }
 
-impl<F: Future<Output: Send> + Send + 'static> RunToEnd<F> {
-    fn new(future: F) -> Self {
+impl<T: Send + 'static> RunToEnd<T> {
+    fn new(future: impl Future<Output = T> + Send + 'static) -> Self {
         RunToEnd {
             future: Some(Box::pin(future)),
         }
     }
 }
 
-impl<F: Future<Output: Send> + Send + 'static> Future for RunToEnd<F> {
+impl<T: Send + 'static> Future for RunToEnd<T> {
     /// Err if the future panicked: it is then dropped, not handed on to be polled again.
-    type Output = std::thread::Result<F::Output>;
+    type Output = std::thread::Result<T>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let Some(mut future) = self.future.take() else {
@@ -607,7 +603,7 @@ impl<F: Future<Output: Send> + Send + 'static> Future for RunToEnd<F> {
     }
 }
 
-impl<F: Future<Output: Send> + Send + 'static> Drop for RunToEnd<F> {
+impl<T: Send + 'static> Drop for RunToEnd<T> {
     fn drop(&mut self) {
         if let Some(future) = self.future.take()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
