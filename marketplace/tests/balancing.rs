@@ -255,3 +255,39 @@ async fn a_frozen_instance_costs_almost_nothing_and_takes_calls_again_after_it_t
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Issue 22: the marketplace pings each connection after a second with nothing coming in. The
+/// server must take that rate: a connection left idle for 5 s is still the one the next page
+/// uses, with no new handshake (a server that closed it for too many pings, as grpc-go's
+/// keepalive policy does, would show a second). The server's idle timeout is 2 s here, so
+/// without the pings it would have closed the connection too.
+#[tokio::test]
+async fn an_idle_connection_pinged_every_second_stays_open() {
+    let pki = TestPki::new();
+    let (mut recommendations, backend) =
+        process::start_recommendations(pki.dir(), &[("IDLE_TIMEOUT_SECS", "2".into())]).await;
+    let admin = recommendations.admin_addr().await;
+    let (_marketplace, web) = process::start_marketplace(pki.dir(), backend, &[]).await;
+    let handshakes = || async {
+        let text = reqwest::get(format!("http://{admin}/metrics"))
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("body");
+        raw::metric(
+            &text,
+            &["bookstore_tls_handshakes_total", r#"result="completed""#],
+        )
+    };
+    assert_eq!(page(web).await, 200);
+    let first = handshakes().await;
+    assert!(first >= 1.0, "{first}");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(page(web).await, 200);
+    assert_eq!(
+        handshakes().await,
+        first,
+        "the idle connection was replaced"
+    );
+}
