@@ -224,3 +224,32 @@ async fn a_catalog_title_with_markup_is_shown_as_text() {
         "{body}"
     );
 }
+
+/// New settings are checked at start-up: a bad value stops it with one line naming it.
+#[tokio::test]
+async fn bad_admission_and_backend_settings_stop_start_up_with_one_line() {
+    let pki = TestPki::new();
+    let backend = SocketAddr::from(([127, 0, 0, 1], 9));
+    for (setting, value, says) in [
+        (
+            "MAX_HEAD_BYTES_TOTAL",
+            "10000",
+            "MAX_HEAD_BYTES_TOTAL (10000) is below MAX_HEAD_BYTES",
+        ),
+        ("RECOMMENDATIONS_ADDRS", "127.0.0.2:50051,nowhere", "nowhere"),
+    ] {
+        let env = process::marketplace_env(pki.dir(), backend, &[(setting, value.into())]);
+        let started = ServiceProcess::start("marketplace", &env);
+        let (status, log) = started.wait(Duration::from_secs(20)).await;
+        assert!(!status.success(), "{setting}={value}: it started anyway");
+        let errors: Vec<_> = log
+            .iter()
+            .filter(|l| l.contains("error") || l.contains("ERROR"))
+            .collect();
+        assert!(
+            errors.iter().any(|l| l.contains(says)),
+            "{setting}={value}: {log:?}"
+        );
+        assert_eq!(errors.len(), 1, "{setting}={value}: {log:?}");
+    }
+}
