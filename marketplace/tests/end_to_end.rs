@@ -236,7 +236,11 @@ async fn bad_admission_and_backend_settings_stop_start_up_with_one_line() {
             "10000",
             "MAX_HEAD_BYTES_TOTAL (10000) is below MAX_HEAD_BYTES",
         ),
-        ("RECOMMENDATIONS_ADDRS", "127.0.0.2:50051,nowhere", "nowhere"),
+        (
+            "RECOMMENDATIONS_ADDRS",
+            "127.0.0.2:50051,nowhere",
+            "nowhere",
+        ),
     ] {
         let env = process::marketplace_env(pki.dir(), backend, &[(setting, value.into())]);
         let started = ServiceProcess::start("marketplace", &env);
