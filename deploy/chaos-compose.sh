@@ -38,17 +38,9 @@ if [ -n "${BASE_IMAGES_BY_TAG:-}" ]; then
     export RUST_IMAGE RUNTIME_IMAGE
 fi
 
-# Podman runs health checks from systemd timers; without systemd nothing runs them and
-# `depends_on: service_healthy` would wait for ever: play the scheduler's part, as
-# deploy/compose-test.sh does.
+# Podman without systemd runs no health check by itself (deploy/podman-healthchecks.sh).
 if docker version 2>/dev/null | grep -qi podman && command -v podman >/dev/null; then
-    (
-        while sleep 2; do
-            for id in $(podman ps -q --filter "label=com.docker.compose.project=$project"); do
-                podman healthcheck run "$id" >/dev/null 2>&1 || true
-            done
-        done
-    ) &
+    bash deploy/podman-healthchecks.sh "$project" &
     health=$!
     trap 'kill $health 2>/dev/null; cleanup' EXIT
 fi

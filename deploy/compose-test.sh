@@ -47,18 +47,10 @@ git clone --quiet "$repo" "$work/clone"
 cd "$work/clone"
 git log --oneline -1
 
-# Podman schedules health checks with systemd timers; where there is no systemd (as on these
-# machines) nothing runs them and `depends_on: service_healthy` would wait forever. This loop
-# plays the scheduler's part, running each container's own health check as Docker would.
+# Podman without systemd runs no health check by itself (deploy/podman-healthchecks.sh).
 engine=$(docker version 2>/dev/null || true)
 if grep -qi podman <<<"$engine" && command -v podman >/dev/null; then
-    (
-        while sleep 2; do
-            for id in $(podman ps -q --filter "label=com.docker.compose.project=$project"); do
-                podman healthcheck run "$id" >/dev/null 2>&1 || true
-            done
-        done
-    ) &
+    bash deploy/podman-healthchecks.sh "$project" &
     scheduler=$!
     trap 'kill $scheduler 2>/dev/null || true; cleanup' EXIT
 fi

@@ -401,6 +401,17 @@ impl GrpcSource {
     }
 }
 
+/// Keeps `attempt` in a free one of the two places for calls in flight (there is always one:
+/// a second call starts only as a hedge beside the first, a retry only with none in flight; were
+/// both taken, the call would still run to its end, unheard).
+fn hold(first: &mut Option<Attempt>, second: &mut Option<Attempt>, attempt: Attempt) {
+    if first.is_none() {
+        *first = Some(attempt);
+    } else if second.is_none() {
+        *second = Some(attempt);
+    }
+}
+
 /// The next answer of either call in flight (neither is polled after it finished); Err if that
 /// call panicked.
 async fn next_answer(
@@ -455,12 +466,11 @@ impl RecommendationSource for GrpcSource {
                     return Err(timed_out());
                 }
                 last_tried = Some(backend.addr);
-                let attempt = self.attempt(backend, slot, query, context, deadline);
-                if first.is_none() {
-                    first = Some(attempt);
-                } else {
-                    second = Some(attempt);
-                }
+                hold(
+                    &mut first,
+                    &mut second,
+                    self.attempt(backend, slot, query, context, deadline),
+                );
                 started += 1;
                 hedge_at = (started < MAX_ATTEMPTS).then(|| Instant::now() + per_try);
             }
@@ -494,11 +504,7 @@ impl RecommendationSource for GrpcSource {
                                 self.count_retry("hedged");
                                 last_tried = Some(backend.addr);
                                 let attempt = self.attempt(backend, slot, query, context, deadline);
-                                if first.is_none() {
-                                    first = Some(attempt);
-                                } else {
-                                    second = Some(attempt);
-                                }
+                                hold(&mut first, &mut second, attempt);
                                 started += 1;
                             } else {
                                 self.count_retry("budget_exhausted");

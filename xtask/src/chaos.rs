@@ -329,21 +329,8 @@ async fn run_scenario(
     phases: Phases,
 ) -> Result<Run> {
     let total = phases.before + phases.fault + phases.after;
-    let load = Command::new(bin.join("loadgen"))
-        .args([
-            "http",
-            "--url",
-            &format!("http://{}/", market.addr),
-            "--rate",
-            &rate.to_string(),
-            "-d",
-            &total.as_secs_f64().to_string(),
-            "--warmup",
-            "1",
-            "--json",
-            "--timeline-ms",
-            &INTERVAL.as_millis().to_string(),
-        ])
+    let load = open_loop(bin, market, rate, total, Duration::from_secs(1))
+        .args(["--timeline-ms", &INTERVAL.as_millis().to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -390,6 +377,25 @@ async fn run_scenario(
     })
 }
 
+/// The load generator driving the page open loop at `rate` for `secs` after a `warmup`, its
+/// report as JSON.
+fn open_loop(bin: &Path, market: &Market, rate: f64, secs: Duration, warmup: Duration) -> Command {
+    let mut command = Command::new(bin.join("loadgen"));
+    command.args([
+        "http",
+        "--url",
+        &format!("http://{}/", market.addr),
+        "--rate",
+        &rate.to_string(),
+        "-d",
+        &secs.as_secs_f64().to_string(),
+        "--warmup",
+        &warmup.as_secs_f64().to_string(),
+        "--json",
+    ]);
+    command
+}
+
 /// The marketplace's calls to `addr`, and to the other addresses, so far.
 async fn calls(market: &Market, addr: SocketAddr) -> (f64, f64) {
     let text = scrape(market.admin).await.unwrap_or_default();
@@ -409,19 +415,7 @@ async fn settle(bin: &Path, market: &Market, addr: SocketAddr, rate: f64) -> Res
     let started = Instant::now();
     loop {
         let before = calls(market, addr).await;
-        let status = Command::new(bin.join("loadgen"))
-            .args([
-                "http",
-                "--url",
-                &format!("http://{}/", market.addr),
-                "--rate",
-                &rate.to_string(),
-                "-d",
-                "1",
-                "--warmup",
-                "0",
-                "--json",
-            ])
+        let status = open_loop(bin, market, rate, Duration::from_secs(1), Duration::ZERO)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
