@@ -66,7 +66,7 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
     (
         "bookstore_client_retries_total",
         Kind::Counter,
-        "Retries of backend calls, by outcome: attempted, budget_exhausted (cut off by the retry budget), past_deadline.",
+        "Second calls to the backend, by outcome: attempted (a retry), hedged (a second call on another address after the per-try timeout), budget_exhausted (cut off by the retry budget), past_deadline.",
     ),
     (
         "bookstore_client_queue_rejected_total",
@@ -76,7 +76,7 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
     (
         "bookstore_backend_calls_total",
         Kind::Counter,
-        "Backend calls sent to each recommendations address (each retry is a call).",
+        "Backend calls sent to each recommendations address, or picked for a hedge that found no free slot (each retry is a call).",
     ),
     (
         "bookstore_backend_in_flight",
@@ -86,7 +86,7 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
     (
         "bookstore_backend_latency_estimate_seconds",
         Kind::Gauge,
-        "Each recommendations address's latency as the balancer estimates it (a peak-EWMA: a slower answer raises it at once, faster ones lower it over 10 s).",
+        "Each recommendations address's latency estimate as of its last answer (a peak-EWMA: a slower answer raises it at once, faster ones lower it over 10 s).",
     ),
     (
         "bookstore_backend_ejected",
@@ -96,7 +96,7 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
     (
         "bookstore_backend_ejections_total",
         Kind::Counter,
-        "Times an address was taken out of the rotation after a call to it failed UNAVAILABLE.",
+        "Times an address was taken out of the rotation (five failures in a row, or a failure rate far above the others', or a failed probe).",
     ),
     (
         "bookstore_backend_readmissions_total",
@@ -131,7 +131,7 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
     (
         "bookstore_requests_shed_total",
         Kind::Counter,
-        "Requests answered 503 at once because MAX_REQUESTS_IN_FLIGHT were being answered.",
+        "Requests answered 503 because MAX_REQUESTS_IN_FLIGHT were being worked on (at once, or after waiting for a place).",
     ),
     (
         "bookstore_connections_refused_total",

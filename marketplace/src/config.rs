@@ -85,8 +85,9 @@ pub struct Config {
     #[arg(long, env = "MAX_HEAD_BYTES_TOTAL", default_value_t = 16 * 1024 * 1024,
           value_parser = clap::value_parser!(u64).range(8192..=1 << 34))]
     pub max_head_bytes_total: u64,
-    /// Requests on LISTEN_ADDR being answered at once at most (about a hundredth of a second
-    /// of pages at one core's peak); past it a request gets a 503 with Retry-After at once.
+    /// Requests on LISTEN_ADDR being worked on at once at most (about a hundredth of a second
+    /// of pages at one core's peak); past it a request gets a 503 with Retry-After at once, or,
+    /// once clients are found to ask again at once, after waiting up to 250 ms for a place.
     /// Pages a second cannot exceed it over the backend's latency.
     #[arg(long, env = "MAX_REQUESTS_IN_FLIGHT", default_value_t = 128,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]

@@ -301,7 +301,8 @@ pub async fn limit(
 /// - If the refusals a second fell to [`StormWatch::PROBE_DROP`] of what they were, the **room
 ///   opens**: it stays open [`StormWatch::HOLD`] after it last served a request, and closes at
 ///   once when a request waits it out or the listener nears its connection cap. Otherwise, and
-///   after the room closes, no probe starts for [`StormWatch::COOLDOWN`].
+///   after the room was closed at once, no probe starts for [`StormWatch::COOLDOWN`] (a room
+///   that lapses after [`StormWatch::HOLD`] sets no such pause).
 /// - **A violent storm** ([`StormWatch::VIOLENT_RATIO`] or more, and
 ///   [`StormWatch::VIOLENT_RATE`] a second, in one window) starts a probe at once; while no
 ///   probe may start (the cooldown, or the room full), each refusal waits [`STORM_DELAY`] for
@@ -351,7 +352,8 @@ impl StormWatch {
     /// against some 70,000 (measured with h2load); an open loop's arrivals come as often as
     /// before.
     const PROBE_DROP: f64 = 0.5;
-    /// After a probe found an open loop, or the room closed, no probe starts for this long.
+    /// After a probe found an open loop, or the room was closed at once, no probe starts for
+    /// this long.
     const COOLDOWN: Duration = Duration::from_secs(10);
     /// Far above an open loop's, in any window.
     const VIOLENT_RATIO: u64 = 10;

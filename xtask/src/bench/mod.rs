@@ -478,7 +478,8 @@ impl Stack {
     /// The throughput cases, in the order each round runs them. Each comparison's two cases
     /// run close together in each round: a floor runs once a round, just before the first case
     /// compared with it (the text-log and line-per-call cases are the third and fourth runs
-    /// after it; the constant page is the second after the page, the original's the third), so
+    /// after it; the chain floor over the real recommendations is the second after the page,
+    /// the constant page the third, the original's the fourth), so
     /// a drift of the machine between rounds touches both sides of a ratio alike.
     fn cases<'a>(&'a self, certs: &Path, duration: f64) -> Vec<Case<'a>> {
         let grpc = |name, server: &'a Server, tls: bool| -> Case<'a> {
