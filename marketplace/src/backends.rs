@@ -41,6 +41,7 @@ use std::{
 use async_trait::async_trait;
 use bookstore_common::{grpc_call::KnownMethod, metrics::Metrics};
 use bookstore_proto::recommendations_client::RecommendationsClient;
+use hyper_util::client::legacy::connect::HttpConnector;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
@@ -152,14 +153,20 @@ impl ChannelSettings {
         // SocketAddr's Display brackets IPv6 literals, as a URI needs.
         let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?
             .connect_timeout(self.connect_timeout)
-            .tcp_nodelay(true)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true);
         if let Some(tls) = &self.tls {
             endpoint = endpoint.tls_config(tls.clone())?;
         }
-        Ok(endpoint.connect_lazy())
+        // With a connector of our own, tonic bounds the whole handshake, TCP and TLS, by the
+        // connect timeout; its own connector bounds only the TCP connect. A hung replica's
+        // kernel still accepts, so a call waiting for that connection waited as long as the
+        // replica stayed hung, holding its call slot, never failing, so never ejecting it.
+        let mut tcp = HttpConnector::new();
+        tcp.enforce_http(false);
+        tcp.set_nodelay(true);
+        Ok(endpoint.connect_with_connector_lazy(tcp))
     }
 }
 

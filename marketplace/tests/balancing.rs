@@ -77,6 +77,18 @@ async fn served(instance: &Instance) -> u64 {
         .unwrap_or(0)
 }
 
+/// The marketplace's `bookstore_backend_*` series, for a failure message.
+async fn balancer_view(admin: SocketAddr) -> String {
+    let Ok(response) = reqwest::get(format!("http://{admin}/metrics")).await else {
+        return "(no metrics)".into();
+    };
+    let text = response.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("bookstore_backend_") || l.starts_with("bookstore_recommend"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 async fn page(addr: SocketAddr) -> u16 {
     match reqwest::get(format!("http://{addr}/")).await {
         Ok(response) => response.status().as_u16(),
@@ -199,6 +211,12 @@ async fn load_until(addr: SocketAddr, clients: usize, until: Instant) -> Vec<(In
     all
 }
 
+/// One series of the marketplace's for `addr`, e.g. `bookstore_backend_ejected`.
+async fn backend_series(admin: SocketAddr, name: &str, addr: SocketAddr) -> f64 {
+    let (name, addr) = (format!("{name}{{"), format!(r#"addr="{addr}""#));
+    raw::metric(&raw::scrape(admin).await, &[&name, &addr])
+}
+
 /// Issue 22: one replica frozen (SIGSTOP) took the site down: half the calls went to it and
 /// each waited the page's whole deadline (16 pages/s of 4,000, 64 of 143 failed). It now stops
 /// getting calls within a few, the pages whose calls it held are answered by the other
@@ -290,4 +308,50 @@ async fn an_idle_connection_pinged_every_second_stays_open() {
         first,
         "the idle connection was replaced"
     );
+}
+
+/// Issue 22: an address that takes the TCP connection and then says nothing (a hung process:
+/// the kernel still accepts) must not hold calls. Its handshake is bounded by the connect
+/// timeout, so the calls waiting for it end, the address is taken out, and every page is
+/// answered by the other one. (tonic's own connect timeout covers only the TCP connect: a call
+/// waiting for the TLS handshake of a hung replica waited for as long as it stayed hung.)
+#[tokio::test]
+async fn an_address_that_accepts_but_never_answers_holds_no_call() {
+    let pki = TestPki::new();
+    let healthy = start_instance(&pki).await;
+    let (silent, _held) = raw::silent_listener().await;
+    let records = Arc::new(Records::default());
+    records.set(vec![silent, healthy.addr]);
+    let config = marketplace_config(pki.dir(), healthy.addr);
+    let web = spawn_marketplace_resolving(&config, records.clone()).await;
+
+    let pages = load_until(web.addr, 2, Instant::now() + Duration::from_secs(3)).await;
+    let failed = pages.iter().filter(|(_, s)| *s != 200).count();
+    assert!(pages.len() > 50, "only {} pages in 3 s", pages.len());
+    assert_eq!(failed, 0, "{failed} of {} pages failed", pages.len());
+
+    // Nothing is left waiting on the silent address: each handshake ends at the connect
+    // timeout (1 s). Its failures in a row take it out of the rotation.
+    let series = |name| backend_series(web.admin_addr, name, silent);
+    let settled = Instant::now() + Duration::from_secs(3);
+    while series("bookstore_backend_in_flight").await > 0.0 {
+        assert!(
+            Instant::now() < settled,
+            "calls still wait on the silent address 3 s after the load stopped:\n{}",
+            balancer_view(web.admin_addr).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Each failed handshake fails one call (the cheaper address gets the others), so the five
+    // in a row that eject it take about five connect timeouts of light load.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while series("bookstore_backend_ejections_total").await < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the silent address was never ejected:\n{}",
+            balancer_view(web.admin_addr).await
+        );
+        assert_eq!(page(web.addr).await, 200);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

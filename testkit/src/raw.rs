@@ -122,3 +122,20 @@ pub async fn closed_by_peer(stream: &mut TcpStream, timeout: Duration) -> bool {
     .await
     .is_ok()
 }
+
+/// A port that takes every TCP connection and then neither reads nor writes, as a hung process
+/// does while its kernel still accepts. Connections are held until the returned task is
+/// aborted or the runtime ends.
+pub async fn silent_listener() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    (addr, task)
+}
