@@ -198,6 +198,8 @@ struct Load {
 struct PeakEwma {
     seconds: f64,
     at: Instant,
+    /// When this estimate started: calls sent before then say nothing about it.
+    since: Instant,
 }
 
 impl PeakEwma {
@@ -205,6 +207,7 @@ impl PeakEwma {
         PeakEwma {
             seconds: FIRST_ESTIMATE.as_secs_f64(),
             at: now,
+            since: now,
         }
     }
 
@@ -213,6 +216,17 @@ impl PeakEwma {
     fn at(&self, now: Instant) -> f64 {
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
         self.seconds * (-elapsed / DECAY.as_secs_f64()).exp()
+    }
+
+    /// Takes in the latency of a call sent at `started` and answered at `now`, unless it was
+    /// sent before this estimate started (a replica readmitted after a freeze still answers
+    /// the calls it held, each as slow as the freeze was long).
+    fn sample_call(&mut self, started: Instant, now: Instant) -> bool {
+        if started < self.since {
+            return false;
+        }
+        self.sample(now.saturating_duration_since(started), now);
+        true
     }
 
     fn sample(&mut self, took: Duration, now: Instant) {
@@ -452,9 +466,10 @@ impl Backend {
         self.counters.in_flight.set(in_flight as f64);
         if outcome == Some(Outcome::Answered) {
             let mut estimate = self.load.estimate.lock().unwrap_or_else(|p| p.into_inner());
-            estimate.sample(now.saturating_duration_since(started), now);
-            self.load.publish(&estimate);
-            self.counters.estimate.set(estimate.seconds);
+            if estimate.sample_call(started, now) {
+                self.load.publish(&estimate);
+                self.counters.estimate.set(estimate.seconds);
+            }
         }
         let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
         health.roll(now);
@@ -534,6 +549,7 @@ impl Backend {
         let fresh = PeakEwma::new(now);
         *self.load.estimate.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
         self.load.publish(&fresh);
+        self.counters.estimate.set(fresh.seconds);
     }
 
     /// One health check over the address's own connection: SERVING within [`PROBE_TIMEOUT`].
@@ -964,6 +980,44 @@ mod tests {
             backend.eject(later).saturating_duration_since(later),
             EJECTION
         );
+    }
+
+    #[tokio::test]
+    async fn a_readmitted_address_starts_afresh_and_its_held_calls_answering_late_change_nothing() {
+        let (_, b) = backends(vec![addr(1), addr(2)]);
+        b.refresh().await.expect("refresh");
+        let frozen = b.current_map()[&addr(1)].clone();
+        let estimate = || {
+            series(&b, "bookstore_backend_latency_estimate_seconds", addr(1))
+                .parse::<f64>()
+                .expect("a number")
+        };
+        let held = frozen.start_call();
+        let slow = frozen.start_call();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        slow.finished(Outcome::Answered);
+        assert!(estimate() >= 0.03, "{}", estimate());
+        frozen.eject(Instant::now());
+        frozen.rejoin(Instant::now());
+        assert_eq!(
+            estimate(),
+            FIRST_ESTIMATE.as_secs_f64(),
+            "the exported estimate"
+        );
+        // A call sent before the readmission, answered after it, is as slow as the freeze was
+        // long: it must not make the readmitted address look slow again.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        held.finished(Outcome::Answered);
+        assert_eq!(estimate(), FIRST_ESTIMATE.as_secs_f64());
+        assert!(
+            (0..2).any(|_| b.pick(None).expect("pick").addr == addr(1)),
+            "no turn for the readmitted address"
+        );
+        // A call sent after it counts as usual.
+        let fresh = frozen.start_call();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        fresh.finished(Outcome::Answered);
+        assert!(estimate() >= 0.02, "{}", estimate());
     }
 
     #[tokio::test]
