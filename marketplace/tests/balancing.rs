@@ -220,8 +220,8 @@ async fn backend_series(admin: SocketAddr, name: &str, addr: SocketAddr) -> f64 
 /// Issue 22: one replica frozen (SIGSTOP) took the site down: half the calls went to it and
 /// each waited the page's whole deadline (16 pages/s of 4,000, 64 of 143 failed). It now stops
 /// getting calls within a few, the pages whose calls it held are answered by the other
-/// (hedged), its connection is found dead by the keepalive, and once it thaws it is probed and
-/// takes calls again.
+/// (hedged), its connection is found dead by the keepalive and the new one's handshake times
+/// out, so it is ejected; once it thaws it is probed and takes calls again.
 #[tokio::test]
 async fn a_frozen_instance_costs_almost_nothing_and_takes_calls_again_after_it_thaws() {
     let pki = TestPki::new();
@@ -239,6 +239,8 @@ async fn a_frozen_instance_costs_almost_nothing_and_takes_calls_again_after_it_t
     let stopped = Instant::now();
     frozen.process.signal("STOP");
     let during = load_until(web.addr, 4, stopped + Duration::from_secs(5)).await;
+    let series = |name| backend_series(web.admin_addr, name, frozen.addr);
+    let ejected = series("bookstore_backend_ejections_total").await;
     frozen.process.signal("CONT");
     let failed: Vec<_> = during.iter().filter(|(_, s)| *s != 200).collect();
     let late: Vec<_> = failed
@@ -257,19 +259,33 @@ async fn a_frozen_instance_costs_almost_nothing_and_takes_calls_again_after_it_t
         "{} pages failed after the first 2 s",
         late.len()
     );
+    assert!(
+        ejected >= 1.0,
+        "the frozen instance was never ejected:\n{}",
+        balancer_view(web.admin_addr).await
+    );
 
-    // Thawed: probed, and back in the rotation within 10 s.
+    // Thawed: probed and readmitted, then it answers calls sent after that (not only the ones
+    // it held while frozen, which it answers as soon as it runs again) within 10 s.
     let thawed = Instant::now();
-    let before = served(&frozen).await;
+    let mut since_readmitted = None;
     loop {
         assert_eq!(page(web.addr).await, 200);
-        if served(&frozen).await > before {
-            break;
+        match since_readmitted {
+            None if series("bookstore_backend_readmissions_total").await >= 1.0 => {
+                since_readmitted = Some(served(&frozen).await);
+            }
+            Some(before) if served(&frozen).await > before => break,
+            _ => {}
         }
-        assert!(
-            thawed.elapsed() < Duration::from_secs(10),
-            "the thawed instance took no call in 10 s"
-        );
+        if thawed.elapsed() >= Duration::from_secs(10) {
+            panic!(
+                "the thawed instance took no call in 10 s (readmitted: {}); the balancer's \
+                 view:\n{}",
+                since_readmitted.is_some(),
+                balancer_view(web.admin_addr).await
+            );
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
