@@ -76,7 +76,7 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
     (
         "bookstore_backend_calls_total",
         Kind::Counter,
-        "Backend calls sent to each recommendations address, or picked for a hedge that found no free slot (each retry is a call).",
+        "Backend calls to each recommendations address: sent, or waiting for a call slot there (each retry and hedge sent is a call).",
     ),
     (
         "bookstore_backend_in_flight",

@@ -437,6 +437,11 @@ impl Backend {
         self.slots.clone().acquire_owned().await.ok()
     }
 
+    /// Counts a call to this address in `bookstore_backend_calls_total`.
+    pub fn count_call(&self) {
+        self.counters.calls.increment(1);
+    }
+
     /// A client for one call; clones share the connection.
     pub fn client(&self) -> Client {
         self.client.clone()
@@ -609,8 +614,22 @@ impl Backends {
     /// The address for the next call, other than `except` if there is another: the next in
     /// turn among those in the rotation, unless another in it costs less than half as much
     /// (with three or more, one other drawn at random). With every address out, still one of
-    /// them. None when no address is known.
+    /// them. None when no address is known. Counted as a call to it: the caller sends one, or
+    /// waits for a slot there.
     pub fn pick(&self, except: Option<SocketAddr>) -> Option<Arc<Backend>> {
+        let picked = self.choose(except)?;
+        picked.count_call();
+        Some(picked)
+    }
+
+    /// As [`Backends::pick`], but only an address other than `except`, and not counted: for a
+    /// hedge, which is sent (and then counted with [`Backend::count_call`]) only if a slot
+    /// there is free and the retry budget allows it.
+    pub fn pick_another(&self, except: SocketAddr) -> Option<Arc<Backend>> {
+        self.choose(Some(except)).filter(|b| b.addr != except)
+    }
+
+    fn choose(&self, except: Option<SocketAddr>) -> Option<Arc<Backend>> {
         let current = self.current();
         let usable = |b: &Arc<Backend>| Some(b.addr) != except;
         // Those in the rotation (and not `except`); failing that, any but `except`; failing
@@ -644,7 +663,6 @@ impl Backends {
                 }
             }
         };
-        picked.counters.calls.increment(1);
         Some(picked.clone())
     }
 
@@ -865,6 +883,23 @@ mod tests {
         // Another than the one already tried, when there is one.
         assert!((0..6).all(|_| b.pick(Some(addr(2))).expect("pick").addr != addr(2)));
         assert_eq!(series(&b, "bookstore_backend_calls_total", addr(2)), "2");
+    }
+
+    #[tokio::test]
+    async fn a_hedge_gets_another_address_or_none_and_is_counted_only_when_sent() {
+        let (fixed, b) = backends(vec![addr(1)]);
+        b.refresh().await.expect("refresh");
+        // One address: no other to hedge on, and nothing counted (a page waiting on its one
+        // call is counted once, not once more for each hedge it could not send).
+        assert!(b.pick_another(addr(1)).is_none());
+        assert_eq!(series(&b, "bookstore_backend_calls_total", addr(1)), "0");
+        *fixed.0.lock().expect("lock") = Ok(vec![addr(1), addr(2)]);
+        b.refresh().await.expect("refresh");
+        let other = b.pick_another(addr(1)).expect("another");
+        assert_eq!(other.addr, addr(2));
+        assert_eq!(series(&b, "bookstore_backend_calls_total", addr(2)), "0");
+        other.count_call();
+        assert_eq!(series(&b, "bookstore_backend_calls_total", addr(2)), "1");
     }
 
     #[tokio::test]

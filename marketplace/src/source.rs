@@ -493,15 +493,13 @@ impl RecommendationSource for GrpcSource {
                         hedge_at = None;
                         // Another address, a free slot there, and the budget: else the call in
                         // flight is waited for.
-                        let other = self
-                            .backends
-                            .pick(last_tried)
-                            .filter(|b| Some(b.addr) != last_tried);
+                        let other = last_tried.and_then(|tried| self.backends.pick_another(tried));
                         if let Some(backend) = other
                             && let Some(slot) = backend.try_slot()
                         {
                             if self.budget.withdraw() {
                                 self.count_retry("hedged");
+                                backend.count_call();
                                 last_tried = Some(backend.addr);
                                 let attempt = self.attempt(backend, slot, query, context, deadline);
                                 hold(&mut first, &mut second, attempt);
