@@ -156,7 +156,7 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
     (
         "bookstore_build_info",
         Kind::Gauge,
-        "Always 1: the service and its version.",
+        "Always 1: the service, its version and the commit it was built from (revision).",
     ),
 ];
 
@@ -182,8 +182,14 @@ static METADATA: Metadata<'static> =
     Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
 
 impl Metrics {
-    /// A registry whose `*_seconds` metrics are histograms, with `bookstore_build_info{service}` set.
+    /// A registry whose `*_seconds` metrics are histograms, with
+    /// `bookstore_build_info{service,version}` set (its revision `unknown`).
     pub fn new(service: &'static str, version: &'static str) -> Self {
+        Self::for_build(service, version, "unknown")
+    }
+
+    /// As [`Metrics::new`], with the commit the binary was built from.
+    pub fn for_build(service: &'static str, version: &'static str, revision: &'static str) -> Self {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)
             // Only fails for an empty bucket list.
@@ -199,6 +205,7 @@ impl Metrics {
             vec![
                 Label::new("service", service),
                 Label::new("version", version),
+                Label::new("revision", revision),
             ],
         );
         metrics.recorder.register_gauge(&key, &METADATA).set(1.0);
@@ -281,7 +288,9 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("bookstore_build_info{service=\"demo\",version=\"1.2.3\"} 1"),
+            text.contains(
+                "bookstore_build_info{service=\"demo\",version=\"1.2.3\",revision=\"unknown\"} 1"
+            ),
             "{text}"
         );
     }

@@ -101,7 +101,11 @@ impl Application {
         fd_limit::raise_for(config.max_connections + config.admin_max_connections);
         let tls_stamps = (config.tls.tls_mode != TlsMode::Off)
             .then(|| FileStamps::of(&config.tls.files(Role::Client)));
-        let metrics = Metrics::new("marketplace", env!("CARGO_PKG_VERSION"));
+        let metrics = Metrics::for_build(
+            "marketplace",
+            env!("CARGO_PKG_VERSION"),
+            env!("BOOKSTORE_REVISION"),
+        );
         let settings = channel_settings(config)?;
         record_expiry(config, &metrics);
         tracing::info!(

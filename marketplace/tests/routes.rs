@@ -508,7 +508,7 @@ async fn http_metrics_count_requests_by_route_and_status() {
         r#"http_requests_total{method="GET",route="/api/recommendations",status="400"} 1"#,
         r#"http_requests_total{method="GET",route="unmatched",status="404"} 2"#,
         r#"http_request_duration_seconds_count{method="GET",route="/",status="200"} 2"#,
-        r#"bookstore_build_info{service="marketplace",version="9.9.9"} 1"#,
+        r#"bookstore_build_info{service="marketplace",version="9.9.9",revision="unknown"} 1"#,
     ] {
         assert!(text.contains(line), "missing {line} in:\n{text}");
     }

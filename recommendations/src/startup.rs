@@ -255,7 +255,11 @@ impl Application {
         );
         let catalog = load_catalog(config)?;
         let faults = faults(config);
-        let metrics = Metrics::new("recommendations", env!("CARGO_PKG_VERSION"));
+        let metrics = Metrics::for_build(
+            "recommendations",
+            env!("CARGO_PKG_VERSION"),
+            env!("BOOKSTORE_REVISION"),
+        );
         let tls = load_tls(config, &metrics)?;
         let (health, health_service) = tonic_health::server::health_reporter();
         health

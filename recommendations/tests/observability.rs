@@ -142,6 +142,22 @@ async fn calls_are_counted_under_the_grpc_ecosystem_names_by_code() {
         "a histogram with fine buckets:\n{text}"
     );
     assert!(text.contains(r#"bookstore_build_info{service="recommendations",version=""#));
+    // The commit it was built from: this checkout's HEAD, unless the build was told otherwise.
+    let revision = text
+        .lines()
+        .find(|l| l.starts_with("bookstore_build_info{"))
+        .and_then(|l| l.split(r#"revision=""#).nth(1)?.split('"').next())
+        .expect("a revision label");
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output();
+    match head {
+        Ok(out) if out.status.success() && std::env::var_os("BOOKSTORE_REVISION").is_none() => {
+            assert_eq!(revision, String::from_utf8_lossy(&out.stdout).trim());
+        }
+        _ => assert!(!revision.is_empty()),
+    }
 }
 
 #[tokio::test]
