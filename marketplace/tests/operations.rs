@@ -324,6 +324,8 @@ async fn every_series_is_described_and_alerting_counters_start_at_zero() {
             "bookstore_client_queue_rejected_total{reason=\"full\"} 0\n",
             "bookstore_client_queue_rejected_total{reason=\"wait\"} 0\n",
             "bookstore_tls_reloads_total{outcome=\"refused\"} 0\n",
+            "http_requests_total{method=\"GET\",route=\"/\",status=\"503\"} 0\n",
+            "http_requests_total{method=\"GET\",route=\"/api/recommendations\",status=\"500\"} 0\n",
         ]
         .map(str::to_owned),
     );

@@ -129,6 +129,15 @@ type SeriesKey = (&'static str, &'static str, u16);
 
 impl HttpMetrics {
     fn new(metrics: Metrics) -> Self {
+        // The series the objectives and their alerts divide by exist at zero from start-up: a
+        // page error ratio has a numerator before the first error, and a dashboard shows 0, not
+        // "no data".
+        for route in ["/", "/api/recommendations"] {
+            for status in ["200", "500", "503"] {
+                let labels = [("method", "GET"), ("route", route), ("status", status)];
+                metrics.counter("http_requests_total", &labels).increment(0);
+            }
+        }
         HttpMetrics {
             metrics,
             handles: Mutex::default(),
