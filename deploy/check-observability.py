@@ -15,8 +15,9 @@
    every dashboard panel: each returns data, every value a number (not NaN), ratios within 0..1.
 4. Faults, one at a time, each raising the alert that is for it and no other:
    recommendations restarted with FAILURE_RATE=0.15 (RecommendationsErrorRate, a ticket; the
-   few pages retries cannot save may raise the slow burn's ticket, and nothing pages), then the
-   marketplace stopped (BookstoreServiceDown).
+   few pages retries cannot save may raise the slow burn's ticket, and nothing pages); the
+   marketplace restarted with MAX_REQUESTS_IN_FLIGHT=2 against 8 clients (MarketplaceShedding;
+   the pages shed burn the error budget); then the marketplace stopped (BookstoreServiceDown).
    An alert with a `for` of minutes is checked as pending: its condition holds; promtool's tests
    check the timing.
 5. With --svg, draws four of the dashboard's panels from the run's data, healthy then failing.
@@ -262,18 +263,23 @@ def main():
             wait_for(f"http://127.0.0.1:{rec_admin}/readyz", "recommendations")
             return process
 
+        def start_marketplace(extra):
+            process = start(bins["marketplace"], {
+                "CERTS_DIR": f"{work}/share/marketplace",
+                "LISTEN_ADDR": f"127.0.0.1:{web}",
+                "ADMIN_ADDR": f"127.0.0.1:{web_admin}",
+                "RECOMMENDATIONS_HOST": "localhost",
+                "RECOMMENDATIONS_PORT": str(grpc),
+                "RECOMMENDATIONS_TLS_NAME": "localhost",
+                "RUST_LOG": "warn",
+                **extra,
+            }, log)
+            processes.append(process)
+            wait_for(f"http://127.0.0.1:{web_admin}/readyz", "the marketplace")
+            return process
+
         recommendations = start_recommendations({})
-        marketplace = start(bins["marketplace"], {
-            "CERTS_DIR": f"{work}/share/marketplace",
-            "LISTEN_ADDR": f"127.0.0.1:{web}",
-            "ADMIN_ADDR": f"127.0.0.1:{web_admin}",
-            "RECOMMENDATIONS_HOST": "localhost",
-            "RECOMMENDATIONS_PORT": str(grpc),
-            "RECOMMENDATIONS_TLS_NAME": "localhost",
-            "RUST_LOG": "warn",
-        }, log)
-        processes.append(marketplace)
-        wait_for(f"http://127.0.0.1:{web_admin}/readyz", "the marketplace")
+        marketplace = start_marketplace({})
 
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
@@ -340,12 +346,25 @@ def main():
             draw(prometheus, started, time.time(), args.svg)
             print(f"wrote {args.svg}")
 
+        # More requests than the marketplace takes (a limit of 2 against 8 clients): it sheds,
+        # its in-flight gauge may sit at the limit, and the pages shed are 503s users see, so
+        # the error budget burns.
+        stop(marketplace)
+        marketplace = start_marketplace({"MAX_REQUESTS_IN_FLIGHT": "2"})
+        load(args.seconds)
+        before = [("RecommendationsErrorRate", "")] + causes
+        # (Pages let in may wait for a place: slow pages burn the latency budget too.)
+        burning = [(f"Page{kind}BudgetBurn{pace}", "") for kind in ("Error", "Latency")
+                   for pace in ("", "Slow")] + [("MarketplaceNearInFlightLimit", "marketplace")]
+        expect_alerts(prometheus, "MAX_REQUESTS_IN_FLIGHT=2",
+                      required=[("MarketplaceShedding", "")], allowed=before + burning)
+
         # The marketplace gone: nothing left to measure pages by.
         stop(marketplace)
         expect_alerts(prometheus, "marketplace stopped",
                       required=[("BookstoreServiceDown", "marketplace")],
-                      allowed=[("BookstoreDown", "marketplace"),
-                               ("RecommendationsErrorRate", "")] + causes)
+                      allowed=[("BookstoreDown", "marketplace"), ("MarketplaceShedding", "")]
+                      + before + burning)
     finally:
         for process in processes:
             if process.poll() is None:

@@ -50,8 +50,18 @@ struct AdminState {
     metrics: Metrics,
 }
 
-/// The admin router. `draining` is cancelled when the service starts shutting down.
+/// The admin router. `draining` is cancelled when the service starts shutting down; until then
+/// `/readyz` answers 200 and `bookstore_ready` is 1.
 pub fn router(draining: CancellationToken, metrics: Metrics) -> Router {
+    let ready = metrics.gauge("bookstore_ready", &[]);
+    let now_draining = draining.clone();
+    metrics.on_scrape(move || {
+        ready.set(if now_draining.is_cancelled() {
+            0.0
+        } else {
+            1.0
+        })
+    });
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -290,10 +300,13 @@ mod tests {
     #[tokio::test]
     async fn ready_until_draining_and_alive_throughout() {
         let draining = CancellationToken::new();
-        let app = router(draining.clone(), Metrics::new("test", "0"));
+        let metrics = Metrics::new("test", "0");
+        let app = router(draining.clone(), metrics.clone());
         assert_eq!(status(&app, "/healthz").await, StatusCode::OK);
         assert_eq!(status(&app, "/readyz").await, StatusCode::OK);
+        assert!(metrics.render().contains("bookstore_ready 1\n"));
         draining.cancel();
+        assert!(metrics.render().contains("bookstore_ready 0\n"));
         assert_eq!(
             status(&app, "/readyz").await,
             StatusCode::SERVICE_UNAVAILABLE

@@ -66,6 +66,9 @@ impl ConnectionCap {
                 &[("listener", listener), ("reason", reason)],
             )
         };
+        metrics
+            .gauge("bookstore_connections_max", &[("listener", listener)])
+            .set(max as f64);
         ConnectionCap {
             listener,
             max,

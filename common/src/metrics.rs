@@ -6,7 +6,10 @@
 //! `metrics-exporter-prometheus`. The `# HELP` text of every series either service exports is
 //! kept here in one table.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString};
 use metrics_exporter_prometheus::{
@@ -149,6 +152,41 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
         "Connections open now, by listener.",
     ),
     (
+        "bookstore_ready",
+        Kind::Gauge,
+        "1 while the service is ready (its /readyz answers 200); 0 once it drains.",
+    ),
+    (
+        "bookstore_connections_max",
+        Kind::Gauge,
+        "The cap on open connections, by listener (MAX_CONNECTIONS, ADMIN_MAX_CONNECTIONS).",
+    ),
+    (
+        "bookstore_requests_in_flight",
+        Kind::Gauge,
+        "Requests being worked on now, as of the scrape (at most bookstore_requests_in_flight_max).",
+    ),
+    (
+        "bookstore_requests_in_flight_max",
+        Kind::Gauge,
+        "MAX_REQUESTS_IN_FLIGHT: past it, requests are shed.",
+    ),
+    (
+        "bookstore_client_queue_waiting",
+        Kind::Gauge,
+        "Calls waiting in the queue for a backend call slot now, as of the scrape.",
+    ),
+    (
+        "bookstore_client_queue_max",
+        Kind::Gauge,
+        "The most calls that may wait for a backend call slot (MAX_QUEUED_CALLS).",
+    ),
+    (
+        "bookstore_backend_call_slots",
+        Kind::Gauge,
+        "CALLS_PER_BACKEND: the calls one recommendations address may have in flight (bookstore_backend_in_flight).",
+    ),
+    (
         "bookstore_requests_refused_total",
         Kind::Counter,
         "Requests to the gRPC port that are not gRPC, by reason: method (405), content_type (415).",
@@ -164,11 +202,15 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
 /// stays bounded under load.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
+/// Sets gauges from state kept elsewhere, just before a scrape renders them.
+type Sampler = Box<dyn Fn() + Send + Sync>;
+
 /// A service's metrics registry. Cloning shares it.
 #[derive(Clone)]
 pub struct Metrics {
     recorder: Arc<PrometheusRecorder>,
     handle: PrometheusHandle,
+    samplers: Arc<Mutex<Vec<Sampler>>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -199,6 +241,7 @@ impl Metrics {
         let metrics = Metrics {
             recorder: Arc::new(recorder),
             handle,
+            samplers: Arc::default(),
         };
         let key = Key::from_parts(
             "bookstore_build_info",
@@ -237,8 +280,26 @@ impl Metrics {
             .register_histogram(&key(name, labels), &METADATA)
     }
 
+    /// Calls `sample` before each scrape renders: for a gauge read from an atomic the hot path
+    /// keeps anyway (requests in flight, calls queued), so the hot path does not also keep the
+    /// gauge.
+    pub fn on_scrape(&self, sample: impl Fn() + Send + Sync + 'static) {
+        self.samplers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Box::new(sample));
+    }
+
     /// Everything recorded, in the Prometheus text format, then the process metrics.
     pub fn render(&self) -> String {
+        for sample in self
+            .samplers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            sample();
+        }
         let mut text = self.handle.render();
         crate::process_metrics::render(&mut text);
         text

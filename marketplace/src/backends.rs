@@ -594,6 +594,9 @@ impl std::fmt::Debug for Backends {
 impl Backends {
     /// No addresses until the first [`Backends::refresh`].
     pub fn new(resolver: Arc<dyn Resolve>, settings: ChannelSettings, metrics: Metrics) -> Self {
+        metrics
+            .gauge("bookstore_backend_call_slots", &[])
+            .set(settings.max_calls as f64);
         Backends {
             resolver,
             metrics,

@@ -156,8 +156,8 @@ pub struct GrpcSource {
     timeout: Duration,
     budget: TpsBudget,
     metrics: Metrics,
-    /// Calls waiting for a slot now, and at most.
-    queued: AtomicUsize,
+    /// Calls waiting for a slot now (shared with the scrape's gauge), and at most.
+    queued: Arc<AtomicUsize>,
     max_queued: usize,
     /// How long a call may wait for a slot, and how long the recent ones waited.
     max_wait: Duration,
@@ -240,6 +240,13 @@ impl GrpcSource {
                 .counter("bookstore_client_retries_total", &[("outcome", outcome)])
                 .increment(0);
         }
+        let queued = Arc::new(AtomicUsize::new(0));
+        metrics
+            .gauge("bookstore_client_queue_max", &[])
+            .set(queue.max_queued as f64);
+        let waiting = metrics.gauge("bookstore_client_queue_waiting", &[]);
+        let sampled = queued.clone();
+        metrics.on_scrape(move || waiting.set(sampled.load(Ordering::Relaxed) as f64));
         GrpcSource {
             backends,
             timeout,
@@ -247,7 +254,7 @@ impl GrpcSource {
             rejected_full: metrics.counter(QUEUE_REJECTED, &[("reason", "full")]),
             rejected_wait: metrics.counter(QUEUE_REJECTED, &[("reason", "wait")]),
             metrics,
-            queued: AtomicUsize::new(0),
+            queued,
             max_queued: queue.max_queued,
             max_wait: queue.max_wait,
             waits: RecentWait::new(),

@@ -110,7 +110,7 @@ impl Drop for Place {
 
 impl InFlight {
     pub fn new(max: usize, metrics: &Metrics) -> Arc<Self> {
-        Arc::new(InFlight {
+        let limit = Arc::new(InFlight {
             max: max.max(1),
             in_use: AtomicUsize::new(0),
             room: Mutex::default(),
@@ -118,7 +118,18 @@ impl InFlight {
             active: AtomicUsize::new(0),
             storm: StormWatch::new(Instant::now()),
             shed: metrics.counter("bookstore_requests_shed_total", &[]),
-        })
+        });
+        metrics
+            .gauge("bookstore_requests_in_flight_max", &[])
+            .set(limit.max as f64);
+        let gauge = metrics.gauge("bookstore_requests_in_flight", &[]);
+        let sampled = Arc::downgrade(&limit);
+        metrics.on_scrape(move || {
+            if let Some(limit) = sampled.upgrade() {
+                gauge.set(limit.in_use.load(Ordering::Relaxed) as f64);
+            }
+        });
+        limit
     }
 
     /// A connection's fair share of the places now: all of them over the connections holding
