@@ -84,7 +84,7 @@ async fn balancer_view(admin: SocketAddr) -> String {
     };
     let text = response.text().await.unwrap_or_default();
     text.lines()
-        .filter(|l| l.starts_with("bookstore_backend_") || l.starts_with("bookstore_recommend"))
+        .filter(|l| l.starts_with("bookstore_backend_"))
         .collect::<Vec<_>>()
         .join("\n")
 }
