@@ -5,8 +5,15 @@
 //! services in one test process never mix their counts. Exposition is done by
 //! `metrics-exporter-prometheus`. The `# HELP` text of every series either service exports is
 //! kept here in one table.
+//!
+//! Series that belong to something that comes and goes (one recommendations address: pods are
+//! replaced, and each new pod has a new address) live in a *scope*, a registry of their own
+//! whose series all carry one label. A scope is rendered with its parent until it is retired
+//! and some minutes have passed, then dropped whole, so a deployment that changes its addresses
+//! every day does not keep every address it ever saw.
 
 use std::{
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -15,6 +22,7 @@ use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Latency buckets in seconds. Our calls take well under a millisecond when healthy, so the
@@ -211,6 +219,22 @@ pub struct Metrics {
     recorder: Arc<PrometheusRecorder>,
     handle: PrometheusHandle,
     samplers: Arc<Mutex<Vec<Sampler>>>,
+    scopes: Arc<Mutex<Vec<Scope>>>,
+}
+
+/// The series that carry one label value, in a registry of their own (see [`Metrics::scope`]).
+struct Scope {
+    label: (&'static str, String),
+    metrics: Metrics,
+    /// Since when it is retired, and for how long it is rendered from then.
+    retired: Option<(Instant, Duration)>,
+}
+
+impl Scope {
+    fn expired(&self, now: Instant) -> bool {
+        self.retired
+            .is_some_and(|(since, keep)| now.saturating_duration_since(since) >= keep)
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -232,17 +256,7 @@ impl Metrics {
 
     /// As [`Metrics::new`], with the commit the binary was built from.
     pub fn for_build(service: &'static str, version: &'static str, revision: &'static str) -> Self {
-        let recorder = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)
-            // Only fails for an empty bucket list.
-            .unwrap_or_else(|_| PrometheusBuilder::new())
-            .build_recorder();
-        let handle = recorder.handle();
-        let metrics = Metrics {
-            recorder: Arc::new(recorder),
-            handle,
-            samplers: Arc::default(),
-        };
+        let metrics = Self::with_builder(PrometheusBuilder::new());
         let key = Key::from_parts(
             "bookstore_build_info",
             vec![
@@ -252,15 +266,74 @@ impl Metrics {
             ],
         );
         metrics.recorder.register_gauge(&key, &METADATA).set(1.0);
+        metrics
+    }
+
+    /// A registry built by `builder` with our buckets and every series' help text.
+    fn with_builder(builder: PrometheusBuilder) -> Self {
+        let recorder = builder
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)
+            // Only fails for an empty bucket list.
+            .unwrap_or_else(|_| PrometheusBuilder::new())
+            .build_recorder();
         for (name, kind, help) in DESCRIPTIONS {
             let (name, help) = (KeyName::from_const_str(name), SharedString::const_str(help));
             match kind {
-                Kind::Counter => metrics.recorder.describe_counter(name, None, help),
-                Kind::Gauge => metrics.recorder.describe_gauge(name, None, help),
-                Kind::Histogram => metrics.recorder.describe_histogram(name, None, help),
+                Kind::Counter => recorder.describe_counter(name, None, help),
+                Kind::Gauge => recorder.describe_gauge(name, None, help),
+                Kind::Histogram => recorder.describe_histogram(name, None, help),
             }
         }
+        let handle = recorder.handle();
+        Metrics {
+            recorder: Arc::new(recorder),
+            handle,
+            samplers: Arc::default(),
+            scopes: Arc::default(),
+        }
+    }
+
+    /// The registry for series labelled `name="value"` (one backend address's): every series
+    /// registered through it carries that label, and it is rendered with this registry. Asked
+    /// again for the same label, it is the same registry, counts and all, even after
+    /// [`Metrics::retire`] if it has not expired yet.
+    pub fn scope(&self, name: &'static str, value: &str) -> Metrics {
+        let mut scopes = self.scopes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(scope) = scopes
+            .iter_mut()
+            .find(|s| s.label.0 == name && s.label.1 == value)
+        {
+            scope.retired = None;
+            return scope.metrics.clone();
+        }
+        let metrics = Self::with_builder(PrometheusBuilder::new().add_global_label(name, value));
+        scopes.push(Scope {
+            label: (name, value.to_owned()),
+            metrics: metrics.clone(),
+            retired: None,
+        });
         metrics
+    }
+
+    /// The scope `name="value"` is gone (its address left): its series are still rendered for
+    /// `keep`, so the last scrapes see their final values, then dropped whole. A later
+    /// [`Metrics::scope`] for it within `keep` takes it back.
+    pub fn retire(&self, name: &'static str, value: &str, keep: Duration) {
+        let mut scopes = self.scopes.lock().unwrap_or_else(|p| p.into_inner());
+        for scope in scopes
+            .iter_mut()
+            .filter(|s| s.label.0 == name && s.label.1 == value && s.retired.is_none())
+        {
+            scope.retired = Some((Instant::now(), keep));
+        }
+    }
+
+    /// The scopes rendered now; expired ones are dropped first.
+    fn live_scopes(&self) -> Vec<Metrics> {
+        let now = Instant::now();
+        let mut scopes = self.scopes.lock().unwrap_or_else(|p| p.into_inner());
+        scopes.retain(|s| !s.expired(now));
+        scopes.iter().map(|s| s.metrics.clone()).collect()
     }
 
     /// The counter `name` with these labels.
@@ -292,6 +365,20 @@ impl Metrics {
 
     /// Everything recorded, in the Prometheus text format, then the process metrics.
     pub fn render(&self) -> String {
+        let mut texts = Vec::new();
+        self.render_scopes(&mut texts);
+        let Some(own) = texts.first_mut() else {
+            return String::new();
+        };
+        crate::process_metrics::render(own);
+        if texts.len() == 1 {
+            return texts.swap_remove(0);
+        }
+        merge_families(&texts)
+    }
+
+    /// This registry's text, then each live scope's.
+    fn render_scopes(&self, texts: &mut Vec<String>) {
         for sample in self
             .samplers
             .lock()
@@ -300,9 +387,10 @@ impl Metrics {
         {
             sample();
         }
-        let mut text = self.handle.render();
-        crate::process_metrics::render(&mut text);
-        text
+        texts.push(self.handle.render());
+        for scope in self.live_scopes() {
+            scope.render_scopes(texts);
+        }
     }
 
     /// Folds histogram samples into buckets every few seconds until `stop`.
@@ -311,10 +399,66 @@ impl Metrics {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tick.tick() => self.handle.run_upkeep(),
+                _ = tick.tick() => self.run_upkeep(),
             }
         }
     }
+
+    fn run_upkeep(&self) {
+        self.handle.run_upkeep();
+        for scope in self.live_scopes() {
+            scope.run_upkeep();
+        }
+    }
+}
+
+/// Several renderings as one: each family (its `# HELP` and `# TYPE` lines once, then every
+/// sample of it from every text), in the order first seen. The text format wants each family
+/// in one block; scopes render the same families as their parent, with their own label.
+fn merge_families(texts: &[String]) -> String {
+    #[derive(Default)]
+    struct Family<'a> {
+        comments: Vec<&'a str>,
+        samples: Vec<&'a str>,
+    }
+    let mut order = Vec::new();
+    let mut families: HashMap<&str, Family<'_>> = HashMap::new();
+    for text in texts {
+        // The families this text brought first: their comments are the ones kept.
+        let mut introduced = HashSet::new();
+        let mut current = "";
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            if let Some(comment) = line.strip_prefix("# ") {
+                // `# HELP name text` or `# TYPE name kind`
+                current = comment.split(' ').nth(1).unwrap_or_default();
+                if !families.contains_key(current) {
+                    order.push(current);
+                    introduced.insert(current);
+                }
+                let family = families.entry(current).or_default();
+                if introduced.contains(current) {
+                    family.comments.push(line);
+                }
+            } else {
+                if !families.contains_key(current) {
+                    order.push(current);
+                }
+                families.entry(current).or_default().samples.push(line);
+            }
+        }
+    }
+    let mut merged = String::with_capacity(texts.iter().map(String::len).sum());
+    for name in order {
+        let Some(family) = families.get(name) else {
+            continue;
+        };
+        for line in family.comments.iter().chain(&family.samples) {
+            merged.push_str(line);
+            merged.push('\n');
+        }
+        merged.push('\n');
+    }
+    merged
 }
 
 fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
@@ -362,5 +506,91 @@ mod tests {
         a.counter("x_total", &[]).increment(1);
         assert!(a.render().contains("x_total 1"));
         assert!(!b.render().contains("x_total"));
+    }
+
+    /// How many `# TYPE` lines name `family`.
+    fn type_lines(text: &str, family: &str) -> usize {
+        let prefix = format!("# TYPE {family} ");
+        text.lines().filter(|l| l.starts_with(&prefix)).count()
+    }
+
+    #[test]
+    fn a_scopes_series_carry_its_label_in_the_same_family_as_the_parents() {
+        let metrics = Metrics::new("demo", "0");
+        metrics
+            .counter("bookstore_backend_calls_total", &[])
+            .increment(1);
+        let a = metrics.scope("addr", "10.0.0.1:50051");
+        a.counter("bookstore_backend_calls_total", &[]).increment(2);
+        a.histogram(
+            "grpc_client_handling_seconds",
+            &[("grpc_method", "Recommend")],
+        )
+        .record(0.003);
+        let b = metrics.scope("addr", "10.0.0.2:50051");
+        b.counter("bookstore_backend_calls_total", &[]).increment(3);
+        let text = metrics.render();
+        for family in [
+            "bookstore_backend_calls_total",
+            "grpc_client_handling_seconds",
+            "process_open_fds",
+        ] {
+            assert_eq!(
+                type_lines(&text, family),
+                1,
+                "{family} in one block:\n{text}"
+            );
+        }
+        let block = text
+            .split("\n\n")
+            .find(|b| b.contains("# TYPE bookstore_backend_calls_total"))
+            .expect("the family");
+        for sample in [
+            "bookstore_backend_calls_total 1",
+            "bookstore_backend_calls_total{addr=\"10.0.0.1:50051\"} 2",
+            "bookstore_backend_calls_total{addr=\"10.0.0.2:50051\"} 3",
+        ] {
+            assert!(block.lines().any(|l| l == sample), "{sample}:\n{block}");
+        }
+        assert!(
+            text.contains(
+                "grpc_client_handling_seconds_bucket{addr=\"10.0.0.1:50051\",grpc_method=\"Recommend\",le=\"0.005\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP grpc_client_handling_seconds "),
+            "{text}"
+        );
+        assert!(!text.contains("bookstore_build_info{addr"), "{text}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retired_scope_is_rendered_for_a_while_then_dropped_unless_taken_back() {
+        let keep = Duration::from_secs(300);
+        let metrics = Metrics::new("demo", "0");
+        let gone = metrics.scope("addr", "gone");
+        gone.counter("x_total", &[]).increment(1);
+        let back = metrics.scope("addr", "back");
+        back.counter("x_total", &[]).increment(1);
+        metrics.retire("addr", "gone", keep);
+        metrics.retire("addr", "back", keep);
+
+        tokio::time::advance(keep - Duration::from_secs(1)).await;
+        let text = metrics.render();
+        assert!(text.contains("x_total{addr=\"gone\"} 1"), "{text}");
+        metrics
+            .scope("addr", "back")
+            .counter("x_total", &[])
+            .increment(1);
+
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let text = metrics.render();
+        assert!(!text.contains("addr=\"gone\""), "dropped: {text}");
+        assert!(
+            text.contains("x_total{addr=\"back\"} 2"),
+            "taken back, its count kept: {text}"
+        );
+        assert_eq!(metrics.scopes.lock().expect("lock").len(), 1);
     }
 }

@@ -82,6 +82,10 @@ const FIRST_ESTIMATE: Duration = Duration::from_millis(1);
 /// An address loses its round-robin turn to one whose cost is below this share of its own.
 const CHEAPER: f64 = 0.5;
 
+/// An address's series (`addr` label) are still exported this long after it leaves the list, so
+/// the last scrapes and `increase()` over a few minutes see its final counts; then they go, and
+/// a deployment whose pods change address every day keeps no series for the old ones.
+const GONE_SERIES_KEPT: Duration = Duration::from_secs(5 * 60);
 /// While no address is known, resolution is retried this often.
 const RESOLVE_RETRY: Duration = Duration::from_secs(1);
 
@@ -364,8 +368,8 @@ pub struct Backend {
     counters: AddressCounters,
 }
 
-/// The series of one address (kept per address seen since start: pods come and go, a restart
-/// forgets the old ones):
+/// The series of one address, in its own metrics scope labelled `addr` (dropped
+/// [`GONE_SERIES_KEPT`] after the address leaves the list):
 /// `bookstore_backend_{calls,ejections,readmissions}_total{addr}`: how calls spread over the
 /// addresses, and each address leaving and rejoining the rotation;
 /// `bookstore_backend_{in_flight,latency_estimate_seconds,ejected}{addr}`: what the balancer
@@ -381,11 +385,10 @@ struct AddressCounters {
 }
 
 impl AddressCounters {
-    fn new(metrics: &Metrics, addr: SocketAddr) -> Self {
-        let addr = addr.to_string();
-        let labels = [("addr", addr.as_str())];
-        let counter = |name| metrics.counter(name, &labels);
-        let gauge = |name| metrics.gauge(name, &labels);
+    /// The series in `scope`, the address's own.
+    fn new(scope: &Metrics) -> Self {
+        let counter = |name| scope.counter(name, &[]);
+        let gauge = |name| scope.gauge(name, &[]);
         let counters = AddressCounters {
             calls: counter("bookstore_backend_calls_total"),
             ejections: counter("bookstore_backend_ejections_total"),
@@ -759,6 +762,8 @@ impl Backends {
         for gone in old.values().filter(|b| !found.contains(&b.addr)) {
             gone.counters.ejected.set(0.0);
             gone.counters.in_flight.set(0.0);
+            self.metrics
+                .retire("addr", &gone.addr.to_string(), GONE_SERIES_KEPT);
         }
         tracing::info!(recommendations = %self.resolver.target(), addrs = ?found, "recommendations addresses");
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = next.into();
@@ -813,7 +818,8 @@ impl Backends {
         let channel = settings
             .channel(addr)
             .map_err(|e| format!("cannot configure a channel to {addr}: {e}"))?;
-        let layer = CallLayer::new(self.metrics.clone(), METHODS, &addr.to_string());
+        let scope = self.metrics.scope("addr", &addr.to_string());
+        let layer = CallLayer::new(scope.clone(), METHODS, &addr.to_string());
         let now = Instant::now();
         Ok(Arc::new(Backend {
             addr,
@@ -823,13 +829,15 @@ impl Backends {
             load: Load::new(now),
             health: Mutex::new(Health::new(now)),
             out: AtomicBool::new(false),
-            counters: AddressCounters::new(&self.metrics, addr),
+            counters: AddressCounters::new(&scope),
         }))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     /// Addresses set by the test.
@@ -1079,6 +1087,61 @@ mod tests {
             vec![addr(2), addr(3)],
             "kept through failed lookups"
         );
+    }
+
+    /// Every `addr` label value in a scrape.
+    fn labelled_addrs(text: &str) -> BTreeSet<String> {
+        text.split("addr=\"")
+            .skip(1)
+            .filter_map(|rest| rest.split_once('"').map(|(a, _)| a.to_owned()))
+            .collect()
+    }
+
+    /// Pods come and go, each with a new address: after a hundred changes the scrape has the
+    /// series of the addresses in use and of those gone in the last [`GONE_SERIES_KEPT`], no
+    /// more, and an address back within that time keeps its counts.
+    #[tokio::test(start_paused = true)]
+    async fn series_of_addresses_gone_for_minutes_are_dropped() {
+        let at = |port: u16| SocketAddr::from(([10, 0, 0, 1], 40_000 + port));
+        let (fixed, b) = backends(vec![at(0), at(1)]);
+        b.refresh().await.expect("refresh");
+        let every = Duration::from_secs(10);
+        for change in 1..=100 {
+            *fixed.0.lock().expect("lock") = Ok(vec![at(change), at(change + 1)]);
+            b.refresh().await.expect("refresh");
+            b.current_map()[&at(change)].count_call();
+            tokio::time::advance(every).await;
+        }
+        let text = b.metrics.render();
+        let seen = labelled_addrs(&text);
+        // In use: 100 and 101; gone within the last 300 s: those that left at 10 s steps.
+        let kept = GONE_SERIES_KEPT.as_secs() / every.as_secs();
+        assert!(seen.contains(&at(101).to_string()), "{seen:?}");
+        assert!(
+            seen.len() as u64 <= 2 + kept && seen.len() as u64 >= kept,
+            "{} addresses: {seen:?}",
+            seen.len()
+        );
+        assert!(!seen.contains(&at(50).to_string()), "{seen:?}");
+        let recent = at(95);
+        assert_eq!(series(&b, "bookstore_backend_calls_total", recent), "1");
+        assert!(
+            text.contains(&format!("grpc_client_started_total{{addr=\"{recent}\",")),
+            "the client-side series are per address too: {text}"
+        );
+
+        // One of them comes back before its series go: its count goes on.
+        *fixed.0.lock().expect("lock") = Ok(vec![at(100), at(101), recent]);
+        b.refresh().await.expect("refresh");
+        b.current_map()[&recent].count_call();
+        tokio::time::advance(GONE_SERIES_KEPT + every).await;
+        let seen = labelled_addrs(&b.metrics.render());
+        let now_in_use: BTreeSet<String> = [at(100), at(101), recent]
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(seen, now_in_use);
+        assert_eq!(series(&b, "bookstore_backend_calls_total", recent), "2");
     }
 
     #[tokio::test]
