@@ -92,7 +92,7 @@ compose ps
 
 # The call crossed the compose network with mutual TLS: recommendations authorized the caller
 # by its certificate identity.
-compose logs recommendations | grep -E 'gRPC call.*peer="?marketplace' >/dev/null \
+compose logs recommendations | grep -E 'gRPC call.*peer_identity="?marketplace' >/dev/null \
     || { compose logs recommendations; echo "no mutual-TLS call from marketplace logged"; exit 1; }
 echo "recommendations logged calls from the certificate identity 'marketplace'"
 

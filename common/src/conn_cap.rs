@@ -88,7 +88,7 @@ impl ConnectionCap {
             if let Some(suppressed) = self.may_log() {
                 tracing::warn!(
                     listener = self.listener,
-                    %peer,
+                    peer_addr = %peer,
                     max_connections = self.max,
                     suppressed,
                     "connection refused: too many open connections"

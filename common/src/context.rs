@@ -131,6 +131,20 @@ impl TraceContext {
         hex(&self.span_id)
     }
 
+    /// The span id in hex, formatted only when displayed.
+    pub fn span_id_display(&self) -> impl fmt::Display + '_ {
+        Hex(&self.span_id)
+    }
+
+    /// Fills the `trace_id` and `span_id` fields of a span made by `server_span!` (nothing to
+    /// do when the span is off).
+    pub fn record_ids(&self, span: &tracing::Span) {
+        if !span.is_disabled() {
+            span.record("trace_id", self.trace_id());
+            span.record("span_id", self.span_id());
+        }
+    }
+
     /// The `traceparent` header value.
     pub fn header(&self) -> String {
         format!(

@@ -5,8 +5,8 @@
 //! - counts the call in the grpc-ecosystem series (`grpc_{server,client}_started_total`,
 //!   `_handled_total{grpc_code}` and the `_handling_seconds` histogram), so existing dashboards
 //!   work;
-//! - writes one log line when the call ends: method, status code, latency, peer, request id,
-//!   trace id (every failure the service is to blame for; other calls as `LOG_SAMPLE` and
+//! - writes one log line when the call ends: method, status code, latency, the peer's address
+//!   and identity, request id, trace and span ids (every failure the service is to blame for; other calls as `LOG_SAMPLE` and
 //!   `LOG_SLOW_MS` say, see [`crate::request_log`]).
 //!
 //! The status of a call is read where gRPC puts it: the response headers for a trailers-only
@@ -386,12 +386,12 @@ impl CallRecord {
         series.handled(self.slot, status.code()).increment(1);
         series.handling(self.slot).record(elapsed.as_secs_f64());
         let side = series.end.side;
-        let peer = identity.map(|p| p.0.as_str()).unwrap_or("");
+        let peer_identity = identity.map(|p| p.0.as_str()).unwrap_or("");
         // Displayed lazily: formatted only if the line is actually written.
         let peer_addr = &self.peer_addr;
-        let trace_id: &dyn fmt::Display = match &self.trace {
-            Some(trace) => &trace.trace_id_display(),
-            None => &"",
+        let (trace_id, span_id): (&dyn fmt::Display, &dyn fmt::Display) = match &self.trace {
+            Some(trace) => (&trace.trace_id_display(), &trace.span_id_display()),
+            None => (&"", &""),
         };
         let latency_ms = elapsed.as_secs_f64() * 1e3;
         macro_rules! call_line {
@@ -402,10 +402,11 @@ impl CallRecord {
                     method = %format_args!("{service}/{method}"),
                     code,
                     latency_ms,
-                    peer,
+                    peer_identity,
                     peer_addr = %peer_addr,
                     request_id = %self.request_id,
                     trace_id = %trace_id,
+                    span_id = %span_id,
                     // Not `message`: that key is the event's own text in JSON logs.
                     grpc_message = status.message(),
                     $($extra,)*

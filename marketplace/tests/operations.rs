@@ -99,7 +99,7 @@ async fn a_request_id_and_trace_are_followed_through_both_services() {
         &format!("trace_id={trace}"),
         "code=\"OK\"",
         "method=Recommendations/Recommend",
-        "peer=\"marketplace\"",
+        "peer_identity=\"marketplace\"",
         "latency_ms=",
     ] {
         assert!(
@@ -330,8 +330,9 @@ async fn every_series_is_described_and_alerting_counters_start_at_zero() {
         .map(str::to_owned),
     );
     let recommend = r#"grpc_type="unary",grpc_service="Recommendations",grpc_method="Recommend""#;
+    // The client's series are per recommendations address.
     at_zero.push(format!(
-        "grpc_client_handled_total{{{recommend},grpc_code=\"Unavailable\"}} 0\n"
+        "grpc_client_handled_total{{addr=\"{backend}\",{recommend},grpc_code=\"Unavailable\"}} 0\n"
     ));
     for line in &at_zero {
         assert!(
@@ -408,7 +409,8 @@ async fn a_build_without_trace_export_says_so_when_asked_for_it() {
 }
 
 /// With `LOG_FORMAT=json`, every line both services write through pages, a 404, failed and
-/// retried calls, a backend going away and a shutdown is one JSON object with each key once.
+/// retried calls, a backend going away and a shutdown is one JSON object with each key once,
+/// named with its service; each request's and call's line carries its trace and span ids.
 #[tokio::test]
 async fn every_json_log_line_of_both_services_has_each_key_once() {
     let pki = TestPki::new();
@@ -464,7 +466,18 @@ async fn every_json_log_line_of_both_services_has_each_key_once() {
         ),
     ] {
         for line in log {
-            bookstore_testkit::json_log::parse_line(line);
+            let event = bookstore_testkit::json_log::parse_line(line);
+            assert_eq!(event["service"], service, "{line}");
+            let message = event["message"].as_str().unwrap_or_default();
+            if ["HTTP request", "gRPC call"].contains(&message) {
+                for (id, digits) in [("trace_id", 32), ("span_id", 16)] {
+                    let value = event[id].as_str().unwrap_or_default();
+                    assert!(
+                        value.len() == digits && value.bytes().all(|b| b.is_ascii_hexdigit()),
+                        "{id}: {line}"
+                    );
+                }
+            }
         }
         for needle in needles {
             assert!(

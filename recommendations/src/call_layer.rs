@@ -100,10 +100,7 @@ where
         let span =
             bookstore_common::server_span!("grpc", request_id, format_args!("{service}/{method}"));
         let trace = continue_trace(&span, parent);
-        // Formatted only when someone reads it.
-        if !span.is_disabled() {
-            span.record("trace_id", trace.trace_id());
-        }
+        trace.record_ids(&span);
         let record = self
             .layer
             .series

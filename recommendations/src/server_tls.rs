@@ -534,7 +534,7 @@ impl Incoming {
                 self.counters.evicted.increment(1);
                 if let Some(suppressed) = self.counters.may_log() {
                     tracing::warn!(
-                        peer = %conn.remote_addr,
+                        peer_addr = %conn.remote_addr,
                         max_handshakes = self.limits.max_handshakes,
                         suppressed,
                         "TLS handshakes at their limit: the oldest pending one gave way"
@@ -578,14 +578,14 @@ async fn handshake(
         Ok(Err(e)) => {
             counters.refused.increment(1);
             if let Some(suppressed) = counters.may_log() {
-                tracing::warn!(%peer, reason = %e, suppressed, "TLS handshake refused");
+                tracing::warn!(peer_addr = %peer, reason = %e, suppressed, "TLS handshake refused");
             }
             None
         }
         Err(_) => {
             counters.timed_out.increment(1);
             if let Some(suppressed) = counters.may_log() {
-                tracing::warn!(%peer, suppressed, "TLS handshake timed out");
+                tracing::warn!(peer_addr = %peer, suppressed, "TLS handshake timed out");
             }
             None
         }

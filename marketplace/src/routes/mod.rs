@@ -186,9 +186,7 @@ async fn observe(
     let span = bookstore_common::server_span!("http", request_id, format_args!("{method} {route}"));
     // Our span in the caller's trace (or the first of a new one): the parent of our calls.
     let trace = continue_trace(&span, parent);
-    if !span.is_disabled() {
-        span.record("trace_id", trace.trace_id());
-    }
+    trace.record_ids(&span);
     let context = RequestContext { request_id, trace };
     request.extensions_mut().insert(context.clone());
     let mut response = next.run(request).instrument(span.clone()).await;
@@ -215,6 +213,7 @@ async fn observe(
             latency_ms = elapsed.as_secs_f64() * 1e3,
             request_id = %context.request_id,
             trace_id = %context.trace.trace_id_display(),
+            span_id = %context.trace.span_id_display(),
             "HTTP request"
         )
     });
