@@ -30,10 +30,15 @@ pub struct LogArgs {
     #[arg(long = "log-format", env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub format: LogFormat,
     /// OpenTelemetry collector to export traces to, e.g. `http://otel-collector:4317` (OTLP/gRPC)
-    /// or `http://otel-collector:4318` (OTLP/HTTP). Unset: no export, and no cost. Needs a build
-    /// with the `otel` feature (the images have it); other builds warn once and go on.
+    /// or `http://otel-collector:4318` (OTLP/HTTP, to which `/v1/traces` is added). Unset (and
+    /// no traces endpoint): no export, and no cost. Needs a build with the `otel` feature (the
+    /// images have it); other builds warn once and go on.
     #[arg(long = "otlp-endpoint", env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// Where to send traces, used as given (for OTLP/HTTP the whole URL, e.g.
+    /// `http://otel-collector:4318/v1/traces`); wins over `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    #[arg(long = "otlp-traces-endpoint", env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")]
+    pub otlp_traces_endpoint: Option<String>,
     /// How to talk to the collector: `grpc` or `http/protobuf`. The service name comes from
     /// `OTEL_SERVICE_NAME` (or `service.name` in `OTEL_RESOURCE_ATTRIBUTES`), else the
     /// service's own; `OTEL_TRACES_SAMPLER`, its argument and `OTEL_RESOURCE_ATTRIBUTES` are
@@ -41,6 +46,9 @@ pub struct LogArgs {
     #[arg(long = "otlp-protocol", env = "OTEL_EXPORTER_OTLP_PROTOCOL", value_enum,
           default_value_t = OtlpProtocol::Grpc)]
     pub otlp_protocol: OtlpProtocol,
+    /// The protocol for traces, if not the one above.
+    #[arg(long = "otlp-traces-protocol", env = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", value_enum)]
+    pub otlp_traces_protocol: Option<OtlpProtocol>,
     /// A line for one in this many successful, fast requests and calls (the first included);
     /// every failed or slow one always gets its line. 1: a line for every one; 0: only the failed
     /// and slow ones.
@@ -67,10 +75,29 @@ impl Default for LogArgs {
             filter: "info".into(),
             format: LogFormat::Text,
             otlp_endpoint: None,
+            otlp_traces_endpoint: None,
             otlp_protocol: OtlpProtocol::Grpc,
+            otlp_traces_protocol: None,
             sample: request_log::DEFAULT_SAMPLE,
             slow_ms: request_log::DEFAULT_SLOW_MS,
         }
+    }
+}
+
+impl LogArgs {
+    /// Where traces go and how, as the OTLP exporter variables say: the traces endpoint as
+    /// given, else the general endpoint (with `/v1/traces` added for OTLP/HTTP). None: no export.
+    pub fn traces_target(&self) -> Option<(String, OtlpProtocol)> {
+        let protocol = self.otlp_traces_protocol.unwrap_or(self.otlp_protocol);
+        let url = match (&self.otlp_traces_endpoint, &self.otlp_endpoint) {
+            (Some(traces), _) => traces.clone(),
+            (None, Some(base)) if protocol == OtlpProtocol::HttpProtobuf => {
+                format!("{}/v1/traces", base.trim_end_matches('/'))
+            }
+            (None, Some(base)) => base.clone(),
+            (None, None) => return None,
+        };
+        Some((url, protocol))
     }
 }
 
@@ -189,8 +216,8 @@ pub fn init(args: &LogArgs, service: &'static str) -> Telemetry {
     let registry = tracing_subscriber::registry().with(filter).with(fmt);
     #[cfg(feature = "otel")]
     let (registry, telemetry, exporter_error) = {
-        let (layer, provider, error) = match &args.otlp_endpoint {
-            Some(endpoint) => match otel::provider(endpoint, args.otlp_protocol, service) {
+        let (layer, provider, error) = match &args.traces_target() {
+            Some((endpoint, protocol)) => match otel::provider(endpoint, *protocol, service) {
                 Ok(provider) => {
                     use opentelemetry::trace::TracerProvider as _;
                     let layer =
@@ -205,7 +232,7 @@ pub fn init(args: &LogArgs, service: &'static str) -> Telemetry {
     };
     #[cfg(not(feature = "otel"))]
     let telemetry = {
-        let _ = (service, args.otlp_protocol);
+        let _ = service;
         Telemetry::default()
     };
     // A second call (tests start several apps in one process) keeps the first subscriber.
@@ -224,21 +251,21 @@ pub fn init(args: &LogArgs, service: &'static str) -> Telemetry {
         tracing::warn!(error = %e, "invalid RUST_LOG directive; logging at info");
     }
     #[cfg(not(feature = "otel"))]
-    if let Some(endpoint) = &args.otlp_endpoint {
+    if let Some((endpoint, _)) = args.traces_target() {
         tracing::warn!(
             %endpoint,
-            "OTEL_EXPORTER_OTLP_ENDPOINT is set, but this build has no trace export (cargo \
-             feature `otel`; the images have it): no traces are sent"
+            "an OTLP endpoint is set, but this build has no trace export (cargo feature `otel`; \
+             the images have it): no traces are sent"
         );
     }
     #[cfg(feature = "otel")]
-    match (&args.otlp_endpoint, exporter_error) {
-        (Some(endpoint), None) => tracing::info!(
+    match (args.traces_target(), exporter_error) {
+        (Some((endpoint, protocol)), None) => tracing::info!(
             %endpoint,
-            protocol = ?args.otlp_protocol,
+            ?protocol,
             "exporting traces over OTLP"
         ),
-        (Some(endpoint), Some(e)) => {
+        (Some((endpoint, _)), Some(e)) => {
             tracing::warn!(%endpoint, error = %e, "cannot export traces; going on without")
         }
         (None, _) => {}
@@ -325,7 +352,7 @@ mod otel {
             OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
                 .with_http()
                 .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
+                .with_endpoint(endpoint)
                 .build(),
         }
         .map_err(|e| e.to_string())?;
@@ -355,7 +382,41 @@ mod otel {
 
 #[cfg(test)]
 mod tests {
-    use super::quiet_peer_noise;
+    use super::{LogArgs, OtlpProtocol, quiet_peer_noise};
+
+    #[test]
+    fn the_traces_endpoint_wins_and_is_used_as_given() {
+        let args = |endpoint: Option<&str>, traces: Option<&str>, protocol, traces_protocol| {
+            LogArgs {
+                otlp_endpoint: endpoint.map(str::to_owned),
+                otlp_traces_endpoint: traces.map(str::to_owned),
+                otlp_protocol: protocol,
+                otlp_traces_protocol: traces_protocol,
+                ..LogArgs::default()
+            }
+            .traces_target()
+        };
+        let (grpc, http) = (OtlpProtocol::Grpc, OtlpProtocol::HttpProtobuf);
+        assert_eq!(args(None, None, http, Some(http)), None);
+        assert_eq!(
+            args(Some("http://c:4317"), None, grpc, None),
+            Some(("http://c:4317".into(), grpc))
+        );
+        assert_eq!(
+            args(Some("http://c:4318/"), None, http, None),
+            Some(("http://c:4318/v1/traces".into(), http))
+        );
+        assert_eq!(
+            args(Some("http://c:4317"), Some("http://t:4318/in"), grpc, Some(http)),
+            Some(("http://t:4318/in".into(), http)),
+            "the traces variables win, the URL as given"
+        );
+        assert_eq!(
+            args(None, Some("http://t:4317"), grpc, None),
+            Some(("http://t:4317".into(), grpc)),
+            "the traces endpoint alone is enough"
+        );
+    }
 
     #[test]
     fn the_http2_librarys_warnings_are_off_unless_the_filter_asks_for_them() {

@@ -129,16 +129,15 @@ async fn both_services_spans_join_the_callers_trace_in_the_collector() {
     assert!(grpc.end_time_unix_nano >= grpc.start_time_unix_nano);
 }
 
-/// The real binary, configured only by the standard OpenTelemetry variables: OTLP over HTTP to a
-/// collector that decodes what it gets, with the service name and resource attributes taken
-/// from the environment.
-#[tokio::test]
-async fn the_binary_exports_over_otlp_http_under_the_name_the_environment_gives() {
+/// Export requests arriving over OTLP/HTTP at `path`, decoded, and the collector's address.
+async fn http_collector(
+    path: &str,
+) -> (Arc<Mutex<Vec<ExportTraceServiceRequest>>>, SocketAddr) {
     use prost::Message;
 
     let requests = Arc::new(Mutex::new(Vec::<ExportTraceServiceRequest>::new()));
     let app = axum::Router::new().route(
-        "/v1/traces",
+        path,
         axum::routing::post({
             let requests = requests.clone();
             move |body: axum::body::Bytes| async move {
@@ -157,6 +156,84 @@ async fn the_binary_exports_over_otlp_http_under_the_name_the_environment_gives(
         .expect("bind");
     let collector = listener.local_addr().expect("addr");
     tokio::spawn(async move { axum::serve(listener, app).await });
+    (requests, collector)
+}
+
+/// The trace ids of the page spans (`GET /`) received so far.
+fn page_traces(requests: &Mutex<Vec<ExportTraceServiceRequest>>) -> Vec<String> {
+    requests
+        .lock()
+        .expect("lock")
+        .iter()
+        .flat_map(|r| &r.resource_spans)
+        .flat_map(|r| &r.scope_spans)
+        .flat_map(|s| &s.spans)
+        .filter(|s| s.name == "GET /")
+        .map(|s| hex(&s.trace_id))
+        .collect()
+}
+
+/// Only the traces variables set, and a sampler from the environment: spans go to the traces
+/// URL as given, and the sampler decides which. With `parentbased_traceidratio` at 0, a page
+/// with no caller's trace is not sampled and a page whose caller sampled its trace is.
+#[tokio::test]
+async fn the_traces_endpoint_alone_is_enough_and_the_sampler_is_the_environments() {
+    let (requests, collector) = http_collector("/collector/traces").await;
+    let pki = TestPki::new();
+    let backend = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port");
+    let (_web, web) = bookstore_testkit::process::start_marketplace(
+        pki.dir(),
+        backend,
+        &[
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                format!("http://{collector}/collector/traces"),
+            ),
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+                "http/protobuf".to_owned(),
+            ),
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio".to_owned()),
+            ("OTEL_TRACES_SAMPLER_ARG", "0".to_owned()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
+        ],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let page = |traceparent: Option<String>| {
+        let mut request = client.get(format!("http://{web}/"));
+        if let Some(traceparent) = traceparent {
+            request = request.header("traceparent", traceparent);
+        }
+        request.send()
+    };
+    page(None).await.expect("a page with no trace");
+    let sampled = "0af7651916cd43dd8448eb211c80319c";
+    page(Some(format!("00-{sampled}-b7ad6b7169203331-01")))
+        .await
+        .expect("a page in a sampled trace");
+
+    // Spans leave in the order they end: once the second page's has arrived, the first's
+    // would have too.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !page_traces(&requests).contains(&sampled.to_owned()) {
+        assert!(
+            Instant::now() < deadline,
+            "the sampled page's span never arrived at the traces URL"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(page_traces(&requests), vec![sampled.to_owned()]);
+}
+
+/// The real binary, configured only by the standard OpenTelemetry variables: OTLP over HTTP to a
+/// collector that decodes what it gets, with the service name and resource attributes taken
+/// from the environment.
+#[tokio::test]
+async fn the_binary_exports_over_otlp_http_under_the_name_the_environment_gives() {
+    let (requests, collector) = http_collector("/v1/traces").await;
 
     let pki = TestPki::new();
     // No backend there: the page is a 503, and its span is exported all the same.
