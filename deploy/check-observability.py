@@ -7,14 +7,17 @@
    PrometheusRule in the same folder carries exactly those rules; every alert has a summary, a
    description and a runbook_url whose anchor is a heading of docs/operations.md; and every
    selector of a raw series, in the rules and in the dashboard, selects the bookstore's job.
-2. Starts recommendations and the marketplace on loopback with a fresh development PKI, and
-   Prometheus (Debian's `prometheus` package) scraping both admin ports every second with the
-   rules loaded.
+2. Starts two recommendations replicas (on 127.0.0.1 and 127.0.0.2, given to the marketplace
+   as RECOMMENDATIONS_ADDRS) and the marketplace, with a fresh development PKI, and Prometheus
+   (Debian's `prometheus` package) scraping the three admin ports every second with the rules
+   loaded.
 3. Healthy load: drives pages with the load generator; every rule evaluates without error and
    no alert is pending or firing. Then asks Prometheus, through its HTTP API, for every query of
    every dashboard panel: each returns data, every value a number (not NaN), ratios within 0..1.
-4. Faults, one at a time, each raising the alert that is for it and no other:
-   recommendations restarted with FAILURE_RATE=0.15 (RecommendationsErrorRate, a ticket; the
+4. Faults, one at a time, each raising the alert that is for it and no other: one replica
+   frozen with SIGSTOP (BackendAddressEjected, BackendAddressOutTooLong and BookstoreDown for its
+   target, tickets; nothing pages, the other replica carries the pages); both replicas
+   restarted with FAILURE_RATE=0.15 (RecommendationsErrorRate, a ticket; the
    few pages retries cannot save may raise the slow burn's ticket, and nothing pages); the
    marketplace restarted with MAX_REQUESTS_IN_FLIGHT=2 against 8 clients (MarketplaceShedding;
    the pages shed burn the error budget); then the marketplace stopped (BookstoreServiceDown).
@@ -248,21 +251,27 @@ def main():
     try:
         subprocess.run([bins["bookstore-certs"], "--out", f"{work}/pki", "--share",
                         f"{work}/share"], check=True, capture_output=True)
-        grpc, rec_admin, web, web_admin, prom = (free_port() for _ in range(5))
+        grpc, web, web_admin, prom = (free_port() for _ in range(4))
+        # Two replicas on one port, each on a loopback address of its own, which the marketplace
+        # is given as RECOMMENDATIONS_ADDRS and balances over.
+        replicas = {"127.0.0.1": free_port(), "127.0.0.2": free_port()}
         log = open(f"{work}/services.log", "w")
 
         def start_recommendations(extra):
-            process = start(bins["recommendations"], {
-                "CERTS_DIR": f"{work}/share/recommendations",
-                # Both loopback addresses, so the marketplace balances over two.
-                "LISTEN_ADDR": f"[::]:{grpc}",
-                "ADMIN_ADDR": f"127.0.0.1:{rec_admin}",
-                "RUST_LOG": "warn",
-                **extra,
-            }, log)
-            processes.append(process)
-            wait_for(f"http://127.0.0.1:{rec_admin}/readyz", "recommendations")
-            return process
+            started = []
+            for host, admin in replicas.items():
+                process = start(bins["recommendations"], {
+                    "CERTS_DIR": f"{work}/share/recommendations",
+                    "LISTEN_ADDR": f"{host}:{grpc}",
+                    "ADMIN_ADDR": f"127.0.0.1:{admin}",
+                    "RUST_LOG": "warn",
+                    **extra,
+                }, log)
+                processes.append(process)
+                started.append(process)
+            for admin in replicas.values():
+                wait_for(f"http://127.0.0.1:{admin}/readyz", "recommendations")
+            return started
 
         def start_marketplace(extra):
             process = start(bins["marketplace"], {
@@ -270,6 +279,7 @@ def main():
                 "LISTEN_ADDR": f"127.0.0.1:{web}",
                 "ADMIN_ADDR": f"127.0.0.1:{web_admin}",
                 "RECOMMENDATIONS_HOST": "localhost",
+                "RECOMMENDATIONS_ADDRS": ",".join(f"{host}:{grpc}" for host in replicas),
                 "RECOMMENDATIONS_PORT": str(grpc),
                 "RECOMMENDATIONS_TLS_NAME": "localhost",
                 "RUST_LOG": "warn",
@@ -288,7 +298,8 @@ def main():
             "scrape_configs": [{
                 "job_name": "bookstore",
                 "static_configs": [
-                    {"targets": [f"127.0.0.1:{rec_admin}"], "labels": {"service": "recommendations"}},
+                    {"targets": [f"127.0.0.1:{admin}" for admin in replicas.values()],
+                     "labels": {"service": "recommendations"}},
                     {"targets": [f"127.0.0.1:{web_admin}"], "labels": {"service": "marketplace"}},
                 ],
             }],
@@ -314,7 +325,7 @@ def main():
         load(args.seconds)
         targets = prometheus.api("targets")["activeTargets"]
         down = [t["scrapeUrl"] for t in targets if t["health"] != "up"]
-        if len(targets) != 2 or down:
+        if len(targets) != 3 or down:
             fail(f"scrape targets: {len(targets)}, down: {down}")
         loaded = [r for g in prometheus.api("rules")["groups"] for r in g["rules"]]
         broken = [(r["name"], r.get("lastError")) for r in loaded if r.get("health") != "ok"]
@@ -331,17 +342,38 @@ def main():
             print(f"panel  {title}: {len(result)} series")
             checked += 1
         print(f"{checked} dashboard queries returned numbers; {len(loaded)} rules healthy")
+        balanced = prometheus.query(
+            f'sum by (addr) (rate(grpc_client_handled_total{{job="bookstore"}}[{RATE_INTERVAL}])) > 0')
+        if len(balanced) != len(replicas):
+            fail(f"calls reached {len(balanced)} of the {len(replicas)} replicas: {balanced}")
+
+        # One replica hung (SIGSTOP: its kernel still accepts connections, nothing answers): the
+        # marketplace ejects it and keeps probing it, Prometheus cannot scrape it, and the other
+        # replica carries the pages, so nothing pages. Calls that waited for it and were hedged
+        # may exhaust the retry budget.
+        hung = recommendations[1]
+        hung.send_signal(signal.SIGSTOP)
+        try:
+            load(args.seconds)
+            ejected = [("BackendAddressEjected", "marketplace"),
+                       ("BackendAddressOutTooLong", "marketplace")]
+            expect_alerts(prometheus, "one replica frozen",
+                          required=ejected + [("BookstoreDown", "recommendations")],
+                          allowed=[("MarketplaceRetryBudgetExhausted", "marketplace")])
+        finally:
+            hung.send_signal(signal.SIGCONT)
 
         # A backend failing 15 % of its calls: a cause, mostly absorbed by retries. Ejections
         # and an exhausted retry budget may come with it, and the few pages retries cannot save
         # (0.3 % in the runs so far: three times the error budget) make the slow burn's ticket
         # pending. Nothing pages.
-        stop(recommendations)
-        start_recommendations({"FAILURE_RATE": "0.15"})
+        for replica in recommendations:
+            stop(replica)
+        recommendations = start_recommendations({"FAILURE_RATE": "0.15"})
         # Longer than the healthy load, so the failures are over 5 % of the 5-minute window.
         load(2 * args.seconds)
-        causes = [("MarketplaceRetryBudgetExhausted", ""), ("BackendAddressEjected", ""),
-                  ("PageErrorBudgetBurnSlow", "")]
+        causes = [("MarketplaceRetryBudgetExhausted", "marketplace"),
+                  ("PageErrorBudgetBurnSlow", "")] + ejected
         expect_alerts(prometheus, "FAILURE_RATE=0.15",
                       required=[("RecommendationsErrorRate", "")], allowed=causes)
         if args.svg:
