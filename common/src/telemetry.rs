@@ -37,7 +37,10 @@ pub struct LogArgs {
     pub otlp_endpoint: Option<String>,
     /// Where to send traces, used as given (for OTLP/HTTP the whole URL, e.g.
     /// `http://otel-collector:4318/v1/traces`); wins over `OTEL_EXPORTER_OTLP_ENDPOINT`.
-    #[arg(long = "otlp-traces-endpoint", env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")]
+    #[arg(
+        long = "otlp-traces-endpoint",
+        env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+    )]
     pub otlp_traces_endpoint: Option<String>,
     /// How to talk to the collector: `grpc` or `http/protobuf`. The service name comes from
     /// `OTEL_SERVICE_NAME` (or `service.name` in `OTEL_RESOURCE_ATTRIBUTES`), else the
@@ -47,7 +50,11 @@ pub struct LogArgs {
           default_value_t = OtlpProtocol::Grpc)]
     pub otlp_protocol: OtlpProtocol,
     /// The protocol for traces, if not the one above.
-    #[arg(long = "otlp-traces-protocol", env = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", value_enum)]
+    #[arg(
+        long = "otlp-traces-protocol",
+        env = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        value_enum
+    )]
     pub otlp_traces_protocol: Option<OtlpProtocol>,
     /// A line for one in this many successful, fast requests and calls (the first included);
     /// every failed or slow one always gets its line. 1: a line for every one; 0: only the failed
@@ -407,7 +414,12 @@ mod tests {
             Some(("http://c:4318/v1/traces".into(), http))
         );
         assert_eq!(
-            args(Some("http://c:4317"), Some("http://t:4318/in"), grpc, Some(http)),
+            args(
+                Some("http://c:4317"),
+                Some("http://t:4318/in"),
+                grpc,
+                Some(http)
+            ),
             Some(("http://t:4318/in".into(), http)),
             "the traces variables win, the URL as given"
         );

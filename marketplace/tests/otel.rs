@@ -130,9 +130,7 @@ async fn both_services_spans_join_the_callers_trace_in_the_collector() {
 }
 
 /// Export requests arriving over OTLP/HTTP at `path`, decoded, and the collector's address.
-async fn http_collector(
-    path: &str,
-) -> (Arc<Mutex<Vec<ExportTraceServiceRequest>>>, SocketAddr) {
+async fn http_collector(path: &str) -> (Arc<Mutex<Vec<ExportTraceServiceRequest>>>, SocketAddr) {
     use prost::Message;
 
     let requests = Arc::new(Mutex::new(Vec::<ExportTraceServiceRequest>::new()));
