@@ -135,6 +135,11 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
         "Reloads of the TLS files, by outcome: reloaded, refused (the files in use stay).",
     ),
     (
+        "bookstore_tls_reload_refused",
+        Kind::Gauge,
+        "1 while the TLS files on disk are refused (the service keeps the certificates it loaded before and tries the files again at every check), else 0.",
+    ),
+    (
         "bookstore_tls_certificate_expiry_timestamp_seconds",
         Kind::Gauge,
         "When a certificate in use expires, in Unix seconds: identity (this service's own), trust (the last CA of the bundle).",

@@ -7,11 +7,18 @@ use std::{
     fmt,
     path::{Path, PathBuf},
     sync::Arc,
+    time::Duration,
 };
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use tonic::transport::{Certificate, Identity};
 use x509_parser::prelude::{FromDer, X509Certificate};
+
+/// How far in this machine's future a certificate's start may lie and still count as a clock
+/// difference rather than a fault. A renewal issued by a machine whose clock runs ahead of ours
+/// is then waited for (see [`TlsError::is_early`]); a CA certificate is trusted at once (trust
+/// anchors' dates are not checked in a handshake: the leaf's are).
+pub const CLOCK_LEEWAY: Duration = Duration::from_secs(5 * 60);
 
 /// How a connection between the services is protected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -156,13 +163,26 @@ pub enum TlsError {
     #[error("{}: certificate expired on {not_after}", path.display())]
     Expired { path: PathBuf, not_after: String },
     #[error("{}: certificate is not valid until {not_before}", path.display())]
-    NotYetValid { path: PathBuf, not_before: String },
+    NotYetValid {
+        path: PathBuf,
+        not_before: String,
+        /// It starts within [`CLOCK_LEEWAY`] of now.
+        soon: bool,
+    },
     #[error("{}: no PEM private key found (expected a `-----BEGIN PRIVATE KEY-----` block)", path.display())]
     NoKey { path: PathBuf },
     #[error("{}: unsupported or corrupt private key: {reason}", path.display())]
     BadKey { path: PathBuf, reason: String },
     #[error("{}: private key does not match the certificate in {}", key.display(), cert.display())]
     KeyMismatch { key: PathBuf, cert: PathBuf },
+}
+
+impl TlsError {
+    /// Whether the only fault is a certificate that starts within [`CLOCK_LEEWAY`]: files to try
+    /// again until it has started, not to refuse.
+    pub fn is_early(&self) -> bool {
+        matches!(self, TlsError::NotYetValid { soon: true, .. })
+    }
 }
 
 /// Reads `path`, naming it in the error.
@@ -209,9 +229,11 @@ fn check_validity(path: &Path, der: &CertificateDer<'_>) -> Result<(), TlsError>
         });
     }
     if now < validity.not_before {
+        let ahead = validity.not_before.timestamp() - now.timestamp();
         return Err(TlsError::NotYetValid {
             path: path.to_owned(),
             not_before: validity.not_before.to_string(),
+            soon: u64::try_from(ahead).is_ok_and(|secs| secs <= CLOCK_LEEWAY.as_secs()),
         });
     }
     Ok(())
@@ -252,8 +274,8 @@ pub struct Trust {
     pub ders: Vec<CertificateDer<'static>>,
 }
 
-/// Reads a CA bundle. A CA certificate that has expired or is not yet valid is skipped with a
-/// warning rather than refusing the file: during a CA renewal the bundle holds the old and the
+/// Reads a CA bundle. A CA certificate that starts within [`CLOCK_LEEWAY`] is used; one that
+/// has expired or starts later is skipped with a warning rather than refusing the file: during a CA renewal the bundle holds the old and the
 /// new CA, and the old one expiring must not stop a service that (re)loads the bundle. The file
 /// is refused when no certificate in it is usable, or when any block is not a certificate.
 pub fn load_trust(path: &Path) -> Result<Trust, TlsError> {
@@ -282,6 +304,11 @@ fn read_trust(path: &Path) -> Result<(Trust, Vec<(String, TlsError)>), TlsError>
             reason: e.to_string(),
         })?;
         match check_validity(path, &der) {
+            Err(e) if e.is_early() => {
+                trust.pem.extend_from_slice(block);
+                trust.pem.push(b'\n');
+                trust.ders.push(der);
+            }
             Ok(()) => {
                 trust.pem.extend_from_slice(block);
                 trust.pem.push(b'\n');
@@ -587,6 +614,19 @@ mod tests {
         let c = write(dir.path(), "ca.pem", cert);
         let err = load_ca(&c).expect_err("must fail");
         assert!(matches!(err, TlsError::NotYetValid { .. }), "{err}");
+        assert!(!err.is_early(), "a day ahead is no clock difference");
+    }
+
+    #[test]
+    fn a_certificate_starting_within_the_clock_leeway_is_early_and_a_ca_one_is_trusted() {
+        let now = OffsetDateTime::now_utc();
+        let (cert, key) = self_signed(now + Duration::minutes(2), now + Duration::days(10));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = write(dir.path(), "server.pem", cert);
+        let k = write(dir.path(), "server.key", key);
+        let err = load_identity(&c, &k).expect_err("not valid yet");
+        assert!(err.is_early(), "{err}");
+        assert_eq!(load_trust(&c).expect("trusted").ders.len(), 1);
     }
 
     #[test]

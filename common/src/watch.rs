@@ -54,8 +54,8 @@ impl FileStamps {
     }
 
     /// Whether any file changed since the last call (or creation). The new state is remembered
-    /// even if the caller then refuses the files, so a broken set is reported once and the next
-    /// change (the writer finishing) is tried again.
+    /// even if the caller then refuses the files: [`watch_files`] tries refused files again
+    /// itself.
     pub fn changed(&self) -> bool {
         let now = stamp(&self.paths);
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
@@ -78,12 +78,47 @@ fn stamp(paths: &[PathBuf]) -> Stamp {
         .collect()
 }
 
-/// Until `stop` is cancelled: every `interval`, if any of the files in `stamps` changed, calls
-/// `reload`; on SIGHUP, calls it whatever. Logs the outcome either way: reloaded, or refused
-/// with the reason, in which case `reload` must have left the material in use untouched. Counts
-/// it in `bookstore_tls_reloads_total{outcome="reloaded"|"refused"}`, whose series exist from
-/// this call on (before the returned future first runs), at zero.
-pub fn watch_files<E: std::fmt::Display>(
+/// Why new files were not taken, as the watcher reports it.
+#[derive(Debug)]
+pub struct Refused {
+    /// What is wrong, naming the file.
+    pub reason: String,
+    /// The only fault is a certificate that starts within [`crate::tls::CLOCK_LEEWAY`]: not a
+    /// refusal, the files load once it has started.
+    pub early: bool,
+}
+
+impl From<crate::tls::TlsError> for Refused {
+    fn from(e: crate::tls::TlsError) -> Self {
+        Refused {
+            early: e.is_early(),
+            reason: e.to_string(),
+        }
+    }
+}
+
+impl From<String> for Refused {
+    fn from(reason: String) -> Self {
+        Refused {
+            reason,
+            early: false,
+        }
+    }
+}
+
+/// Until `stop` is cancelled: every `interval`, if any of the files in `stamps` changed, or the
+/// last ones were not taken, calls `reload`; on SIGHUP, calls it whatever. Files not taken are
+/// so tried at every check until they load or change: a renewal refused for a passing reason
+/// (a clock behind the issuer's, a half-written Secret) loads once the reason has passed
+/// instead of waiting for the next renewal.
+///
+/// Logs each outcome once, not once per check: reloaded; early (a certificate that starts
+/// within the clock leeway: the files in use stay until it has); or refused, with the reason,
+/// in which case `reload` must have left the material in use untouched. Counts them in
+/// `bookstore_tls_reloads_total{outcome="reloaded"|"refused"}` (a refusal once per distinct
+/// reason), and keeps `bookstore_tls_reload_refused` at 1 while the files on disk are refused.
+/// Those series exist from this call on (before the returned future first runs), at zero.
+pub fn watch_files<E: Into<Refused>>(
     interval: Duration,
     stop: tokio_util::sync::CancellationToken,
     stamps: FileStamps,
@@ -95,34 +130,76 @@ pub fn watch_files<E: std::fmt::Display>(
         counter.increment(0);
         counter
     });
-    watch(interval, stop, stamps, reload, reloaded, refused)
+    let refusing = metrics.gauge("bookstore_tls_reload_refused", &[]);
+    refusing.set(0.0);
+    let outcomes = Outcomes {
+        reload: move || reload().map_err(Into::into),
+        reloaded,
+        refused,
+        refusing,
+        pending: None,
+    };
+    watch(interval, stop, stamps, outcomes)
 }
 
-async fn watch<E: std::fmt::Display>(
+/// What the watcher does with each try, and what it remembers of the last.
+struct Outcomes<R> {
+    reload: R,
+    reloaded: metrics::Counter,
+    refused: metrics::Counter,
+    refusing: metrics::Gauge,
+    /// Why the files on disk were not taken, while they still are not: tried again at every
+    /// check, and logged again only for another reason.
+    pending: Option<Refused>,
+}
+
+impl<R: Fn() -> Result<(), Refused>> Outcomes<R> {
+    fn attempt(&mut self, files: &[PathBuf]) {
+        let error = match (self.reload)() {
+            Ok(()) => {
+                self.pending = None;
+                self.reloaded.increment(1);
+                self.refusing.set(0.0);
+                tracing::info!(
+                    ?files,
+                    "TLS certificates reloaded; new connections use them"
+                );
+                return;
+            }
+            Err(error) => error,
+        };
+        let repeated = self
+            .pending
+            .as_ref()
+            .is_some_and(|last| last.reason == error.reason && last.early == error.early);
+        self.refusing.set(if error.early { 0.0 } else { 1.0 });
+        if !repeated {
+            if error.early {
+                tracing::info!(
+                    reason = %error.reason,
+                    "new TLS files start within the clock leeway; the certificates in use stay \
+                     until then"
+                );
+            } else {
+                self.refused.increment(1);
+                tracing::warn!(
+                    error = %error.reason,
+                    "new TLS files refused; keeping the certificates in use and trying them \
+                     again at every check"
+                );
+            }
+        }
+        self.pending = Some(error);
+    }
+}
+
+async fn watch<R: Fn() -> Result<(), Refused>>(
     interval: Duration,
     stop: tokio_util::sync::CancellationToken,
     #[allow(unused_mut)] // not mutated off unix
     mut stamps: FileStamps,
-    reload: impl Fn() -> Result<(), E> + Send,
-    reloaded: metrics::Counter,
-    refused: metrics::Counter,
+    mut outcomes: Outcomes<R>,
 ) {
-    let attempt = || match reload() {
-        Ok(()) => {
-            reloaded.increment(1);
-            tracing::info!(
-                files = ?stamps.paths,
-                "TLS certificates reloaded; new connections use them"
-            );
-        }
-        Err(e) => {
-            refused.increment(1);
-            tracing::warn!(
-                error = %e,
-                "new TLS files refused; keeping the certificates in use"
-            );
-        }
-    };
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await; // the first tick is immediate; the files were just loaded
@@ -136,15 +213,16 @@ async fn watch<E: std::fmt::Display>(
         tokio::select! {
             () = stop.cancelled() => return,
             _ = ticks.tick() => {
-                if stamps.changed() {
-                    attempt();
+                // (`changed` first: it also takes the new state as seen.)
+                if stamps.changed() || outcomes.pending.is_some() {
+                    outcomes.attempt(&stamps.paths);
                 }
             }
             () = sighup => {
                 tracing::info!("SIGHUP: reloading TLS certificates");
                 // Take the new state as seen, so the next tick does not reload it again.
                 stamps.changed();
-                attempt();
+                outcomes.attempt(&stamps.paths);
             }
         }
     }

@@ -8,8 +8,8 @@ use bookstore_common::{
     admin, fd_limit, http_server,
     metrics::Metrics,
     shutdown::{Drained, serve_until},
-    tls::{self, Role, TlsMode},
-    watch::{FileStamps, watch_files},
+    tls::{self, Role, TlsError, TlsMode},
+    watch::{FileStamps, Refused, watch_files},
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -182,11 +182,16 @@ impl Application {
             // the old ones. Files that fail the start-up checks leave the connections alone.
             let (config, backends) = (self.config.clone(), self.backends.clone());
             let metrics = self.metrics.clone();
-            let reload = move || {
-                channel_settings(&config)
-                    .map_err(|e| format!("{e:#}"))
-                    .and_then(|settings| backends.reconfigure(settings))
-                    .map(|()| record_expiry(&config, &metrics))
+            let reload = move || -> Result<(), Refused> {
+                let settings = channel_settings(&config).map_err(|e| Refused {
+                    reason: format!("{e:#}"),
+                    early: e
+                        .chain()
+                        .any(|c| c.downcast_ref::<TlsError>().is_some_and(TlsError::is_early)),
+                })?;
+                backends.reconfigure(settings)?;
+                record_expiry(&config, &metrics);
+                Ok(())
             };
             let (interval, stop, metrics) = (
                 self.config.tls.reload_interval(),

@@ -1,4 +1,4 @@
-//! Certificate rotation without restart, under continuous load.
+//! Certificate rotation without restart, under continuous load; renewals refused or early.
 
 use std::{
     net::SocketAddr,
@@ -10,8 +10,13 @@ use std::{
 };
 
 use bookstore_certs::Usage;
+use bookstore_common::tls::CLOCK_LEEWAY;
 use bookstore_proto::{BookCategory, RecommendationRequest};
-use bookstore_testkit::{TestPki, raw, recommendations_config, spawn_recommendations};
+use bookstore_testkit::{
+    TestPki,
+    process::{self, ServiceProcess},
+    raw, recommendations_config, spawn_recommendations,
+};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
 
 /// The certificate the server presents to a new connection now.
@@ -137,4 +142,125 @@ async fn the_server_certificate_rotates_under_load_and_a_bad_set_is_ignored() {
         "too little load to mean anything: {calls} calls"
     );
     assert_eq!(failures.load(Ordering::Relaxed), 0, "of {calls} calls");
+}
+
+/// How many lines of `server`'s log so far contain `needle`.
+fn lines_with(server: &mut ServiceProcess, needle: &str) -> usize {
+    server
+        .read_available()
+        .iter()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+/// The refusal series: `bookstore_tls_reloads_total{outcome="refused"}` and the
+/// `bookstore_tls_reload_refused` gauge.
+async fn refusals(admin: SocketAddr) -> (f64, f64) {
+    let text = raw::scrape(admin).await;
+    (
+        raw::metric(
+            &text,
+            &["bookstore_tls_reloads_total", "outcome=\"refused\""],
+        ),
+        raw::metric(&text, &["bookstore_tls_reload_refused "]),
+    )
+}
+
+/// A server renewal whose certificate starts `ahead` of now, written as a Secret update is.
+fn renew_starting_in(pki: &TestPki, ahead: time::Duration) -> Vec<u8> {
+    let starts = time::OffsetDateTime::now_utc() + ahead;
+    let renewed = pki
+        .pki
+        .ca
+        .issue_valid(
+            "recommendations",
+            &["localhost"],
+            Usage::Server,
+            starts,
+            starts + time::Duration::days(90),
+        )
+        .expect("cert");
+    pki.write("server", &renewed);
+    CertificateDer::from_pem_slice(renewed.cert_pem.as_bytes())
+        .expect("pem")
+        .to_vec()
+}
+
+const WAITED_FOR: &str = "start within the clock leeway";
+const REFUSED: &str = "new TLS files refused";
+
+/// A renewal issued where the clock runs two minutes ahead of ours (its certificate starts two
+/// minutes from now) is no fault: the real binary keeps serving the certificate in use, says
+/// once that it waits, and serves the new one as soon as it has started, with no file changed
+/// meanwhile. (Refused outright before, it waited for the next renewal: weeks.)
+#[tokio::test]
+async fn a_renewal_starting_two_minutes_from_now_is_waited_for_then_served() {
+    let pki = TestPki::new();
+    let (mut server, addr) =
+        process::start_recommendations(pki.dir(), &[("TLS_RELOAD_SECS", "1".into())]).await;
+    let admin = server.admin_addr().await;
+    let before = served_certificate(addr, &pki).await;
+
+    let starts = time::OffsetDateTime::now_utc() + time::Duration::minutes(2);
+    let renewed = renew_starting_in(&pki, time::Duration::minutes(2));
+    server
+        .wait_for_line(WAITED_FOR, Duration::from_secs(10))
+        .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(served_certificate(addr, &pki).await, before);
+    assert_eq!(refusals(admin).await, (0.0, 0.0), "not a refusal");
+
+    let deadline = Instant::now() + Duration::from_secs(150);
+    while served_certificate(addr, &pki).await != renewed {
+        assert!(
+            Instant::now() < deadline,
+            "the renewal was not served once it had started"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        time::OffsetDateTime::now_utc() + time::Duration::seconds(1) >= starts,
+        "served before it started"
+    );
+    server
+        .wait_for_line("TLS certificates reloaded", Duration::from_secs(5))
+        .await;
+    assert_eq!(
+        lines_with(&mut server, WAITED_FOR),
+        1,
+        "one line, not one per check"
+    );
+    assert_eq!(refusals(admin).await, (0.0, 0.0));
+}
+
+/// A renewal refused for a reason that passes by itself is tried again at every check, with no
+/// file changing: here a certificate starting a few seconds past the clock leeway is refused
+/// (one warning however many checks; the gauge at 1) until its start comes within the leeway,
+/// when the gauge returns to 0 and the server says it waits for it.
+#[tokio::test]
+async fn a_refused_renewal_is_tried_at_every_check_and_logged_once() {
+    let pki = TestPki::new();
+    let (mut server, addr) =
+        process::start_recommendations(pki.dir(), &[("TLS_RELOAD_SECS", "1".into())]).await;
+    let admin = server.admin_addr().await;
+    let before = served_certificate(addr, &pki).await;
+
+    let leeway = time::Duration::try_from(CLOCK_LEEWAY).expect("leeway");
+    renew_starting_in(&pki, leeway + time::Duration::seconds(5));
+    server.wait_for_line(REFUSED, Duration::from_secs(10)).await;
+    assert_eq!(refusals(admin).await, (1.0, 1.0));
+    server
+        .wait_for_line(WAITED_FOR, Duration::from_secs(15))
+        .await;
+    assert_eq!(
+        refusals(admin).await,
+        (1.0, 0.0),
+        "counted once, and no longer refused"
+    );
+    assert_eq!(
+        lines_with(&mut server, REFUSED),
+        1,
+        "one warning, not one per check"
+    );
+    assert_eq!(served_certificate(addr, &pki).await, before);
 }
