@@ -7,7 +7,8 @@ rendered deployment rather than from its source:
 
 compose: each service mounts exactly the volumes it needs (the CA's key, in `pki`, only in the
 one-shot certs step), read-only where it only reads; every service is read-only, drops every
-capability, cannot gain privileges, and has memory and process limits; the two services restart.
+capability, cannot gain privileges, has memory and process limits and rotated logs; the two
+services restart.
 
 k8s: each pod mounts only its own Secret (no pod mounts a Secret holding a CA key, such as the
 cert-manager overlay's `bookstore-ca`); only the PKI Job gets an API token; no Secret in the
@@ -75,6 +76,8 @@ def check_compose(config, problems):
             problems.append(f"{name}: no memory limit")
         if not service.get("pids_limit"):
             problems.append(f"{name}: no process limit")
+        if not service.get("logging", {}).get("options", {}).get("max-size"):
+            problems.append(f"{name}: its logs are not rotated (logging.options.max-size)")
         if name in RESTARTING and service.get("restart") != "unless-stopped":
             problems.append(f"{name}: restart {service.get('restart')!r}, not unless-stopped")
         print(f"compose {name}: volumes {sorted(mounts) or 'none'}; hardened")
