@@ -37,6 +37,7 @@
 
 use std::{
     convert::Infallible,
+    net::SocketAddr,
     pin::{Pin, pin},
     sync::{
         Arc,
@@ -183,7 +184,7 @@ pub async fn serve(
         let shared = shared.clone();
         shared.open.fetch_add(1, Ordering::Relaxed);
         connections.spawn(async move {
-            serve_connection(tcp, router, &builder, limits, stop, shared.clone()).await;
+            serve_connection(tcp, peer, router, &builder, limits, stop, shared.clone()).await;
             shared.open.fetch_sub(1, Ordering::Relaxed);
             drop(slot);
         });
@@ -228,6 +229,8 @@ struct Activity {
     /// The router's places held by this connection's requests (see [`Connection`]).
     places: AtomicUsize,
     opened: Instant,
+    /// The address the connection came from.
+    peer: SocketAddr,
     shared: Arc<Shared>,
 }
 
@@ -237,7 +240,7 @@ struct Activity {
 const BEFORE_FIRST_REQUEST: u64 = u64::MAX;
 
 impl Activity {
-    fn new(shared: Arc<Shared>) -> Self {
+    fn new(shared: Arc<Shared>, peer: SocketAddr) -> Self {
         Activity {
             in_flight: Arc::new(AtomicUsize::new(0)),
             last_ms: AtomicU64::new(BEFORE_FIRST_REQUEST),
@@ -248,6 +251,7 @@ impl Activity {
             held: AtomicUsize::new(0),
             places: AtomicUsize::new(0),
             opened: Instant::now(),
+            peer,
             shared,
         }
     }
@@ -329,6 +333,11 @@ impl Connection {
         self.0.opened
     }
 
+    /// The address the connection came from (a proxy's, behind one).
+    pub fn peer(&self) -> SocketAddr {
+        self.0.peer
+    }
+
     /// The listener's open connections now, as a share of its cap.
     pub fn listener_fill(&self) -> f64 {
         let shared = &self.0.shared;
@@ -351,6 +360,7 @@ const STALLED_REQUEST: Duration = Duration::from_secs(30);
 
 async fn serve_connection(
     tcp: TcpStream,
+    peer: SocketAddr,
     router: Router,
     builder: &auto::Builder<TokioExecutor>,
     limits: HttpLimits,
@@ -362,7 +372,7 @@ async fn serve_connection(
         idle: limits.idle_timeout,
         stalled: STALLED_REQUEST,
     };
-    let activity = Arc::new(Activity::new(shared.clone()));
+    let activity = Arc::new(Activity::new(shared.clone(), peer));
     let io = Metered::new(
         tcp,
         limits.max_head_bytes,

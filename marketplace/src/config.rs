@@ -10,7 +10,7 @@ use bookstore_common::{
 };
 use clap::Parser;
 
-use crate::source::QueueBounds;
+use crate::{routes::forwarded::IpRange, source::QueueBounds};
 
 /// HTTP/2 streams one client connection may have open at once (browsers open far fewer).
 const MAX_STREAMS_PER_CONNECTION: u32 = 256;
@@ -52,6 +52,12 @@ pub struct Config {
     #[arg(long, env = "RECOMMENDATIONS_RESOLVE_SECS", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub recommendations_resolve_secs: u64,
+    /// Proxies whose `X-Forwarded-For` and `X-Forwarded-Proto` are believed (addresses or
+    /// ranges, comma-separated, e.g. `10.0.0.0/8`): the client's address in the logs comes from
+    /// them, and a request they say came over HTTPS is answered with HSTS. Unset: none, and
+    /// those headers are ignored.
+    #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<IpRange>,
     /// Seconds in-flight requests get to finish after SIGTERM or Ctrl+C before they are cancelled.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,

@@ -18,7 +18,7 @@ use tonic::transport::ClientTlsConfig;
 use crate::{
     backends::{Backends, ChannelSettings, DnsResolver, Resolve, StaticResolver},
     config::Config,
-    routes,
+    routes::{self, forwarded::TrustedProxies},
     source::GrpcSource,
 };
 
@@ -127,7 +127,13 @@ impl Application {
             config.queue_bounds(),
             metrics.clone(),
         ));
-        let router = routes::router(source, metrics.clone(), config.max_requests_in_flight());
+        let proxies = TrustedProxies::new(&config.trusted_proxies);
+        let router = routes::router_behind(
+            source,
+            metrics.clone(),
+            config.max_requests_in_flight(),
+            proxies,
+        );
         let admin::Bound {
             listener,
             admin,

@@ -113,6 +113,7 @@ pub fn marketplace_config(
         recommendations_timeout_ms: 1000,
         recommendations_resolve_secs: 1,
         admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        trusted_proxies: Vec::new(),
         shutdown_grace_secs: 5,
         max_connections: 2048,
         header_read_timeout_secs: 10,

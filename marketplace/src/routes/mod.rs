@@ -4,6 +4,7 @@
 //! limits (414, 431), and a panic answered with the 500 page; plus the stylesheet.
 
 mod api;
+pub mod forwarded;
 pub mod in_flight;
 mod page;
 pub mod query;
@@ -27,6 +28,7 @@ use bookstore_common::{
         REQUEST_ID_HEADER, RequestContext, RequestId, TRACEPARENT_HEADER, TraceContext,
         continue_trace,
     },
+    http_server::Connection,
     metrics::Metrics,
     panic::log_panic,
     request_log::RequestLog,
@@ -40,7 +42,12 @@ use crate::{
     error::{AppError, HtmlError},
     source::RecommendationSource,
 };
+use forwarded::TrustedProxies;
 use in_flight::InFlight;
+
+/// Sent on answers to requests a trusted proxy says came over HTTPS: browsers keep to HTTPS
+/// for this host for a year.
+const HSTS: HeaderValue = HeaderValue::from_static("max-age=31536000");
 
 /// The longest request target accepted; ours are a path and three short parameters.
 const MAX_URI_BYTES: usize = 2048;
@@ -81,6 +88,16 @@ pub fn router(
     metrics: Metrics,
     max_in_flight: usize,
 ) -> Router {
+    router_behind(source, metrics, max_in_flight, TrustedProxies::default())
+}
+
+/// [`router`], believing the `X-Forwarded-*` headers of `proxies` (see [`forwarded`]).
+pub fn router_behind(
+    source: Arc<dyn RecommendationSource>,
+    metrics: Metrics,
+    max_in_flight: usize,
+    proxies: TrustedProxies,
+) -> Router {
     let [a, b, c, d] = SECURITY_HEADERS.map(|(name, value)| {
         SetResponseHeaderLayer::overriding(name, HeaderValue::from_static(value))
     });
@@ -90,7 +107,7 @@ pub fn router(
     // marketplace's CPU per page: about 1 µs of some 46 against the five calls this replaced).
     let edge = ServiceBuilder::new()
         .layer(middleware::from_fn_with_state(
-            Arc::new(HttpMetrics::new(metrics.clone())),
+            Arc::new(HttpMetrics::new(metrics.clone(), proxies)),
             observe,
         ))
         // Inside the layers that count, identify and dress every answer, so a shed request is
@@ -122,13 +139,15 @@ struct HttpMetrics {
     metrics: Metrics,
     handles: Mutex<HashMap<SeriesKey, (Counter, Histogram)>>,
     lines: RequestLog,
+    /// Whose forwarded headers name the client in the request's line, and its scheme.
+    proxies: TrustedProxies,
 }
 
 /// (method, route, status).
 type SeriesKey = (&'static str, &'static str, u16);
 
 impl HttpMetrics {
-    fn new(metrics: Metrics) -> Self {
+    fn new(metrics: Metrics, proxies: TrustedProxies) -> Self {
         // The series the objectives and their alerts divide by exist at zero from start-up: a
         // page error ratio has a numerator before the first error, and a dashboard shows 0, not
         // "no data".
@@ -142,6 +161,7 @@ impl HttpMetrics {
             metrics,
             handles: Mutex::default(),
             lines: RequestLog::from_settings(),
+            proxies,
         }
     }
 
@@ -187,11 +207,22 @@ async fn observe(
     // Our span in the caller's trace (or the first of a new one): the parent of our calls.
     let trace = continue_trace(&span, parent);
     trace.record_ids(&span);
+    let peer = request
+        .extensions()
+        .get::<Connection>()
+        .map(Connection::peer);
+    let origin = metrics.proxies.origin(peer, request.headers());
     let context = RequestContext { request_id, trace };
     request.extensions_mut().insert(context.clone());
     let mut response = next.run(request).instrument(span.clone()).await;
     if let Ok(id) = HeaderValue::from_str(context.request_id.as_str()) {
         response.headers_mut().insert(REQUEST_ID_HEADER, id);
+    }
+    if origin.https {
+        // Only over HTTPS: a browser ignores the header on a plain-HTTP answer anyway.
+        response
+            .headers_mut()
+            .insert(header::STRICT_TRANSPORT_SECURITY, HSTS);
     }
     let elapsed = started.elapsed();
     let status = response.status();
@@ -214,6 +245,7 @@ async fn observe(
             request_id = %context.request_id,
             trace_id = %context.trace.trace_id_display(),
             span_id = %context.trace.span_id_display(),
+            client_addr = origin.client.map(tracing::field::display),
             "HTTP request"
         )
     });
