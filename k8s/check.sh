@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-dirs=(k8s k8s/overlays/cert-manager k8s/overlays/autoscaling k8s/overlays/monitoring k8s/jobs)
+dirs=(k8s k8s/overlays/cert-manager k8s/overlays/autoscaling k8s/overlays/monitoring k8s/overlays/https k8s/jobs)
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 
