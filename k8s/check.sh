@@ -22,6 +22,29 @@ for dir in "${dirs[@]}"; do
     done
 done
 
+# Labels: every object carries the four app.kubernetes.io labels, and every Secret cert-manager
+# writes gets them too (secretTemplate).
+python3 - "$out"/*.yaml <<'PY'
+import sys, yaml
+wanted = {"app.kubernetes.io/name", "app.kubernetes.io/part-of", "app.kubernetes.io/managed-by"}
+problems = []
+for path in sys.argv[1:]:
+    for doc in yaml.safe_load_all(open(path)):
+        if not doc:
+            continue
+        name = f"{path.rsplit('/', 1)[-1]}: {doc['kind']}/{doc['metadata']['name']}"
+        missing = wanted - set(doc["metadata"].get("labels", {}))
+        if missing:
+            problems.append(f"{name} lacks {sorted(missing)}")
+        if doc["kind"] == "Certificate":
+            template = doc["spec"].get("secretTemplate", {}).get("labels", {})
+            if wanted - set(template):
+                problems.append(f"{name}: its Secret lacks {sorted(wanted - set(template))}")
+if problems:
+    sys.exit("\n".join(problems))
+print("labels: every object, and every Secret cert-manager writes")
+PY
+
 for dir in "${dirs[@]}"; do
     files=(-f "$out/${dir//\//_}.yaml")
     # The load Job runs in the stack's namespace, under a NetworkPolicy kept in the base: scanned
