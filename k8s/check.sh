@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-dirs=(k8s k8s/overlays/cert-manager k8s/overlays/autoscaling k8s/overlays/monitoring k8s/overlays/https k8s/jobs)
+dirs=(k8s k8s/overlays/cert-manager k8s/overlays/autoscaling k8s/overlays/monitoring k8s/overlays/https k8s/overlays/gitops k8s/jobs)
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 
@@ -21,6 +21,42 @@ for dir in "${dirs[@]}"; do
         kubernetes-validate --strict --quiet -k "$version" "$rendered"
     done
 done
+
+# k8s/pki-egress-patch.sh against a stand-in kubectl (a two-node control plane on 6443): its
+# patch must render and validate in an overlay.
+stub="$out/stub"
+mkdir -p "$stub" "$out/narrowed"
+cat >"$stub/kubectl" <<'STUB'
+#!/bin/sh
+case "$*" in
+    *ports*) echo 6443 ;;
+    *) printf '192.0.2.10\n192.0.2.11\n' ;;
+esac
+STUB
+chmod +x "$stub/kubectl"
+PATH="$stub:$PATH" bash k8s/pki-egress-patch.sh >"$out/narrowed/apiserver-egress.yaml"
+cp -R k8s/base "$out/narrowed/base"
+cat >"$out/narrowed/kustomization.yaml" <<'YAML'
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+namespace: bookstore
+resources: [base]
+patches:
+  - target: {group: networking.k8s.io, kind: NetworkPolicy, name: pki}
+    path: apiserver-egress.yaml
+YAML
+kubectl kustomize "$out/narrowed" >"$out/narrowed.yaml"
+kubernetes-validate --strict --quiet -k 1.37.0 "$out/narrowed.yaml"
+python3 - "$out/narrowed.yaml" <<'PY'
+import sys, yaml
+pki = next(d for d in yaml.safe_load_all(open(sys.argv[1]))
+           if d and d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "pki")
+cidrs = [t["ipBlock"]["cidr"] for rule in pki["spec"]["egress"] for t in rule.get("to", [])]
+ports = [p["port"] for rule in pki["spec"]["egress"] for p in rule["ports"]]
+assert cidrs == ["192.0.2.10/32", "192.0.2.11/32"] and ports == [6443], (cidrs, ports)
+print("pki-egress-patch.sh: the pki Job narrowed to 192.0.2.10-11:6443")
+PY
+rm -f "$out/narrowed.yaml"
 
 # Labels: every object carries the four app.kubernetes.io labels, and every Secret cert-manager
 # writes gets them too (secretTemplate).

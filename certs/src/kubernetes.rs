@@ -1,12 +1,16 @@
 //! The development PKI made inside a cluster, as Kubernetes Secrets: what the `pki` Job of
 //! `k8s/base/pki.yaml` runs, so `kubectl apply -k k8s` needs no step before it.
 //!
-//! If both Secrets exist they are left alone; otherwise a new PKI is made and both are written
-//! (created, or replaced if only one was there, so the pair never mixes two CAs). The CA's
-//! private key is used in memory and dropped: it is never stored in the cluster.
+//! If both Secrets exist they are left alone; if neither does a new PKI is made and both are
+//! created; if only one does, the tool stops and names it: it never replaces or deletes a Secret
+//! (k8s/base/pki.yaml gives its account `create` only, and an admission policy refuses any other
+//! write to the two Secrets from inside the namespace), so mending a half-made pair is the
+//! operator's step. Whether a Secret exists is learnt from a dry-run create (409 if it does), so
+//! the tool never reads one. The CA's private key is used in memory and dropped: it is never
+//! stored in the cluster.
 //!
 //! The API client is a few lines of HTTP/1.1 over rustls rather than a Kubernetes client crate:
-//! it makes three kinds of request (get, create, replace one Secret) and runs once per install.
+//! it makes one kind of request (create one Secret, dry-run or not) and runs once per install.
 
 use std::{
     io::{Read, Write},
@@ -173,49 +177,61 @@ pub enum Outcome {
 /// Makes sure each service's Secret exists (see the module documentation).
 pub fn ensure_secrets(api: &ApiServer) -> Result<Outcome> {
     let base = format!("/api/v1/namespaces/{}/secrets", api.namespace);
+    // Which Secrets exist, without reading them: a dry-run create persists nothing and answers
+    // 409 AlreadyExists for a name that is taken. The probe carries no data.
     let mut present = Vec::new();
     for (service, _) in SHARES {
         let name = secret_name(service);
-        let (status, body) = api.request("GET", &format!("{base}/{name}"), None)?;
+        let probe = secret_body(&name, &api.namespace, service, serde_json::Map::new());
+        let (status, body) = api.request("POST", &format!("{base}?dryRun=All"), Some(&probe))?;
         match status {
-            200 => present.push(name),
-            404 => {}
+            409 => present.push(name),
+            200..=299 => {}
             _ => bail!(
-                "reading Secret {name}: HTTP {status}: {}{}",
+                "checking Secret {name}: HTTP {status}: {}{}",
                 reason(&body),
                 hint(status)
             ),
         }
     }
-    if present.len() == SHARES.len() {
-        return Ok(Outcome::AlreadyPresent);
+    match present.len() {
+        0 => {}
+        n if n == SHARES.len() => return Ok(Outcome::AlreadyPresent),
+        _ => bail!(
+            "{} exists without the rest of its pair, and is never replaced from inside the cluster: \
+             delete it (kubectl -n {} delete secret {}) and run the Job again",
+            present.join(", "),
+            api.namespace,
+            present.join(" ")
+        ),
     }
     let pki = DevPki::new()?;
     let mut written = Vec::new();
     for (service, files) in SHARES {
         let name = secret_name(service);
         let secret = secret_json(&name, &api.namespace, service, files, &pki)?;
-        let (method, path) = if present.contains(&name) {
-            ("PUT", format!("{base}/{name}"))
-        } else {
-            ("POST", base.clone())
-        };
-        let (status, body) = api.request(method, &path, Some(&secret))?;
-        if !(200..300).contains(&status) {
-            bail!(
-                "writing Secret {name}: HTTP {status}: {}{}",
+        let (status, body) = api.request("POST", &base, Some(&secret))?;
+        match status {
+            200..=299 => written.push(name),
+            // Another run made the first Secret between the check and now: it makes the pair,
+            // in the same order, from its own CA. Stop, so no second CA joins it.
+            409 if written.is_empty() => return Ok(Outcome::AlreadyPresent),
+            _ => bail!(
+                "creating Secret {name}: HTTP {status}: {}{}",
                 reason(&body),
                 hint(status)
-            );
+            ),
         }
-        written.push(name);
     }
     Ok(Outcome::Written(written))
 }
 
 fn hint(status: u16) -> &'static str {
     match status {
-        401 | 403 => " (the Job's service account needs the Role in k8s/base/pki.yaml)",
+        401 | 403 => {
+            " (the Job's service account needs the Role, and the admission policy must allow it: \
+             k8s/base/pki.yaml)"
+        }
         _ => "",
     }
 }
@@ -232,7 +248,17 @@ fn secret_json(
     for file in files {
         data.insert((*file).to_owned(), pki.file(file)?.into());
     }
-    let secret = serde_json::json!({
+    Ok(secret_body(name, namespace, service, data))
+}
+
+/// The Secret `name` of `service`, with `data` as its `stringData`.
+fn secret_body(
+    name: &str,
+    namespace: &str,
+    service: &str,
+    data: serde_json::Map<String, serde_json::Value>,
+) -> String {
+    serde_json::json!({
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": {
@@ -247,8 +273,8 @@ fn secret_json(
         },
         "type": "Opaque",
         "stringData": data,
-    });
-    Ok(secret.to_string())
+    })
+    .to_string()
 }
 
 impl DevPki {

@@ -1,7 +1,8 @@
 //! `bookstore-certs --kubernetes` against a stand-in API server. No kube-apiserver can run on
 //! this machine, so a small HTTPS server here plays its part for the requests the tool makes
-//! (get, create and replace one Secret): it checks the bearer token, keeps what it is sent, and
-//! answers as the real one does (200, 201, 404, 401, Status bodies).
+//! (create one Secret, or a dry-run create that keeps nothing): it checks the bearer token, keeps
+//! what it is sent, and answers as the real one does (201, 409, 401, Status bodies). Anything
+//! else (a get, a replace, a delete) is answered 405 and would fail the test.
 
 use std::{
     collections::BTreeMap,
@@ -23,6 +24,8 @@ const TOKEN: &str = "the-service-account-token";
 struct State {
     secrets: BTreeMap<String, Value>,
     requests: Vec<String>,
+    /// A Secret another run creates just before this run's first real (not dry-run) create.
+    race: Option<(String, Value)>,
 }
 
 struct FakeApi {
@@ -149,33 +152,29 @@ fn answer(state: &mut State, head: &str, body: &[u8]) -> (u16, Value) {
     let Some(rest) = path.strip_prefix("/api/v1/namespaces/bookstore/secrets") else {
         return status(404, "no such path");
     };
-    let name = rest.trim_start_matches('/');
     let sent = || serde_json::from_slice::<Value>(body).ok();
-    match (method, name) {
-        ("GET", name) => match state.secrets.get(name) {
-            Some(secret) => (200, secret.clone()),
-            None => status(404, &format!("secrets \"{name}\" not found")),
-        },
-        ("POST", "") => {
-            let Some(secret) = sent() else {
-                return status(400, "not JSON");
-            };
-            let name = secret["metadata"]["name"].as_str().unwrap_or("").to_owned();
-            if state.secrets.contains_key(&name) {
-                return status(409, &format!("secrets \"{name}\" already exists"));
-            }
-            state.secrets.insert(name, secret.clone());
-            (201, secret)
-        }
-        ("PUT", name) if state.secrets.contains_key(name) => {
-            let Some(secret) = sent() else {
-                return status(400, "not JSON");
-            };
-            state.secrets.insert(name.to_owned(), secret.clone());
-            (200, secret)
-        }
-        _ => status(405, "not handled by the stand-in"),
+    let dry_run = match rest {
+        "" => false,
+        "?dryRun=All" => true,
+        _ => return status(405, "not handled by the stand-in"),
+    };
+    if method != "POST" {
+        return status(405, "not handled by the stand-in");
     }
+    let Some(secret) = sent() else {
+        return status(400, "not JSON");
+    };
+    if !dry_run && let Some((other, made)) = state.race.take() {
+        state.secrets.insert(other, made);
+    }
+    let name = secret["metadata"]["name"].as_str().unwrap_or("").to_owned();
+    if state.secrets.contains_key(&name) {
+        return status(409, &format!("secrets \"{name}\" already exists"));
+    }
+    if !dry_run {
+        state.secrets.insert(name, secret.clone());
+    }
+    (201, secret)
 }
 
 fn files(secret: &Value) -> BTreeMap<String, String> {
@@ -217,50 +216,73 @@ fn a_fresh_namespace_gets_both_secrets_each_with_only_its_own_files() {
     assert_eq!(
         api.take_requests(),
         [
-            "GET /api/v1/namespaces/bookstore/secrets/recommendations-tls",
-            "GET /api/v1/namespaces/bookstore/secrets/marketplace-tls",
+            "POST /api/v1/namespaces/bookstore/secrets?dryRun=All",
+            "POST /api/v1/namespaces/bookstore/secrets?dryRun=All",
             "POST /api/v1/namespaces/bookstore/secrets",
             "POST /api/v1/namespaces/bookstore/secrets",
         ]
     );
 
-    // The Job run again (a re-apply): both exist, nothing is written.
+    // The Job run again (a re-apply): both exist, nothing is read or written.
     assert_eq!(
         ensure_secrets(&api.client(TOKEN)).expect("again"),
         Outcome::AlreadyPresent
     );
-    assert!(api.take_requests().iter().all(|r| r.starts_with("GET ")));
+    assert!(
+        api.take_requests()
+            .iter()
+            .all(|r| r.ends_with("?dryRun=All"))
+    );
 }
 
 #[test]
-fn when_only_one_secret_is_left_both_are_made_anew_from_one_ca() {
+fn a_half_made_pair_is_named_and_left_alone() {
     let api = FakeApi::start();
     ensure_secrets(&api.client(TOKEN)).expect("first");
-    let before = files(&api.secret("recommendations-tls").expect("secret"));
+    let before = api.secret("recommendations-tls").expect("secret");
     api.state
         .lock()
         .expect("lock")
         .secrets
         .remove("marketplace-tls");
     api.take_requests();
-    ensure_secrets(&api.client(TOKEN)).expect("repair");
-    let (server, client) = (
-        files(&api.secret("recommendations-tls").expect("secret")),
-        files(&api.secret("marketplace-tls").expect("secret")),
+    let err = ensure_secrets(&api.client(TOKEN)).expect_err("half a pair");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("kubectl -n bookstore delete secret recommendations-tls"),
+        "{text}"
     );
-    assert_ne!(server["ca.pem"], before["ca.pem"], "a new CA");
-    assert_eq!(server["ca.pem"], client["ca.pem"], "one CA for the pair");
-    let writes: Vec<String> = api
-        .take_requests()
-        .into_iter()
-        .filter(|r| !r.starts_with("GET "))
-        .collect();
     assert_eq!(
-        writes,
-        [
-            "PUT /api/v1/namespaces/bookstore/secrets/recommendations-tls",
-            "POST /api/v1/namespaces/bookstore/secrets",
-        ]
+        api.secret("recommendations-tls"),
+        Some(before),
+        "left as it was"
+    );
+    assert!(api.secret("marketplace-tls").is_none(), "no second CA");
+    assert!(
+        api.take_requests()
+            .iter()
+            .all(|r| r.ends_with("?dryRun=All"))
+    );
+}
+
+#[test]
+fn a_run_that_loses_the_race_for_the_first_secret_writes_nothing() {
+    let api = FakeApi::start();
+    // Another run creates recommendations-tls after this run's check and before its first create.
+    let theirs = serde_json::json!({"metadata": {"name": "recommendations-tls"}});
+    api.state.lock().expect("lock").race = Some(("recommendations-tls".into(), theirs.clone()));
+    assert_eq!(
+        ensure_secrets(&api.client(TOKEN)).expect("lost"),
+        Outcome::AlreadyPresent
+    );
+    assert_eq!(
+        api.secret("recommendations-tls"),
+        Some(theirs),
+        "theirs kept"
+    );
+    assert!(
+        api.secret("marketplace-tls").is_none(),
+        "no Secret from a second CA"
     );
 }
 
@@ -285,6 +307,6 @@ fn an_api_server_with_another_ca_is_not_trusted() {
         .clone()
         .into_bytes();
     let err = ensure_secrets(&client).expect_err("untrusted");
-    assert!(format!("{err:#}").contains("GET /api/v1"), "{err:#}");
+    assert!(format!("{err:#}").contains("POST /api/v1"), "{err:#}");
     assert!(api.secret("recommendations-tls").is_none());
 }
