@@ -178,9 +178,7 @@ fn page_traces(requests: &Mutex<Vec<ExportTraceServiceRequest>>) -> Vec<String> 
 async fn the_traces_endpoint_alone_is_enough_and_the_sampler_is_the_environments() {
     let (requests, collector) = http_collector("/collector/traces").await;
     let pki = TestPki::new();
-    let backend = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port");
+    let backend = bookstore_testkit::process::unused_address();
     let (_web, web) = bookstore_testkit::process::start_marketplace(
         pki.dir(),
         backend,
@@ -235,9 +233,7 @@ async fn the_binary_exports_over_otlp_http_under_the_name_the_environment_gives(
 
     let pki = TestPki::new();
     // No backend there: the page is a 503, and its span is exported all the same.
-    let backend = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port");
+    let backend = bookstore_testkit::process::unused_address();
     let (_web, web) = bookstore_testkit::process::start_marketplace(
         pki.dir(),
         backend,

@@ -42,9 +42,7 @@ async fn request(
 async fn forwarded_headers_count_from_a_trusted_proxy_only() {
     let pki = TestPki::new();
     // No backend: the stylesheet needs none.
-    let backend = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port");
+    let backend = process::unused_address();
     let (mut web, addr) = process::start_marketplace(
         pki.dir(),
         backend,

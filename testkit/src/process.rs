@@ -259,6 +259,14 @@ pub async fn start_recommendations(
     (process, addr)
 }
 
+/// A loopback address nothing listens on (a port the kernel just handed out and took back): a
+/// backend that is not there.
+pub fn unused_address() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+}
+
 /// Starts the marketplace binary on a free loopback port, calling recommendations at
 /// `localhost` on `backend`'s port, with the PKI in `certs`; `extra` adds or overrides variables.
 pub async fn start_marketplace(
