@@ -1,4 +1,5 @@
-//! Building the app (gRPC channel, router, listener) and running it until shutdown.
+//! Building the app (a mutual-TLS channel per recommendations address, the router, the
+//! listener) and running it until shutdown.
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
