@@ -314,11 +314,17 @@ def main():
         prometheus = Prometheus(prom)
 
         def load(seconds):
+            """Drives pages for `seconds`; returns how many failed."""
             run = subprocess.run(
                 [bins["loadgen"], "http", "--url", f"http://127.0.0.1:{web}/", "-c", "8",
                  "-d", str(seconds)], capture_output=True, text=True)
-            print(run.stdout.strip().splitlines()[0] if run.stdout.strip() else run.stderr[-500:])
+            report = run.stdout + run.stderr
+            print(report.strip()[-1500:])
+            counted = re.search(r"\((\d+) ok, (\d+) failed\)", report)
+            if not counted or int(counted.group(1)) == 0:
+                fail(f"the load generator served no page: {report[-500:]}")
             time.sleep(3)  # the last scrapes and rule evaluations
+            return int(counted.group(2))
 
         # Healthy.
         started = time.time()
@@ -352,14 +358,21 @@ def main():
         # replica carries the pages, so nothing pages. Calls that waited for it and were hedged
         # may exhaust the retry budget.
         hung = recommendations[1]
+        hung_admin = f"127.0.0.1:{list(replicas.values())[1]}"
         hung.send_signal(signal.SIGSTOP)
         try:
-            load(args.seconds)
+            failed = load(args.seconds)
+            if failed:
+                fail(f"one replica frozen: {failed} pages failed; the other should serve them all")
             ejected = [("BackendAddressEjected", "marketplace"),
                        ("BackendAddressOutTooLong", "marketplace")]
             expect_alerts(prometheus, "one replica frozen",
                           required=ejected + [("BookstoreDown", "recommendations")],
                           allowed=[("MarketplaceRetryBudgetExhausted", "marketplace")])
+            down = [a["labels"].get("instance") for a in prometheus.api("alerts")["alerts"]
+                    if a["labels"]["alertname"] == "BookstoreDown"]
+            if down != [hung_admin]:
+                fail(f"one replica frozen: BookstoreDown for {down}, not for {hung_admin} alone")
         finally:
             hung.send_signal(signal.SIGCONT)
 

@@ -58,11 +58,13 @@ print("pki-egress-patch.sh: the pki Job narrowed to 192.0.2.10-11:6443")
 PY
 rm -f "$out/narrowed.yaml"
 
-# Labels: every object carries the four app.kubernetes.io labels, and every Secret cert-manager
+# Labels: every object carries the four app.kubernetes.io labels (name, component, part-of,
+# managed-by), and every Secret cert-manager
 # writes gets them too (secretTemplate).
 python3 - "$out"/*.yaml <<'PY'
 import sys, yaml
-wanted = {"app.kubernetes.io/name", "app.kubernetes.io/part-of", "app.kubernetes.io/managed-by"}
+wanted = {"app.kubernetes.io/name", "app.kubernetes.io/component", "app.kubernetes.io/part-of",
+          "app.kubernetes.io/managed-by"}
 problems = []
 for path in sys.argv[1:]:
     for doc in yaml.safe_load_all(open(path)):
