@@ -23,7 +23,7 @@ pub struct Config {
     /// Seconds in-flight calls get to finish after SIGTERM or Ctrl+C before they are cancelled.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
-    /// JSON catalog to serve instead of the nine built-in books (format in the README).
+    /// JSON catalog to serve instead of the nine built-in books (format in docs/services.md).
     #[arg(long, env = "CATALOG_PATH")]
     pub catalog_path: Option<PathBuf>,
     /// Fault injection: delay every Recommend answer by this many milliseconds (0 = off).
