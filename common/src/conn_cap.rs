@@ -2,6 +2,10 @@
 //! ([`crate::http_server`]) and the gRPC one (the recommendations service's `server_tls`): a
 //! semaphore of slots, the `bookstore_connections_refused_total{listener, reason}` counters and the
 //! `bookstore_connections_open{listener}` gauge, and one rate limit for the listener's warnings.
+//!
+//! Hand-written: tower's concurrency limits bound requests, not connections, and neither
+//! hyper-util's server nor tonic's caps the connections it accepts. A semaphore permit that
+//! lives as long as the connection is the whole mechanism.
 
 use std::{
     net::SocketAddr,

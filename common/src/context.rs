@@ -3,6 +3,10 @@
 //!
 //! Values from callers are taken only when well formed; anything else is replaced with a fresh
 //! value, so logs never carry arbitrary caller bytes and a bad header never fails a request.
+//!
+//! Hand-written rather than taken from the OpenTelemetry crates: the ids are on every log line
+//! even in builds without the `otel` feature, and a `traceparent` is a few lines to read and
+//! write. With trace export on, the ids are the exported span's ([`continue_trace`]).
 
 use std::fmt;
 

@@ -1,6 +1,11 @@
 //! Rate-limiting a repeated warning, so a flood of bad connections cannot fill a disk: the first
 //! few occurrences in a window are logged, the rest only counted, and the next line logged says
 //! how many were left out. The exact totals are in the metrics.
+//!
+//! Hand-written because it is small (a window, a burst and a count carried into the next line)
+//! and belongs to the warning, not to the subscriber: a limit in the logging layer would thin
+//! every event of a call site alike, where only these refusal warnings need it, each with its
+//! own budget.
 
 use std::time::{Duration, Instant};
 
