@@ -213,14 +213,12 @@ async fn the_traces_endpoint_alone_is_enough_and_the_sampler_is_the_environments
 
     // Spans leave in the order they end: once the second page's has arrived, the first's
     // would have too.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !page_traces(&requests).contains(&sampled.to_owned()) {
-        assert!(
-            Instant::now() < deadline,
-            "the sampled page's span never arrived at the traces URL"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    bookstore_testkit::eventually(
+        "the sampled page's span at the traces URL",
+        Duration::from_secs(15),
+        async || page_traces(&requests).contains(&sampled.to_owned()),
+    )
+    .await;
     assert_eq!(page_traces(&requests), vec![sampled.to_owned()]);
 }
 

@@ -9,24 +9,18 @@ use std::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use bookstore_certs::{Authority, Usage};
 use bookstore_proto::RecommendationRequest;
 use bookstore_testkit::{
-    TestPki, grpc_client, identity, marketplace_config, raw, recommendations_config,
+    TestPki, eventually, grpc_client, identity, marketplace_config, raw, recommendations_config,
     spawn_marketplace, spawn_recommendations,
 };
 
-/// Polls `probe` until it returns true, for at most 15 s (the reload contract).
-async fn eventually(what: &str, mut probe: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !probe().await {
-        assert!(Instant::now() < deadline, "{what}: not within 15 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+/// How long a reload may take: the reload contract.
+const RELOAD: Duration = Duration::from_secs(15);
 
 /// Whether a new connection presenting `client`, and verifying the server with `trust`, gets a
 /// call through.
@@ -96,7 +90,7 @@ async fn restart_then_page(
     config.listen_addr = addr;
     let _restarted = spawn_recommendations(&config).await;
     let http = reqwest::Client::new();
-    eventually(what, async || {
+    eventually(what, RELOAD, async || {
         matches!(http.get(format!("http://{web}/")).send().await, Ok(r) if r.status() == 200)
     })
     .await;
@@ -143,7 +137,7 @@ async fn a_ca_rotation_under_load_fails_no_page() {
         format!("{}{}", old_ca.issued().cert_pem, new_ca.issued().cert_pem),
     )
     .expect("write");
-    eventually("server trusts the new CA", async || {
+    eventually("server trusts the new CA", RELOAD, async || {
         accepts(server.addr, pki.ca_certificate(), &new_client).await
     })
     .await;
@@ -154,22 +148,26 @@ async fn a_ca_rotation_under_load_fails_no_page() {
 
     // 3. Once the marketplace has taken its new files, the server drops the old CA: only the new
     // client certificate works from here.
-    eventually("the marketplace reloads its certificate", async || {
-        let metrics = raw::scrape(marketplace.admin_addr).await;
-        raw::metric(
-            &metrics,
-            &["bookstore_tls_reloads_total", "outcome=\"reloaded\""],
-        ) >= 1.0
-    })
+    eventually(
+        "the marketplace reloads its certificate",
+        RELOAD,
+        async || {
+            let metrics = raw::scrape(marketplace.admin_addr).await;
+            raw::metric(
+                &metrics,
+                &["bookstore_tls_reloads_total", "outcome=\"reloaded\""],
+            ) >= 1.0
+        },
+    )
     .await;
     std::fs::write(&trust, &new_ca.issued().cert_pem).expect("write");
     let old_client = pki.pki.client.clone();
-    eventually("server drops the old CA", async || {
+    eventually("server drops the old CA", RELOAD, async || {
         !accepts(server.addr, pki.ca_certificate(), &old_client).await
     })
     .await;
     let pages_at_cutover = load.pages();
-    eventually("pages after the old CA was dropped", async || {
+    eventually("pages after the old CA was dropped", RELOAD, async || {
         load.pages() > pages_at_cutover + 10
     })
     .await;
@@ -235,13 +233,16 @@ async fn a_ca_renewed_with_a_new_key_fails_no_page_through_the_overlap_and_after
     let load = PageLoad::start(web);
     // Waits until each service has reloaded `want` times, then for some pages on top.
     let phase = async |what: &str, server_reloads: f64, marketplace_reloads: f64| {
-        eventually(what, async || {
+        eventually(what, RELOAD, async || {
             reloads(server.admin_addr).await >= server_reloads
                 && reloads(marketplace.admin_addr).await >= marketplace_reloads
         })
         .await;
         let seen = load.pages();
-        eventually("pages after the reload", async || load.pages() > seen + 20).await;
+        eventually("pages after the reload", RELOAD, async || {
+            load.pages() > seen + 20
+        })
+        .await;
     };
 
     // 1. The overlap: every service trusts the old and the new CA.

@@ -13,7 +13,7 @@ use bookstore_certs::Usage;
 use bookstore_common::tls::CLOCK_LEEWAY;
 use bookstore_proto::{BookCategory, RecommendationRequest};
 use bookstore_testkit::{
-    TestPki,
+    TestPki, eventually,
     process::{self, ServiceProcess},
     raw, recommendations_config, spawn_recommendations,
 };
@@ -124,14 +124,12 @@ async fn the_server_certificate_rotates_under_load_and_a_bad_set_is_ignored() {
         &renewed.cert_pem[..renewed.cert_pem.len() / 2],
     )
     .expect("write");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while refused().await <= refused_before {
-        assert!(
-            Instant::now() < deadline,
-            "the broken set was not refused within 15 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        "the broken set refused",
+        Duration::from_secs(15),
+        async || refused().await > refused_before,
+    )
+    .await;
     assert_eq!(served_certificate(addr, &pki).await, after);
 
     stop.store(true, Ordering::Relaxed);
@@ -210,14 +208,12 @@ async fn a_renewal_starting_two_minutes_from_now_is_waited_for_then_served() {
     assert_eq!(served_certificate(addr, &pki).await, before);
     assert_eq!(refusals(admin).await, (0.0, 0.0), "not a refusal");
 
-    let deadline = Instant::now() + Duration::from_secs(150);
-    while served_certificate(addr, &pki).await != renewed {
-        assert!(
-            Instant::now() < deadline,
-            "the renewal was not served once it had started"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    eventually(
+        "the renewal served once started",
+        Duration::from_secs(150),
+        async || served_certificate(addr, &pki).await == renewed,
+    )
+    .await;
     assert!(
         time::OffsetDateTime::now_utc() + time::Duration::seconds(1) >= starts,
         "served before it started"

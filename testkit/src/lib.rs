@@ -278,3 +278,21 @@ pub fn plaintext_client(addr: SocketAddr) -> RecommendationsClient<Channel> {
         .connect_lazy();
     RecommendationsClient::new(channel)
 }
+
+/// Polls `probe` every 100 ms until it returns true. Fails the test, naming `what`, once
+/// `within` has passed: for a test to go on when something has happened, not after a guess at
+/// how long it takes.
+pub async fn eventually(
+    what: &str,
+    within: std::time::Duration,
+    mut probe: impl AsyncFnMut() -> bool,
+) {
+    let deadline = std::time::Instant::now() + within;
+    while !probe().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {within:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
