@@ -121,8 +121,8 @@ pub fn exporting() -> bool {
 }
 
 /// The span of one request (`"http"`) or call (`"grpc"`) served: its `request_id`, a `trace_id`
-/// and `span_id` to record, and the OpenTelemetry name and kind. Made at `info` when trace export is on and at
-/// `debug` otherwise (see [`exporting`]).
+/// and `span_id` to record, and the OpenTelemetry name and kind. Made at `info` when trace
+/// export is on and at `debug` otherwise (see [`exporting`]).
 #[macro_export]
 macro_rules! server_span {
     ($name:literal, $request_id:expr, $otel_name:expr) => {
@@ -209,6 +209,7 @@ pub fn init(args: &LogArgs, service: &'static str) -> Telemetry {
         Ok(f) => (f, None),
         Err(e) => (EnvFilter::new(quiet_peer_noise("info")), Some(e)),
     };
+    let target = args.traces_target();
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let fmt = match args.format {
         LogFormat::Text => fmt.with_ansi(std::io::stderr().is_terminal()).boxed(),
@@ -223,7 +224,7 @@ pub fn init(args: &LogArgs, service: &'static str) -> Telemetry {
     let registry = tracing_subscriber::registry().with(filter).with(fmt);
     #[cfg(feature = "otel")]
     let (registry, telemetry, exporter_error) = {
-        let (layer, provider, error) = match &args.traces_target() {
+        let (layer, provider, error) = match &target {
             Some((endpoint, protocol)) => match otel::provider(endpoint, *protocol, service) {
                 Ok(provider) => {
                     use opentelemetry::trace::TracerProvider as _;
@@ -258,7 +259,7 @@ pub fn init(args: &LogArgs, service: &'static str) -> Telemetry {
         tracing::warn!(error = %e, "invalid RUST_LOG directive; logging at info");
     }
     #[cfg(not(feature = "otel"))]
-    if let Some((endpoint, _)) = args.traces_target() {
+    if let Some((endpoint, _)) = &target {
         tracing::warn!(
             %endpoint,
             "an OTLP endpoint is set, but this build has no trace export (cargo feature `otel`; \
@@ -266,7 +267,7 @@ pub fn init(args: &LogArgs, service: &'static str) -> Telemetry {
         );
     }
     #[cfg(feature = "otel")]
-    match (args.traces_target(), exporter_error) {
+    match (&target, exporter_error) {
         (Some((endpoint, protocol)), None) => tracing::info!(
             %endpoint,
             ?protocol,

@@ -303,12 +303,12 @@ fn read_trust(path: &Path) -> Result<(Trust, Vec<(String, TlsError)>), TlsError>
             path: path.to_owned(),
             reason: e.to_string(),
         })?;
-        match check_validity(path, &der) {
-            Err(e) if e.is_early() => {
-                trust.pem.extend_from_slice(block);
-                trust.pem.push(b'\n');
-                trust.ders.push(der);
-            }
+        // A CA that starts within the clock leeway is trusted as one that has started.
+        let validity = check_validity(path, &der).or_else(|e| match e.is_early() {
+            true => Ok(()),
+            false => Err(e),
+        });
+        match validity {
             Ok(()) => {
                 trust.pem.extend_from_slice(block);
                 trust.pem.push(b'\n');
