@@ -58,14 +58,6 @@ fn is_acceptable_request_id(value: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-_.:/+=@".contains(&b))
 }
 
-/// The request id and trace context of the request being served, handed down to every call
-/// made for it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RequestContext {
-    pub request_id: RequestId,
-    pub trace: TraceContext,
-}
-
 /// A W3C trace context: which trace a request belongs to, and which span is its parent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TraceContext {

@@ -33,7 +33,7 @@ use crate::{
     context::{RequestId, TraceContext},
     log_limit::LogLimit,
     metrics::Metrics,
-    request_log::RequestLog,
+    request_log::{RequestLog, Sampling},
 };
 
 /// The gRPC header carrying the caller's deadline.
@@ -114,13 +114,18 @@ impl CallSeries {
     /// Every known method's `started_total` and its `handled_total` for each status code start
     /// at zero, as go-grpc-prometheus' initialisation does: the label values are known in
     /// advance, so an alert on `increase()` sees the first call of each kind.
-    pub fn new(end: &'static End, metrics: Metrics, methods: &'static [KnownMethod]) -> Arc<Self> {
+    pub fn new(
+        end: &'static End,
+        metrics: Metrics,
+        methods: &'static [KnownMethod],
+        lines: Sampling,
+    ) -> Arc<Self> {
         let series = CallSeries {
             end,
             handles: (0..=methods.len()).map(|_| Handles::default()).collect(),
             metrics,
             methods,
-            lines: RequestLog::from_settings(),
+            lines: RequestLog::new(lines),
             shed_lines: Mutex::new(LogLimit::per_minute(10)),
         };
         for slot in 0..methods.len() {
@@ -579,7 +584,12 @@ mod tests {
             path: "/Recommendations/Recommend",
             kind: "unary",
         }];
-        let series = CallSeries::new(&CLIENT, Metrics::new("t", "0"), METHODS);
+        let series = CallSeries::new(
+            &CLIENT,
+            Metrics::new("t", "0"),
+            METHODS,
+            Sampling::default(),
+        );
         assert_eq!(
             series.labels(series.slot("/Recommendations/Recommend")),
             ("unary", "Recommendations", "Recommend")

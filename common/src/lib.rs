@@ -8,33 +8,24 @@
 //!   identities and expiry; `watch`: noticing the files changed.
 //! - `shutdown`: the signal, and a drain bounded in time; `fd_limit`: the open-file limit,
 //!   raised at start-up to what the connection caps need.
-//! - `conn_cap`: the connection cap every listener shares; `http_server`: the HTTP listener
-//!   (marketplace's page, both admin ports), and `head_budget`, its bound on unfinished request
-//!   heads; `admin`: the admin port (liveness, readiness,
-//!   metrics), binding a service's two ports, and the `healthcheck` subcommand.
-//! - `metrics` and `process_metrics`: the Prometheus registry and every series' help text;
-//!   `grpc_call`: what either end of a gRPC call records about it (series and log line) and
-//!   the `grpc-timeout` codec both ends use.
+//! - `metrics` and `process_metrics`: the Prometheus registry and the help text of the series
+//!   both services export (each service describes its own); `grpc_call`: what either end of a
+//!   gRPC call records about it (series and log line) and the `grpc-timeout` codec both ends use.
 //! - `context`: request ids and trace context; `telemetry`: logging and trace export set-up;
 //!   `request_log`: which requests get a line; `log_limit`: rate-limited warnings; `panic`: the
 //!   line for a handler's panic (each service's tower-http `CatchPanicLayer` answers it).
+//!
+//! How a service runs (its settings, start-up, admin port and listeners) is built from these in
+//! `bookstore-server`.
 //!
 //! Without the `service` feature the crate is only `tls`, `shutdown` and `fd_limit`: what the
 //! load generator and xtask use.
 
 #[cfg(feature = "service")]
-pub mod admin;
-#[cfg(feature = "service")]
-pub mod conn_cap;
-#[cfg(feature = "service")]
 pub mod context;
 pub mod fd_limit;
 #[cfg(feature = "service")]
 pub mod grpc_call;
-#[cfg(feature = "service")]
-pub mod head_budget;
-#[cfg(feature = "service")]
-pub mod http_server;
 #[cfg(feature = "service")]
 pub mod log_limit;
 #[cfg(feature = "service")]

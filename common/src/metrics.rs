@@ -3,8 +3,8 @@
 //!
 //! Each service owns its registry instead of installing a process-wide recorder, so two
 //! services in one test process never mix their counts. Exposition is done by
-//! `metrics-exporter-prometheus`. The `# HELP` text of every series either service exports is
-//! kept here in one table.
+//! `metrics-exporter-prometheus`. The `# HELP` text of the series both services export is kept
+//! here in one table; each service keeps the table of its own series beside its code.
 //!
 //! Series that belong to something that comes and goes (one recommendations address: pods are
 //! replaced, and each new pod has a new address) live in a *scope*, a registry of their own
@@ -34,16 +34,19 @@ const LATENCY_BUCKETS: [f64; 15] = [
 
 /// What kind of series a description is for.
 #[derive(Debug, Clone, Copy)]
-enum Kind {
+pub enum Kind {
     Counter,
     Gauge,
     Histogram,
 }
 
-/// Every series either service exports, with its `# HELP` text. The exporter writes the text
-/// only for series that exist, so one table serves both services; a series missing here would
-/// go out without help, which the services' tests check for.
-const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
+/// A series' name, its kind and its `# HELP` text.
+pub type Description = (&'static str, Kind, &'static str);
+
+/// The series both services export, with their `# HELP` text; each service describes its own
+/// ([`Metrics::for_build`]). The exporter writes the text only for series that exist; a series
+/// described nowhere would go out without help, which the services' tests check for.
+const SHARED: &[Description] = &[
     (
         "grpc_server_started_total",
         Kind::Counter,
@@ -75,61 +78,6 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
         "Time from sending a gRPC call to its final status.",
     ),
     (
-        "bookstore_client_retries_total",
-        Kind::Counter,
-        "Second calls to the backend, by outcome: attempted (a retry), hedged (a second call on another address after the per-try timeout), budget_exhausted (cut off by the retry budget), past_deadline.",
-    ),
-    (
-        "bookstore_client_queue_rejected_total",
-        Kind::Counter,
-        "Pages answered 503 because every backend call slot was taken and the queue for them was full (reason=full), or a page waited MAX_QUEUE_WAIT_MS or arrived while the queue took that long (reason=wait).",
-    ),
-    (
-        "bookstore_backend_calls_total",
-        Kind::Counter,
-        "Backend calls to each recommendations address: sent, or waiting for a call slot there (each retry and hedge sent is a call).",
-    ),
-    (
-        "bookstore_backend_in_flight",
-        Kind::Gauge,
-        "Backend calls in flight to each recommendations address, as the balancer weighs them.",
-    ),
-    (
-        "bookstore_backend_latency_estimate_seconds",
-        Kind::Gauge,
-        "Each recommendations address's latency estimate as of its last answer (a peak-EWMA: a slower answer raises it at once, faster ones lower it over 10 s).",
-    ),
-    (
-        "bookstore_backend_ejected",
-        Kind::Gauge,
-        "1 while a recommendations address is out of the rotation (its calls failed; it rejoins once a probe passes), else 0.",
-    ),
-    (
-        "bookstore_backend_ejections_total",
-        Kind::Counter,
-        "Times an address was taken out of the rotation (five failures in a row, or a failure rate far above the others', or a failed probe).",
-    ),
-    (
-        "bookstore_backend_readmissions_total",
-        Kind::Counter,
-        "Times an ejected address rejoined the rotation.",
-    ),
-    (
-        "http_requests_total",
-        Kind::Counter,
-        "HTTP requests answered, by method, route and status.",
-    ),
-    (
-        "http_request_duration_seconds",
-        Kind::Histogram,
-        "Time to answer an HTTP request, by method, route and status.",
-    ),
-    (
-        "bookstore_tls_handshakes_total",
-        Kind::Counter,
-        "TLS handshakes on the gRPC port, by result: completed, refused, timed_out, evicted (gave way to a newer connection with MAX_HANDSHAKES in progress).",
-    ),
-    (
         "bookstore_tls_reloads_total",
         Kind::Counter,
         "Reloads of the TLS files, by outcome: reloaded, refused (the files in use stay).",
@@ -143,11 +91,6 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
         "bookstore_tls_certificate_expiry_timestamp_seconds",
         Kind::Gauge,
         "When a certificate in use expires, in Unix seconds: identity (this service's own), trust (the last CA of the bundle).",
-    ),
-    (
-        "bookstore_requests_shed_total",
-        Kind::Counter,
-        "Requests answered 503 because MAX_REQUESTS_IN_FLIGHT were being worked on (at once, or after waiting for a place).",
     ),
     (
         "bookstore_connections_refused_total",
@@ -175,36 +118,6 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
         "The cap on open connections, by listener (MAX_CONNECTIONS, ADMIN_MAX_CONNECTIONS).",
     ),
     (
-        "bookstore_requests_in_flight",
-        Kind::Gauge,
-        "Requests being worked on now, as of the scrape (at most bookstore_requests_in_flight_max).",
-    ),
-    (
-        "bookstore_requests_in_flight_max",
-        Kind::Gauge,
-        "MAX_REQUESTS_IN_FLIGHT: past it, requests are shed.",
-    ),
-    (
-        "bookstore_client_queue_waiting",
-        Kind::Gauge,
-        "Calls waiting in the queue for a backend call slot now, as of the scrape.",
-    ),
-    (
-        "bookstore_client_queue_max",
-        Kind::Gauge,
-        "The most calls that may wait for a backend call slot (MAX_QUEUED_CALLS).",
-    ),
-    (
-        "bookstore_backend_call_slots",
-        Kind::Gauge,
-        "CALLS_PER_BACKEND: the calls one recommendations address may have in flight (bookstore_backend_in_flight).",
-    ),
-    (
-        "bookstore_requests_refused_total",
-        Kind::Counter,
-        "Requests to the gRPC port that are not gRPC, by reason: method (405), content_type (415).",
-    ),
-    (
         "bookstore_build_info",
         Kind::Gauge,
         "Always 1: the service, its version and the commit it was built from (revision).",
@@ -225,6 +138,8 @@ pub struct Metrics {
     handle: PrometheusHandle,
     samplers: Arc<Mutex<Vec<Sampler>>>,
     scopes: Arc<Mutex<Vec<Scope>>>,
+    /// The service's own series' descriptions, for its scopes too.
+    own: &'static [Description],
 }
 
 /// The series that carry one label value, in a registry of their own (see [`Metrics::scope`]).
@@ -256,12 +171,18 @@ impl Metrics {
     /// A registry whose `*_seconds` metrics are histograms, with
     /// `bookstore_build_info{service,version}` set (its revision `unknown`).
     pub fn new(service: &'static str, version: &'static str) -> Self {
-        Self::for_build(service, version, "unknown")
+        Self::for_build(service, version, "unknown", &[])
     }
 
-    /// As [`Metrics::new`], with the commit the binary was built from.
-    pub fn for_build(service: &'static str, version: &'static str, revision: &'static str) -> Self {
-        let metrics = Self::with_builder(PrometheusBuilder::new());
+    /// As [`Metrics::new`], with the commit the binary was built from and the descriptions of
+    /// the series only this service exports.
+    pub fn for_build(
+        service: &'static str,
+        version: &'static str,
+        revision: &'static str,
+        own: &'static [Description],
+    ) -> Self {
+        let metrics = Self::with_builder(PrometheusBuilder::new(), own);
         let key = Key::from_parts(
             "bookstore_build_info",
             vec![
@@ -275,13 +196,13 @@ impl Metrics {
     }
 
     /// A registry built by `builder` with our buckets and every series' help text.
-    fn with_builder(builder: PrometheusBuilder) -> Self {
+    fn with_builder(builder: PrometheusBuilder, own: &'static [Description]) -> Self {
         let recorder = builder
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS)
             // Only fails for an empty bucket list.
             .unwrap_or_else(|_| PrometheusBuilder::new())
             .build_recorder();
-        for (name, kind, help) in DESCRIPTIONS {
+        for (name, kind, help) in SHARED.iter().chain(own) {
             let (name, help) = (KeyName::from_const_str(name), SharedString::const_str(help));
             match kind {
                 Kind::Counter => recorder.describe_counter(name, None, help),
@@ -295,6 +216,7 @@ impl Metrics {
             handle,
             samplers: Arc::default(),
             scopes: Arc::default(),
+            own,
         }
     }
 
@@ -311,7 +233,10 @@ impl Metrics {
             scope.retired = None;
             return scope.metrics.clone();
         }
-        let metrics = Self::with_builder(PrometheusBuilder::new().add_global_label(name, value));
+        let metrics = Self::with_builder(
+            PrometheusBuilder::new().add_global_label(name, value),
+            self.own,
+        );
         scopes.push(Scope {
             label: (name, value.to_owned()),
             metrics: metrics.clone(),

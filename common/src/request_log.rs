@@ -8,10 +8,7 @@
 //! and slow ones.
 
 use std::{
-    sync::{
-        OnceLock,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
@@ -19,6 +16,24 @@ use std::{
 pub const DEFAULT_SAMPLE: u64 = 100;
 /// The default for `LOG_SLOW_MS`.
 pub const DEFAULT_SLOW_MS: u64 = 500;
+
+/// A service's choice of lines (`LOG_SAMPLE`, `LOG_SLOW_MS`), from its settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sampling {
+    /// One in this many of the fast successful ones; 0 for none.
+    pub every: u64,
+    /// At least this long is slow, and always logged.
+    pub slow: Duration,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling {
+            every: DEFAULT_SAMPLE,
+            slow: Duration::from_millis(DEFAULT_SLOW_MS),
+        }
+    }
+}
 
 /// How one kind of line (a service's HTTP requests, or its gRPC calls) is sampled: each kind
 /// counts its own, so that one kind's count cannot step over the other's turn.
@@ -33,15 +48,7 @@ pub struct RequestLog {
 }
 
 impl RequestLog {
-    /// A sampler with the process's settings (`LOG_SAMPLE`, `LOG_SLOW_MS`; the defaults if the
-    /// log was never set up).
-    pub fn from_settings() -> Self {
-        let (every, slow) =
-            *SETTINGS.get_or_init(|| (DEFAULT_SAMPLE, Duration::from_millis(DEFAULT_SLOW_MS)));
-        RequestLog::new(every, slow)
-    }
-
-    pub fn new(every: u64, slow: Duration) -> Self {
+    pub fn new(Sampling { every, slow }: Sampling) -> Self {
         RequestLog {
             every,
             slow,
@@ -62,19 +69,18 @@ impl RequestLog {
     }
 }
 
-static SETTINGS: OnceLock<(u64, Duration)> = OnceLock::new();
-
-/// Sets the process's choice; the first call wins, as with the log subscriber itself (tests run
-/// several services in one process).
-pub fn configure(every: u64, slow: Duration) {
-    let _ = SETTINGS.set((every, slow));
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const FAST: Duration = Duration::from_millis(1);
+
+    fn sampling(every: u64) -> Sampling {
+        Sampling {
+            every,
+            slow: Duration::from_millis(500),
+        }
+    }
 
     fn admitted(log: &RequestLog, n: usize) -> usize {
         (0..n).filter(|_| log.admit(false, FAST)).count()
@@ -82,7 +88,7 @@ mod tests {
 
     #[test]
     fn one_in_n_fast_successes_is_logged_starting_with_the_first() {
-        let log = RequestLog::new(100, Duration::from_millis(500));
+        let log = RequestLog::new(sampling(100));
         assert!(
             log.admit(false, FAST),
             "the first one shows traffic started"
@@ -93,7 +99,7 @@ mod tests {
 
     #[test]
     fn failed_and_slow_ones_are_always_logged() {
-        let log = RequestLog::new(0, Duration::from_millis(500));
+        let log = RequestLog::new(sampling(0));
         assert_eq!(admitted(&log, 1000), 0);
         assert!(log.admit(true, FAST));
         assert!(log.admit(false, Duration::from_millis(500)));
@@ -102,7 +108,7 @@ mod tests {
 
     #[test]
     fn a_sample_of_one_logs_every_request() {
-        let log = RequestLog::new(1, Duration::from_millis(500));
+        let log = RequestLog::new(sampling(1));
         assert_eq!(admitted(&log, 1000), 1000);
     }
 }

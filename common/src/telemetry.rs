@@ -92,6 +92,14 @@ impl Default for LogArgs {
 }
 
 impl LogArgs {
+    /// Which requests and calls get a line of their own.
+    pub fn sampling(&self) -> request_log::Sampling {
+        request_log::Sampling {
+            every: self.sample,
+            slow: std::time::Duration::from_millis(self.slow_ms),
+        }
+    }
+
     /// Where traces go and how, as the OTLP exporter variables say: the traces endpoint as
     /// given, else the general endpoint (with `/v1/traces` added for OTLP/HTTP). None: no export.
     pub fn traces_target(&self) -> Option<(String, OtlpProtocol)> {
@@ -248,7 +256,6 @@ pub fn init(args: &LogArgs, service: &'static str) -> Telemetry {
         #[cfg(feature = "otel")]
         EXPORTING.store(telemetry.provider.is_some(), Ordering::Relaxed);
     }
-    request_log::configure(args.sample, std::time::Duration::from_millis(args.slow_ms));
     if args.format == LogFormat::Json {
         // The default hook writes a plain-text paragraph to standard error, which a collector
         // expecting one JSON object per line cannot read. (The catch-panic layers still answer

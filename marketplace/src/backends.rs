@@ -39,14 +39,14 @@ use std::{
 };
 
 use async_trait::async_trait;
-use bookstore_common::{grpc_call::KnownMethod, metrics::Metrics};
+use bookstore_common::{grpc_call::KnownMethod, metrics::Metrics, request_log::Sampling};
 use bookstore_proto::recommendations_client::RecommendationsClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
-use crate::call_layer::CallLayer;
+use crate::call_layer::ClientCallLayer;
 
 /// The methods the marketplace calls, as its client metrics name them.
 pub const METHODS: &[KnownMethod] = &[KnownMethod {
@@ -55,7 +55,7 @@ pub const METHODS: &[KnownMethod] = &[KnownMethod {
 }];
 
 /// The client every call goes through: one connection, wrapped in the call layer.
-pub type Client = RecommendationsClient<crate::call_layer::Call<Channel>>;
+pub type Client = RecommendationsClient<crate::call_layer::ClientCall<Channel>>;
 
 /// Failures in a row that eject an address.
 pub const EJECT_AFTER: u32 = 5;
@@ -149,6 +149,8 @@ pub struct ChannelSettings {
     /// [`crate::source::GrpcSource`]). Kept below the server's per-connection limit, so a burst
     /// waits here instead of being shed there.
     pub max_calls: usize,
+    /// Which calls get a log line of their own.
+    pub lines: Sampling,
 }
 
 impl ChannelSettings {
@@ -819,7 +821,7 @@ impl Backends {
             .channel(addr)
             .map_err(|e| format!("cannot configure a channel to {addr}: {e}"))?;
         let scope = self.metrics.scope("addr", &addr.to_string());
-        let layer = CallLayer::new(scope.clone(), METHODS, &addr.to_string());
+        let layer = ClientCallLayer::new(scope.clone(), METHODS, &addr.to_string(), settings.lines);
         let now = Instant::now();
         Ok(Arc::new(Backend {
             addr,
@@ -866,6 +868,7 @@ mod tests {
             tls: None,
             connect_timeout: Duration::from_secs(1),
             max_calls: 4,
+            lines: Sampling::default(),
         };
         let b = Backends::new(fixed.clone(), settings, Metrics::new("t", "0"));
         (fixed, b)

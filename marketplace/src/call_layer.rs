@@ -23,6 +23,7 @@ use bookstore_common::{
         deadline_exceeded, grpc_timeout_value,
     },
     metrics::Metrics,
+    request_log::Sampling,
 };
 use tonic::{
     Status,
@@ -50,48 +51,53 @@ pub struct CallContext {
 /// [`CallContext`] goes out with a fresh request id and no deadline of ours (only
 /// `crate::source` calls through this layer, and it always sets one).
 #[derive(Debug, Clone)]
-pub struct CallLayer {
+pub struct ClientCallLayer {
     series: Arc<CallSeries>,
     /// The address this connection goes to.
     peer: Arc<str>,
 }
 
-impl CallLayer {
-    pub fn new(metrics: Metrics, methods: &'static [KnownMethod], peer: &str) -> Self {
-        CallLayer {
-            series: CallSeries::new(&grpc_call::CLIENT, metrics, methods),
+impl ClientCallLayer {
+    pub fn new(
+        metrics: Metrics,
+        methods: &'static [KnownMethod],
+        peer: &str,
+        lines: Sampling,
+    ) -> Self {
+        ClientCallLayer {
+            series: CallSeries::new(&grpc_call::CLIENT, metrics, methods, lines),
             peer: peer.into(),
         }
     }
 }
 
-impl<S> Layer<S> for CallLayer {
-    type Service = Call<S>;
+impl<S> Layer<S> for ClientCallLayer {
+    type Service = ClientCall<S>;
 
-    fn layer(&self, inner: S) -> Call<S> {
-        Call {
+    fn layer(&self, inner: S) -> ClientCall<S> {
+        ClientCall {
             inner,
             layer: self.clone(),
         }
     }
 }
 
-/// The service [`CallLayer`] wraps.
+/// The service [`ClientCallLayer`] wraps.
 #[derive(Clone)]
-pub struct Call<S> {
+pub struct ClientCall<S> {
     inner: S,
-    layer: CallLayer,
+    layer: ClientCallLayer,
 }
 
-impl<S> fmt::Debug for Call<S> {
+impl<S> fmt::Debug for ClientCall<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Call")
+        f.debug_struct("ClientCall")
             .field("peer", &self.layer.peer)
             .finish_non_exhaustive()
     }
 }
 
-impl<S> Service<http::Request<Body>> for Call<S>
+impl<S> Service<http::Request<Body>> for ClientCall<S>
 where
     S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
     S::Future: Send + 'static,

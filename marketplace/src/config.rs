@@ -2,12 +2,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use bookstore_common::{
-    admin::{self, Command},
-    http_server::HttpLimits,
-    telemetry::LogArgs,
-    tls::TlsArgs,
-};
+use bookstore_server::{http_server::HttpLimits, service::ServiceArgs};
 use clap::Parser;
 
 use crate::{routes::forwarded::IpRange, source::QueueBounds};
@@ -23,6 +18,7 @@ fn to_usize(n: u64) -> usize {
 /// The bookstore's web front end.
 #[derive(Debug, Clone, PartialEq, Eq, Parser)]
 #[command(name = "marketplace", version, about)]
+#[command(mut_arg("admin_addr", |a| a.default_value("[::]:9091").required(false)))]
 #[deny(missing_docs)]
 pub struct Config {
     /// Address to serve HTTP on.
@@ -58,13 +54,6 @@ pub struct Config {
     /// those headers are ignored.
     #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Vec<IpRange>,
-    /// Seconds in-flight requests get to finish after SIGTERM or Ctrl+C before they are cancelled.
-    #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 30)]
-    pub shutdown_grace_secs: u64,
-    /// Plaintext admin address: `GET /healthz` (liveness), `GET /readyz` (readiness) and
-    /// `GET /metrics` (Prometheus).
-    #[arg(long, env = "ADMIN_ADDR", default_value = "[::]:9091")]
-    pub admin_addr: SocketAddr,
     /// Open connections to LISTEN_ADDR at most; past it new connections are closed on arrival
     /// (and counted) while the open ones keep being served.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 2048,
@@ -113,19 +102,9 @@ pub struct Config {
     #[arg(long, env = "CALLS_PER_BACKEND", default_value_t = 192,
           value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub calls_per_backend: u64,
-    /// Open connections to ADMIN_ADDR at most (probes and scrapers).
-    #[arg(long, env = "ADMIN_MAX_CONNECTIONS", default_value_t = 64,
-          value_parser = clap::value_parser!(u64).range(1..=100_000))]
-    pub admin_max_connections: u64,
-    /// Logging.
-    #[command(flatten, next_help_heading = "Logging")]
-    pub log: LogArgs,
-    /// TLS files and mode.
-    #[command(flatten, next_help_heading = "TLS")]
-    pub tls: TlsArgs,
-    /// Instead of serving.
-    #[command(subcommand)]
-    pub command: Option<Command>,
+    /// What every service takes: shutdown grace, admin port, logging, TLS, `healthcheck`.
+    #[command(flatten)]
+    pub service: ServiceArgs,
 }
 
 impl Config {
@@ -140,10 +119,6 @@ impl Config {
             ));
         }
         Ok(())
-    }
-
-    pub fn shutdown_grace(&self) -> Duration {
-        Duration::from_secs(self.shutdown_grace_secs)
     }
 
     pub fn recommendations_resolve_interval(&self) -> Duration {
@@ -176,11 +151,6 @@ impl Config {
             max_head_bytes_total: to_usize(self.max_head_bytes_total),
             max_streams: MAX_STREAMS_PER_CONNECTION,
         }
-    }
-
-    /// The limits of the admin listener.
-    pub fn admin_limits(&self) -> HttpLimits {
-        admin::limits(to_usize(self.admin_max_connections))
     }
 
     /// The name the server certificate must carry.

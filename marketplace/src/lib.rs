@@ -12,6 +12,7 @@ pub mod call_layer;
 pub mod config;
 pub mod error;
 pub mod routes;
+pub mod series;
 pub mod source;
 pub mod startup;
 pub mod templates;

@@ -27,7 +27,10 @@ use std::{
 };
 
 use async_trait::async_trait;
-use bookstore_common::{context::RequestContext, metrics::Metrics};
+use bookstore_common::{
+    context::{RequestId, TraceContext},
+    metrics::Metrics,
+};
 use bookstore_proto::{BookCategory, RecommendationRequest};
 use rand::Rng;
 use tonic::Code;
@@ -137,6 +140,14 @@ pub enum SourceError {
     /// Every call slot is taken and the queue for them is full, or moves too slowly.
     #[error("too many requests waiting for the recommendations service")]
     Overloaded,
+}
+
+/// The request id and trace context of the page request being served, handed down to every
+/// call made for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestContext {
+    pub request_id: RequestId,
+    pub trace: TraceContext,
 }
 
 /// Something that recommends books. The routes hold an `Arc<dyn RecommendationSource>`, so

@@ -1,18 +1,20 @@
 //! Building the app (a mutual-TLS channel per recommendations address, the router, the
 //! listener) and running it until shutdown.
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, sync::Arc};
 
-use anyhow::Context;
 use axum::Router;
 use bookstore_common::{
-    admin, fd_limit, http_server,
+    fd_limit,
     metrics::Metrics,
-    shutdown::{Drained, serve_until},
+    shutdown::Drained,
     tls::{self, Role, TlsError, TlsMode},
     watch::{FileStamps, Refused, watch_files},
 };
-use tokio::net::TcpListener;
+use bookstore_server::{
+    http_server,
+    service::{Ports, Service},
+};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::ClientTlsConfig;
 
@@ -20,34 +22,30 @@ use crate::{
     backends::{Backends, ChannelSettings, DnsResolver, Resolve, StaticResolver},
     config::Config,
     routes::{self, forwarded::TrustedProxies},
+    series::SERIES,
     source::GrpcSource,
 };
 
 /// A bound, ready-to-run marketplace.
 #[derive(Debug)]
 pub struct Application {
-    listener: TcpListener,
+    ports: Ports,
     router: Router,
     backends: Arc<Backends>,
     metrics: Metrics,
     config: Config,
     /// The state of the TLS files when they were loaded (None with `TLS_MODE=off`).
     tls_stamps: Option<FileStamps>,
-    /// Bound last, so being reachable there means everything else is loaded and bound.
-    admin: TcpListener,
-    local_addr: SocketAddr,
-    admin_addr: SocketAddr,
-    grace: Duration,
 }
 
 /// How to connect to each recommendations address: the TLS files are read and checked here, so
 /// a bad set is refused before anything uses it.
 pub fn channel_settings(config: &Config) -> anyhow::Result<ChannelSettings> {
-    let mode = config.tls.tls_mode;
+    let mode = config.service.tls.tls_mode;
     let tls = match mode {
         TlsMode::Off => None,
         TlsMode::Server | TlsMode::Mutual => {
-            let files = config.tls.files(Role::Client);
+            let files = config.service.tls.files(Role::Client);
             // Addresses are IPs; the certificate is checked against the service's name.
             let mut tls = ClientTlsConfig::new()
                 .ca_certificate(tls::load_ca(&files.ca)?)
@@ -62,16 +60,17 @@ pub fn channel_settings(config: &Config) -> anyhow::Result<ChannelSettings> {
         tls,
         connect_timeout: config.recommendations_timeout(),
         max_calls: usize::try_from(config.calls_per_backend).unwrap_or(usize::MAX),
+        lines: config.service.log.sampling(),
     })
 }
 
 /// Sets the certificate expiry gauges from the files [`channel_settings`] loads.
 fn record_expiry(config: &Config, metrics: &Metrics) {
-    let mode = config.tls.tls_mode;
+    let mode = config.service.tls.tls_mode;
     if mode == TlsMode::Off {
         return;
     }
-    let files = config.tls.files(Role::Client);
+    let files = config.service.tls.files(Role::Client);
     let identity = (mode == TlsMode::Mutual).then_some(files.cert.as_path());
     tls::record_expiry(metrics, identity, Some(&files.ca));
 }
@@ -98,20 +97,21 @@ impl Application {
         resolver: Arc<dyn Resolve>,
     ) -> anyhow::Result<Self> {
         config.check().map_err(anyhow::Error::msg)?;
-        config.tls.tls_mode.warn_if_weak();
-        fd_limit::raise_for(config.max_connections + config.admin_max_connections);
-        let tls_stamps = (config.tls.tls_mode != TlsMode::Off)
-            .then(|| FileStamps::of(&config.tls.files(Role::Client)));
+        config.service.tls.tls_mode.warn_if_weak();
+        fd_limit::raise_for(config.max_connections + config.service.admin_max_connections);
+        let tls_stamps = (config.service.tls.tls_mode != TlsMode::Off)
+            .then(|| FileStamps::of(&config.service.tls.files(Role::Client)));
         let metrics = Metrics::for_build(
-            "marketplace",
+            Self::NAME,
             env!("CARGO_PKG_VERSION"),
             env!("BOOKSTORE_REVISION"),
+            SERIES,
         );
         let settings = channel_settings(config)?;
         record_expiry(config, &metrics);
         tracing::info!(
             recommendations = %resolver.target(),
-            tls_mode = %config.tls.tls_mode,
+            tls_mode = %config.service.tls.tls_mode,
             tls_name = config.recommendations_tls_name(),
             calls_per_backend = config.calls_per_backend,
             max_queued_calls = config.max_queued_calls,
@@ -134,37 +134,27 @@ impl Application {
             metrics.clone(),
             config.max_requests_in_flight(),
             proxies,
+            config.service.log.sampling(),
         );
-        let admin::Bound {
-            listener,
-            admin,
-            local_addr,
-            admin_addr,
-        } = admin::bind_service(config.listen_addr, config.admin_addr)
-            .await
-            .map_err(anyhow::Error::msg)?;
+        let ports = Ports::bind(config.listen_addr, &config.service).await?;
         Ok(Application {
-            listener,
+            ports,
             router,
             backends,
             metrics,
             config: config.clone(),
             tls_stamps,
-            admin,
-            local_addr,
-            admin_addr,
-            grace: config.shutdown_grace(),
         })
     }
 
     /// The admin address actually bound.
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin_addr
+        self.ports.admin_addr()
     }
 
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.ports.local_addr()
     }
 
     /// Serves until `shutdown` completes, then stops accepting connections and gives in-flight
@@ -178,49 +168,79 @@ impl Application {
             max_requests_in_flight = self.config.max_requests_in_flight,
             "marketplace listening"
         );
-        let stop = CancellationToken::new();
-        tokio::spawn(
-            self.backends
-                .clone()
-                .keep_resolving(self.config.recommendations_resolve_interval(), stop.clone()),
-        );
-        if let Some(stamps) = self.tls_stamps {
-            // New files mean new connections with the new identity; calls in flight finish on
-            // the old ones. Files that fail the start-up checks leave the connections alone.
-            let (config, backends) = (self.config.clone(), self.backends.clone());
-            let metrics = self.metrics.clone();
-            let reload = move || -> Result<(), Refused> {
-                let settings = channel_settings(&config).map_err(|e| Refused {
-                    reason: format!("{e:#}"),
-                    early: e
-                        .chain()
-                        .any(|c| c.downcast_ref::<TlsError>().is_some_and(TlsError::is_early)),
-                })?;
-                backends.reconfigure(settings)?;
-                record_expiry(&config, &metrics);
-                Ok(())
-            };
-            let (interval, stop, metrics) = (
-                self.config.tls.reload_interval(),
-                stop.clone(),
-                self.metrics.clone(),
+        let Application {
+            ports,
+            router,
+            backends,
+            metrics,
+            config,
+            tls_stamps,
+        } = self;
+        let (service, admin_metrics) = (config.service.clone(), metrics.clone());
+        let serve = move |listener, stop: CancellationToken| {
+            tokio::spawn(
+                backends
+                    .clone()
+                    .keep_resolving(config.recommendations_resolve_interval(), stop.clone()),
             );
-            tokio::spawn(watch_files(interval, stop, stamps, metrics, reload));
-        }
-        let limits = self.config.http_limits();
-        limits.log("http");
-        let serve = {
-            let (stop, metrics) = (stop.clone(), self.metrics.clone());
+            if let Some(stamps) = tls_stamps {
+                tokio::spawn(watch_files(
+                    config.service.tls.reload_interval(),
+                    stop.clone(),
+                    stamps,
+                    metrics.clone(),
+                    reload_channels(config.clone(), backends, metrics.clone()),
+                ));
+            }
+            let limits = config.http_limits();
+            limits.log("http");
             async move {
-                http_server::serve(self.listener, self.router, limits, stop, &metrics, "http")
-                    .await;
+                http_server::serve(listener, router, limits, stop, &metrics, "http").await;
                 Ok::<(), std::convert::Infallible>(())
             }
         };
-        let drained = serve_until(serve, stop.clone(), shutdown, self.grace);
-        let admin_limits = self.config.admin_limits();
-        admin::alongside(self.admin, admin_limits, stop, self.metrics, drained)
-            .await
-            .context("HTTP server failed")
+        Ok(ports
+            .serve(&service, admin_metrics, shutdown, serve)
+            .await?)
+    }
+}
+
+/// What a change of the TLS files does: new connections with the new identity (calls in flight
+/// finish on the old ones). Files that fail the start-up checks leave the connections alone.
+fn reload_channels(
+    config: Config,
+    backends: Arc<Backends>,
+    metrics: Metrics,
+) -> impl Fn() -> Result<(), Refused> + Send {
+    move || {
+        let settings = channel_settings(&config).map_err(|e| Refused {
+            reason: format!("{e:#}"),
+            early: e
+                .chain()
+                .any(|c| c.downcast_ref::<TlsError>().is_some_and(TlsError::is_early)),
+        })?;
+        backends.reconfigure(settings)?;
+        record_expiry(&config, &metrics);
+        Ok(())
+    }
+}
+
+impl Service for Application {
+    const NAME: &'static str = "marketplace";
+    type Config = Config;
+
+    fn service_args(config: &Config) -> &bookstore_server::service::ServiceArgs {
+        &config.service
+    }
+
+    async fn build(config: &Config) -> anyhow::Result<Self> {
+        Application::build(config).await
+    }
+
+    async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<Drained> {
+        Application::run_until_stopped(self, shutdown).await
     }
 }

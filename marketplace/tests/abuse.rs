@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bookstore_common::http_server;
+use bookstore_server::http_server;
 use bookstore_testkit::{
     TestPki,
     process::{self, ServiceProcess},

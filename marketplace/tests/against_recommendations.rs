@@ -9,6 +9,7 @@ use std::{
 use bookstore_common::{
     context::{RequestId, TraceContext},
     metrics::Metrics,
+    request_log::Sampling,
 };
 use bookstore_proto::{
     BookCategory, RecommendationRequest, recommendations_client::RecommendationsClient,
@@ -19,7 +20,7 @@ use bookstore_testkit::{
 };
 use marketplace::{
     backends::METHODS,
-    call_layer::{CallContext, CallLayer},
+    call_layer::{CallContext, ClientCallLayer},
 };
 use tonic::Code;
 
@@ -120,7 +121,7 @@ async fn a_marketplace_without_a_client_certificate_is_refused_and_says_unavaila
     let recommendations = spawn_recommendations(&recommendations_config(pki.dir())).await;
     let mut config = marketplace_config(pki.dir(), recommendations.addr);
     // Server-only TLS on the client side: it verifies the server but presents no certificate.
-    config.tls.tls_mode = bookstore_common::tls::TlsMode::Server;
+    config.service.tls.tls_mode = bookstore_common::tls::TlsMode::Server;
     let marketplace = spawn_marketplace(&config).await;
     let (status, body) = fetch(marketplace.addr, "/").await;
     assert_eq!(status, 503, "{body}");
@@ -179,7 +180,12 @@ async fn a_call_past_its_deadline_is_deadline_exceeded_on_both_ends() {
     config.artificial_delay_ms = 2_000;
     let server = spawn_recommendations(&config).await;
     let client_metrics = Metrics::new("test-client", "0");
-    let layer = CallLayer::new(client_metrics.clone(), METHODS, &server.addr.to_string());
+    let layer = ClientCallLayer::new(
+        client_metrics.clone(),
+        METHODS,
+        &server.addr.to_string(),
+        Sampling::default(),
+    );
     let channel = bookstore_testkit::trusted_channel(server.addr, &pki);
     let mut client = RecommendationsClient::new(tower::Layer::layer(&layer, channel));
     for timeout_ms in [50, 200] {

@@ -121,7 +121,7 @@ async fn a_ca_rotation_under_load_fails_no_page() {
     let trust = pki.dir().join("server-trust.pem");
     std::fs::write(&trust, &old_ca.issued().cert_pem).expect("write");
     let mut server_config = recommendations_config(pki.dir());
-    server_config.tls.ca_file = Some(trust.clone());
+    server_config.service.tls.ca_file = Some(trust.clone());
     let server = spawn_recommendations(&server_config).await;
     let marketplace = spawn_marketplace(&marketplace_config(pki.dir(), server.addr)).await;
     let web = marketplace.addr;

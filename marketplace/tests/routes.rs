@@ -11,7 +11,7 @@ use axum::{
     body::Body,
     http::{Request, StatusCode, header},
 };
-use bookstore_common::{context::RequestContext, metrics::Metrics};
+use bookstore_common::metrics::Metrics;
 use http_body_util::BodyExt;
 use marketplace::{
     books::{Book, Category, RecommendationQuery},
@@ -19,7 +19,7 @@ use marketplace::{
         in_flight::{ROOM_WAIT, STORM_DELAY},
         router,
     },
-    source::{RecommendationSource, SourceError},
+    source::{RecommendationSource, RequestContext, SourceError},
 };
 use tower::ServiceExt;
 

@@ -19,6 +19,7 @@ use bookstore_common::{
         deadline_exceeded, header, parse_grpc_timeout,
     },
     metrics::Metrics,
+    request_log::Sampling,
 };
 use tonic::{Status, body::Body, codegen::BoxFuture, transport::server::TcpConnectInfo};
 use tower::{Layer, Service};
@@ -32,46 +33,51 @@ const DEADLINE_MARGIN: Duration = Duration::from_millis(1);
 
 /// Counts, logs and bounds every call through it.
 #[derive(Debug, Clone)]
-pub struct CallLayer {
+pub struct ServerCallLayer {
     series: Arc<CallSeries>,
     /// No call runs longer than this, whatever deadline its caller sent.
     max_duration: Duration,
 }
 
-impl CallLayer {
-    pub fn new(metrics: Metrics, methods: &'static [KnownMethod], max_duration: Duration) -> Self {
-        CallLayer {
-            series: CallSeries::new(&grpc_call::SERVER, metrics, methods),
+impl ServerCallLayer {
+    pub fn new(
+        metrics: Metrics,
+        methods: &'static [KnownMethod],
+        max_duration: Duration,
+        lines: Sampling,
+    ) -> Self {
+        ServerCallLayer {
+            series: CallSeries::new(&grpc_call::SERVER, metrics, methods, lines),
             max_duration,
         }
     }
 }
 
-impl<S> Layer<S> for CallLayer {
-    type Service = Call<S>;
+impl<S> Layer<S> for ServerCallLayer {
+    type Service = ServerCall<S>;
 
-    fn layer(&self, inner: S) -> Call<S> {
-        Call {
+    fn layer(&self, inner: S) -> ServerCall<S> {
+        ServerCall {
             inner,
             layer: self.clone(),
         }
     }
 }
 
-/// The service [`CallLayer`] wraps.
+/// The service [`ServerCallLayer`] wraps.
 #[derive(Clone)]
-pub struct Call<S> {
+pub struct ServerCall<S> {
     inner: S,
-    layer: CallLayer,
+    layer: ServerCallLayer,
 }
 
-impl<S> fmt::Debug for Call<S> {
+impl<S> fmt::Debug for ServerCall<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Call").finish_non_exhaustive()
+        f.debug_struct("ServerCall").finish_non_exhaustive()
     }
 }
 
-impl<S> Service<http::Request<Body>> for Call<S>
+impl<S> Service<http::Request<Body>> for ServerCall<S>
 where
     S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
     S::Future: Send + 'static,

@@ -2,12 +2,8 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use bookstore_common::{
-    admin::{self, Command},
-    http_server::HttpLimits,
-    telemetry::LogArgs,
-    tls::{TlsArgs, TlsMode},
-};
+use bookstore_common::tls::TlsMode;
+use bookstore_server::service::ServiceArgs;
 use clap::Parser;
 
 use crate::server_tls::ConnLimits;
@@ -15,14 +11,12 @@ use crate::server_tls::ConnLimits;
 /// The bookstore's recommendations gRPC service.
 #[derive(Debug, Clone, PartialEq, Eq, Parser)]
 #[command(name = "recommendations", version, about)]
+#[command(mut_arg("admin_addr", |a| a.default_value("[::]:9090").required(false)))]
 #[deny(missing_docs)]
 pub struct Config {
     /// Address to serve gRPC on.
     #[arg(long, env = "LISTEN_ADDR", default_value = "[::]:50051")]
     pub listen_addr: SocketAddr,
-    /// Seconds in-flight calls get to finish after SIGTERM or Ctrl+C before they are cancelled.
-    #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 30)]
-    pub shutdown_grace_secs: u64,
     /// JSON catalog to serve instead of the nine built-in books (format in docs/services.md).
     #[arg(long, env = "CATALOG_PATH")]
     pub catalog_path: Option<PathBuf>,
@@ -36,10 +30,6 @@ pub struct Config {
     /// DNS SANs, or the common name of a certificate without SANs. Applies with `TLS_MODE=mutual`.
     #[arg(long, env = "ALLOWED_CLIENTS", default_value = "marketplace")]
     pub allowed_clients: AllowedClients,
-    /// Plaintext admin address: `GET /healthz` (liveness), `GET /readyz` (readiness) and
-    /// `GET /metrics` (Prometheus).
-    #[arg(long, env = "ADMIN_ADDR", default_value = "[::]:9090")]
-    pub admin_addr: SocketAddr,
     /// Bytes a catalog file may have at most; a larger file stops start-up.
     #[arg(long, env = "CATALOG_MAX_BYTES", default_value_t = 256 * 1024 * 1024,
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -73,26 +63,12 @@ pub struct Config {
     #[arg(long, env = "MAX_CALLS", default_value_t = 2048,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_calls: u64,
-    /// Open connections to ADMIN_ADDR at most (probes and scrapers).
-    #[arg(long, env = "ADMIN_MAX_CONNECTIONS", default_value_t = 64,
-          value_parser = clap::value_parser!(u64).range(1..=100_000))]
-    pub admin_max_connections: u64,
-    /// Logging.
-    #[command(flatten, next_help_heading = "Logging")]
-    pub log: LogArgs,
-    /// TLS files and mode.
-    #[command(flatten, next_help_heading = "TLS")]
-    pub tls: TlsArgs,
-    /// Instead of serving.
-    #[command(subcommand)]
-    pub command: Option<Command>,
+    /// What every service takes: shutdown grace, admin port, logging, TLS, `healthcheck`.
+    #[command(flatten)]
+    pub service: ServiceArgs,
 }
 
 impl Config {
-    pub fn shutdown_grace(&self) -> Duration {
-        Duration::from_secs(self.shutdown_grace_secs)
-    }
-
     pub fn artificial_delay(&self) -> Duration {
         Duration::from_millis(self.artificial_delay_ms)
     }
@@ -110,15 +86,10 @@ impl Config {
     /// Settings that are valid one by one but not together. Checked before anything is loaded
     /// or bound.
     pub fn check(&self) -> Result<(), String> {
-        if self.tls.tls_mode == TlsMode::Mutual && self.allowed_clients.is_empty() {
+        if self.service.tls.tls_mode == TlsMode::Mutual && self.allowed_clients.is_empty() {
             return Err("ALLOWED_CLIENTS is empty: no caller could ever be served".into());
         }
         Ok(())
-    }
-
-    /// The limits of the admin listener.
-    pub fn admin_limits(&self) -> HttpLimits {
-        admin::limits(to_usize(self.admin_max_connections))
     }
 }
 
@@ -213,12 +184,12 @@ mod tests {
         );
         assert!(parse(" , ").is_empty());
         let mut config = Config::parse_from(["recommendations", "--allowed-clients", ","]);
-        config.tls.tls_mode = TlsMode::Mutual;
+        config.service.tls.tls_mode = TlsMode::Mutual;
         assert_eq!(
             config.check(),
             Err("ALLOWED_CLIENTS is empty: no caller could ever be served".into())
         );
-        config.tls.tls_mode = TlsMode::Server;
+        config.service.tls.tls_mode = TlsMode::Server;
         assert_eq!(
             config.check(),
             Ok(()),

@@ -13,5 +13,6 @@ pub mod config;
 pub mod edge;
 pub mod error;
 pub mod grpc;
+pub mod series;
 pub mod server_tls;
 pub mod startup;

@@ -55,10 +55,10 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
 
 use bookstore_common::{
-    conn_cap::{ACCEPT_ERROR_PAUSE, ConnectionCap, Slot},
     metrics::Metrics,
     tls::{TlsError, TlsFiles, TlsMode, load_ca_ders, load_certified_key, provider},
 };
+use bookstore_server::conn_cap::{ACCEPT_ERROR_PAUSE, ConnectionCap, Slot};
 
 /// The server's TLS configuration, reloadable from its files.
 #[derive(Debug)]

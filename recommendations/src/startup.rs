@@ -6,17 +6,16 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use bookstore_common::{
-    admin, fd_limit,
+    fd_limit,
     grpc_call::KnownMethod,
-    http_server::HttpLimits,
     metrics::Metrics,
     panic::log_panic,
-    shutdown::{Drained, serve_until},
+    shutdown::Drained,
     tls::{Role, TlsMode},
     watch::{FileStamps, watch_files},
 };
 use bookstore_proto::recommendations_server::RecommendationsServer;
-use tokio::net::TcpListener;
+use bookstore_server::service::{Ports, Service, ServiceArgs};
 use tokio_util::sync::CancellationToken;
 use tonic::codegen::http;
 use tonic::transport::{Server, server::Router};
@@ -29,11 +28,12 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::{
     authz::AuthorizeLayer,
-    call_layer::CallLayer,
+    call_layer::ServerCallLayer,
     catalog::Catalog,
     config::{Config, to_usize},
     edge::{LimitLayer, ProtocolLayer},
     grpc::{Faults, RecommendationsService},
+    series::SERIES,
     server_tls::{ConnLimits, Incoming, ServerTls},
 };
 
@@ -83,7 +83,7 @@ pub const METHODS: &[KnownMethod] = &[
 /// status texts; panics become INTERNAL; caller authorization when TLS is mutual.
 type Layers = Stack<
     Either<AuthorizeLayer, Identity>,
-    Stack<CatchPanics, Stack<LimitLayer, Stack<CallLayer, Stack<ProtocolLayer, Identity>>>>,
+    Stack<CatchPanics, Stack<LimitLayer, Stack<ServerCallLayer, Stack<ProtocolLayer, Identity>>>>,
 >;
 
 type PanicResponse = fn(Box<dyn std::any::Any + Send>) -> http::Response<tonic::body::Body>;
@@ -153,12 +153,12 @@ fn load_tls(
     config: &Config,
     metrics: &Metrics,
 ) -> anyhow::Result<Option<(Arc<ServerTls>, FileStamps)>> {
-    let mode = config.tls.tls_mode;
+    let mode = config.service.tls.tls_mode;
     mode.warn_if_weak();
     if mode == TlsMode::Off {
         return Ok(None);
     }
-    let files = config.tls.files(Role::Server);
+    let files = config.service.tls.files(Role::Server);
     let stamps = FileStamps::of(&files);
     let tls = ServerTls::load(files, mode)?;
     tls.record_expiry(metrics);
@@ -192,7 +192,7 @@ fn routes(
         "call limits"
     );
     // Without client certificates there is no identity to check; those modes warn instead.
-    let authorize = (config.tls.tls_mode == TlsMode::Mutual).then(|| {
+    let authorize = (config.service.tls.tls_mode == TlsMode::Mutual).then(|| {
         let allowed = config.allowed_clients.as_slice();
         tracing::info!(allowed_clients = ?allowed, "caller authorization on");
         AuthorizeLayer::new(allowed.iter().cloned())
@@ -204,7 +204,12 @@ fn routes(
         .http2_max_local_error_reset_streams(Some(1024))
         .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
         .layer(ProtocolLayer::new(metrics))
-        .layer(CallLayer::new(metrics.clone(), METHODS, MAX_CALL_DURATION))
+        .layer(ServerCallLayer::new(
+            metrics.clone(),
+            METHODS,
+            MAX_CALL_DURATION,
+            config.service.log.sampling(),
+        ))
         .layer(LimitLayer::new(
             METHODS,
             to_usize(config.max_calls),
@@ -220,27 +225,21 @@ fn routes(
 
 /// A bound, ready-to-run recommendations server.
 pub struct Application {
-    listener: TcpListener,
     router: Router<Layers>,
     health: HealthReporter,
     metrics: Metrics,
     /// Our own TLS (None with `TLS_MODE=off`): reloadable, and logging every refused handshake;
     /// with the state of its files when they were loaded.
     tls: Option<(Arc<ServerTls>, FileStamps)>,
-    tls_reload: Duration,
     limits: ConnLimits,
-    admin_limits: HttpLimits,
-    /// Bound last, so being reachable there means everything else is loaded and bound.
-    admin: TcpListener,
-    local_addr: SocketAddr,
-    admin_addr: SocketAddr,
-    grace: Duration,
+    ports: Ports,
+    service: ServiceArgs,
 }
 
 impl std::fmt::Debug for Application {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Application")
-            .field("local_addr", &self.local_addr)
+            .field("local_addr", &self.local_addr())
             .finish_non_exhaustive()
     }
 }
@@ -251,14 +250,15 @@ impl Application {
     pub async fn build(config: &Config) -> anyhow::Result<Self> {
         config.check().map_err(anyhow::Error::msg)?;
         fd_limit::raise_for(
-            config.max_connections + config.max_handshakes + config.admin_max_connections,
+            config.max_connections + config.max_handshakes + config.service.admin_max_connections,
         );
         let catalog = load_catalog(config)?;
         let faults = faults(config);
         let metrics = Metrics::for_build(
-            "recommendations",
+            Self::NAME,
             env!("CARGO_PKG_VERSION"),
             env!("BOOKSTORE_REVISION"),
+            SERIES,
         );
         let tls = load_tls(config, &metrics)?;
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -266,38 +266,26 @@ impl Application {
             .set_service_status(SERVICE_NAME, ServingStatus::Serving)
             .await;
         let router = routes(config, catalog, faults, &metrics)?.add_service(health_service);
-        let admin::Bound {
-            listener,
-            admin,
-            local_addr,
-            admin_addr,
-        } = admin::bind_service(config.listen_addr, config.admin_addr)
-            .await
-            .map_err(anyhow::Error::msg)?;
+        let ports = Ports::bind(config.listen_addr, &config.service).await?;
         Ok(Application {
-            listener,
             router,
             health,
             metrics,
             tls,
-            tls_reload: config.tls.reload_interval(),
             limits: config.conn_limits(),
-            admin_limits: config.admin_limits(),
-            admin,
-            local_addr,
-            admin_addr,
-            grace: config.shutdown_grace(),
+            ports,
+            service: config.service.clone(),
         })
     }
 
     /// The admin address actually bound.
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin_addr
+        self.ports.admin_addr()
     }
 
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.ports.local_addr()
     }
 
     /// Serves until `shutdown` completes, then reports NOT_SERVING, stops accepting connections
@@ -306,42 +294,76 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<Drained> {
-        let addr = self.local_addr();
-        let stop = CancellationToken::new();
-        let health = self.health;
-        let stopping = {
-            let stop = stop.clone();
-            async move {
-                stop.cancelled().await;
-                health
-                    .set_service_status("", ServingStatus::NotServing)
-                    .await;
-                health
-                    .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-                    .await;
-            }
+        tracing::info!(addr = %self.local_addr(), "recommendations listening");
+        let Application {
+            router,
+            health,
+            metrics,
+            tls,
+            limits,
+            ports,
+            service,
+        } = self;
+        let (reload_every, admin_metrics) = (service.tls.reload_interval(), metrics.clone());
+        let serve = move |listener, stop: CancellationToken| {
+            limits.log();
+            let tls = tls.map(|(tls, stamps)| {
+                let reload = {
+                    let (tls, metrics) = (tls.clone(), metrics.clone());
+                    move || {
+                        tls.reload()?;
+                        tls.record_expiry(&metrics);
+                        Ok::<(), bookstore_common::tls::TlsError>(())
+                    }
+                };
+                tokio::spawn(watch_files(
+                    reload_every,
+                    stop.clone(),
+                    stamps,
+                    metrics.clone(),
+                    reload,
+                ));
+                tls
+            });
+            let incoming = Incoming::new(listener, tls, limits, &metrics, stop.clone());
+            router.serve_with_incoming_shutdown(incoming, not_serving_at(stop, health))
         };
-        tracing::info!(%addr, "recommendations listening");
-        self.limits.log();
-        let tls = self.tls.map(|(tls, stamps)| {
-            let reload = {
-                let (tls, metrics) = (tls.clone(), self.metrics.clone());
-                move || {
-                    tls.reload()?;
-                    tls.record_expiry(&metrics);
-                    Ok::<(), bookstore_common::tls::TlsError>(())
-                }
-            };
-            let (interval, stop, metrics) = (self.tls_reload, stop.clone(), self.metrics.clone());
-            tokio::spawn(watch_files(interval, stop, stamps, metrics, reload));
-            tls
-        });
-        let incoming = Incoming::new(self.listener, tls, self.limits, &self.metrics, stop.clone());
-        let serve = self.router.serve_with_incoming_shutdown(incoming, stopping);
-        let drained = serve_until(serve, stop.clone(), shutdown, self.grace);
-        admin::alongside(self.admin, self.admin_limits, stop, self.metrics, drained)
+        ports
+            .serve(&service, admin_metrics, shutdown, serve)
             .await
             .context("gRPC server failed")
+    }
+}
+
+/// Completes once `stop` is cancelled, having turned health to NOT_SERVING for the whole server
+/// and for Recommend, so callers watching health move on before the connections close.
+async fn not_serving_at(stop: CancellationToken, health: HealthReporter) {
+    stop.cancelled().await;
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+        .await;
+}
+
+impl Service for Application {
+    const NAME: &'static str = "recommendations";
+    type Config = Config;
+
+    fn service_args(config: &Config) -> &ServiceArgs {
+        &config.service
+    }
+
+    async fn build(config: &Config) -> anyhow::Result<Self> {
+        Application::build(config).await
+    }
+
+    async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<Drained> {
+        Application::run_until_stopped(self, shutdown).await
     }
 }
 

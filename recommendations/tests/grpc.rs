@@ -136,8 +136,8 @@ async fn the_client_refuses_a_server_certificate_for_another_name() {
         .expect("cert");
     let (cert, key) = pki.write("elsewhere", &impostor);
     let mut config = recommendations_config(pki.dir());
-    config.tls.cert_file = Some(cert);
-    config.tls.key_file = Some(key);
+    config.service.tls.cert_file = Some(cert);
+    config.service.tls.key_file = Some(key);
     let server = spawn_recommendations(&config).await;
 
     let status = trusted_client(server.addr, &pki)
@@ -184,14 +184,14 @@ async fn the_client_refuses_a_server_of_another_ca() {
 async fn server_only_tls_and_plaintext_modes_work_when_chosen() {
     let pki = TestPki::new();
     let mut config = recommendations_config(pki.dir());
-    config.tls.tls_mode = TlsMode::Server;
+    config.service.tls.tls_mode = TlsMode::Server;
     let server = spawn_recommendations(&config).await;
     grpc_client(server.addr, pki.ca_certificate(), None, "localhost")
         .recommend(mystery(1))
         .await
         .expect("server-only TLS needs no client certificate");
 
-    config.tls.tls_mode = TlsMode::Off;
+    config.service.tls.tls_mode = TlsMode::Off;
     let server = spawn_recommendations(&config).await;
     plaintext_client(server.addr)
         .recommend(mystery(1))
@@ -235,7 +235,7 @@ async fn a_catalog_file_replaces_the_built_in_books() {
 async fn health_reports_serving_then_not_serving_and_a_watch_cannot_hold_shutdown() {
     let pki = TestPki::new();
     let mut config = recommendations_config(pki.dir());
-    config.shutdown_grace_secs = 1;
+    config.service.shutdown_grace_secs = 1;
     let mut server = spawn_recommendations(&config).await;
     let channel = trusted_channel(server.addr, &pki);
     let mut health = HealthClient::new(channel);

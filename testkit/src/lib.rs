@@ -20,6 +20,7 @@ use bookstore_common::{
     tls::{TlsArgs, TlsMode},
 };
 use bookstore_proto::recommendations_client::RecommendationsClient;
+use bookstore_server::service::ServiceArgs;
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -72,11 +73,26 @@ pub fn identity(issued: &Issued) -> Identity {
     Identity::from_pem(&issued.cert_pem, &issued.key_pem)
 }
 
+/// The settings both services take, for tests: loopback admin port 0, a 5 s grace, mutual
+/// TLS from `certs_dir`, its files looked at every second.
+pub fn service_args(certs_dir: &Path) -> ServiceArgs {
+    ServiceArgs {
+        shutdown_grace_secs: 5,
+        admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        admin_max_connections: 64,
+        log: Default::default(),
+        tls: TlsArgs {
+            tls_reload_secs: 1,
+            ..TlsArgs::new(certs_dir, TlsMode::Mutual)
+        },
+        command: None,
+    }
+}
+
 /// A recommendations config for tests: loopback, port 0, mutual TLS from `certs_dir`.
 pub fn recommendations_config(certs_dir: &Path) -> recommendations::config::Config {
     recommendations::config::Config {
         listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        shutdown_grace_secs: 5,
         catalog_path: None,
         artificial_delay_ms: 0,
         failure_rate: Default::default(),
@@ -88,14 +104,7 @@ pub fn recommendations_config(certs_dir: &Path) -> recommendations::config::Conf
         idle_timeout_secs: 300,
         max_calls_per_connection: 256,
         max_calls: 2048,
-        admin_max_connections: 64,
-        admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        log: Default::default(),
-        tls: TlsArgs {
-            tls_reload_secs: 1,
-            ..TlsArgs::new(certs_dir, TlsMode::Mutual)
-        },
-        command: None,
+        service: service_args(certs_dir),
     }
 }
 
@@ -112,9 +121,7 @@ pub fn marketplace_config(
         recommendations_tls_name: Some("localhost".into()),
         recommendations_timeout_ms: 1000,
         recommendations_resolve_secs: 1,
-        admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         trusted_proxies: Vec::new(),
-        shutdown_grace_secs: 5,
         max_connections: 2048,
         header_read_timeout_secs: 10,
         idle_timeout_secs: 60,
@@ -124,13 +131,7 @@ pub fn marketplace_config(
         max_queued_calls: 2048,
         max_queue_wait_ms: 250,
         calls_per_backend: 192,
-        admin_max_connections: 64,
-        log: Default::default(),
-        tls: TlsArgs {
-            tls_reload_secs: 1,
-            ..TlsArgs::new(certs_dir, TlsMode::Mutual)
-        },
-        command: None,
+        service: service_args(certs_dir),
     }
 }
 

@@ -4,13 +4,13 @@ use axum::{
     Extension, Json,
     extract::{RawQuery, State},
 };
-use bookstore_common::context::RequestContext;
 use serde::Serialize;
 
 use super::{AppState, query};
 use crate::{
     books::{Book, Category},
     error::{AppError, JsonError},
+    source::RequestContext,
 };
 
 /// The JSON answer.

@@ -7,7 +7,7 @@
 //! answer is ready. An answer that then waits for the client (one that stops reading, an HTTP/2
 //! window left at zero) holds no place; the listener bounds those answers' bytes per connection
 //! and in total, and closes a connection whose answers stop moving
-//! ([`bookstore_common::http_server`]).
+//! ([`bookstore_server::http_server`]).
 //!
 //! **One connection holds a fair share.** A connection already holding its share of the
 //! places (all of them over the connections holding any, and never more than three quarters)
@@ -44,7 +44,8 @@ use axum::{
     middleware::Next,
     response::{IntoResponse, Response},
 };
-use bookstore_common::{http_server::Connection, metrics::Metrics};
+use bookstore_common::metrics::Metrics;
+use bookstore_server::http_server::Connection;
 use metrics::Counter;
 use tokio::sync::oneshot;
 

@@ -24,15 +24,12 @@ use axum::{
     routing::get,
 };
 use bookstore_common::{
-    context::{
-        REQUEST_ID_HEADER, RequestContext, RequestId, TRACEPARENT_HEADER, TraceContext,
-        continue_trace,
-    },
-    http_server::Connection,
+    context::{REQUEST_ID_HEADER, RequestId, TRACEPARENT_HEADER, TraceContext, continue_trace},
     metrics::Metrics,
     panic::log_panic,
-    request_log::RequestLog,
+    request_log::{RequestLog, Sampling},
 };
+use bookstore_server::http_server::Connection;
 use metrics::{Counter, Histogram};
 use tower::ServiceBuilder;
 use tower_http::{catch_panic::CatchPanicLayer, set_header::SetResponseHeaderLayer};
@@ -40,7 +37,7 @@ use tracing::Instrument;
 
 use crate::{
     error::{AppError, HtmlError},
-    source::RecommendationSource,
+    source::{RecommendationSource, RequestContext},
 };
 use forwarded::TrustedProxies;
 use in_flight::InFlight;
@@ -88,15 +85,23 @@ pub fn router(
     metrics: Metrics,
     max_in_flight: usize,
 ) -> Router {
-    router_behind(source, metrics, max_in_flight, TrustedProxies::default())
+    router_behind(
+        source,
+        metrics,
+        max_in_flight,
+        TrustedProxies::default(),
+        Sampling::default(),
+    )
 }
 
-/// [`router`], believing the `X-Forwarded-*` headers of `proxies` (see [`forwarded`]).
+/// [`router`], believing the `X-Forwarded-*` headers of `proxies` (see [`forwarded`]), with
+/// `lines` choosing which requests get a log line.
 pub fn router_behind(
     source: Arc<dyn RecommendationSource>,
     metrics: Metrics,
     max_in_flight: usize,
     proxies: TrustedProxies,
+    lines: Sampling,
 ) -> Router {
     let [a, b, c, d] = SECURITY_HEADERS.map(|(name, value)| {
         SetResponseHeaderLayer::overriding(name, HeaderValue::from_static(value))
@@ -107,7 +112,7 @@ pub fn router_behind(
     // marketplace's CPU per page: about 1 µs of some 46 against the five calls this replaced).
     let edge = ServiceBuilder::new()
         .layer(middleware::from_fn_with_state(
-            Arc::new(HttpMetrics::new(metrics.clone(), proxies)),
+            Arc::new(HttpMetrics::new(metrics.clone(), proxies, lines)),
             observe,
         ))
         // Inside the layers that count, identify and dress every answer, so a shed request is
@@ -147,7 +152,7 @@ struct HttpMetrics {
 type SeriesKey = (&'static str, &'static str, u16);
 
 impl HttpMetrics {
-    fn new(metrics: Metrics, proxies: TrustedProxies) -> Self {
+    fn new(metrics: Metrics, proxies: TrustedProxies, lines: Sampling) -> Self {
         // The series the objectives and their alerts divide by exist at zero from start-up: a
         // page error ratio has a numerator before the first error, and a dashboard shows 0, not
         // "no data".
@@ -160,7 +165,7 @@ impl HttpMetrics {
         HttpMetrics {
             metrics,
             handles: Mutex::default(),
-            lines: RequestLog::from_settings(),
+            lines: RequestLog::new(lines),
             proxies,
         }
     }

@@ -6,12 +6,11 @@ use axum::{
     extract::{RawQuery, State},
     response::Html,
 };
-use bookstore_common::context::RequestContext;
 
 use super::{AppState, query};
 use crate::{
     error::{AppError, HtmlError},
-    source::SourceError,
+    source::{RequestContext, SourceError},
     templates::{NavLink, RecommendationsPage},
 };
 

@@ -5,8 +5,7 @@
 //! and `/readyz` turns to 503 the moment a shutdown signal arrives, while the admin port keeps
 //! answering through the drain so the orchestrator sees it.
 //!
-//! Also here: binding a service's business and admin ports together (`bind_service`), and the
-//! `healthcheck` subcommand a container's probe runs against the admin port.
+//! Also here: the `healthcheck` subcommand a container's probe runs against the admin port.
 
 use std::{
     future::Future,
@@ -25,10 +24,9 @@ use axum::{
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    http_server::{self, HttpLimits},
-    metrics::Metrics,
-};
+use bookstore_common::metrics::Metrics;
+
+use crate::http_server::{self, HttpLimits};
 
 /// The admin port's limits: probes and scrapers make small, quick requests. Only the number of
 /// connections is configurable (`ADMIN_MAX_CONNECTIONS`); a flood on the public port never
@@ -215,36 +213,6 @@ pub fn run(command: Command, admin_addr: SocketAddr) -> std::process::ExitCode {
             }
         },
     }
-}
-
-/// A service's main listener and its admin listener, with the addresses actually bound.
-#[derive(Debug)]
-pub struct Bound {
-    pub listener: TcpListener,
-    pub admin: TcpListener,
-    pub local_addr: SocketAddr,
-    pub admin_addr: SocketAddr,
-}
-
-/// Binds the service's address, then the admin address last: answering on the admin port then
-/// means everything else is loaded and bound. Errors name the address.
-pub async fn bind_service(listen: SocketAddr, admin: SocketAddr) -> Result<Bound, String> {
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    let admin = bind(admin).await?;
-    let local_addr = listener
-        .local_addr()
-        .map_err(|e| format!("bound listener has no address: {e}"))?;
-    let admin_addr = admin
-        .local_addr()
-        .map_err(|e| format!("bound admin listener has no address: {e}"))?;
-    Ok(Bound {
-        listener,
-        admin,
-        local_addr,
-        admin_addr,
-    })
 }
 
 /// Binds the admin address, naming it in the error.

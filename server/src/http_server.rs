@@ -26,7 +26,7 @@
 //! - **a shutdown that waits only for real work**: when `stop` fires every connection is told to
 //!   go (GOAWAY, or no more keep-alive); those with no request in flight (idle, or still sending
 //!   a head) are closed in about half a second; the others finish their requests and close. The
-//!   caller bounds that wait ([`crate::shutdown::serve_until`]).
+//!   caller bounds that wait ([`bookstore_common::shutdown::serve_until`]).
 //!
 //! Refusals are counted in `bookstore_connections_refused_total{listener, reason}`, connections
 //! closed for their behaviour in `bookstore_connections_closed_total{listener, reason}`, and the
@@ -62,10 +62,11 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
+use bookstore_common::metrics::Metrics;
+
 use crate::{
     conn_cap::{ACCEPT_ERROR_PAUSE, ConnectionCap},
     head_budget::{HeadBudget, Metered},
-    metrics::Metrics,
 };
 
 /// The hyper read buffer cannot be smaller than this (hyper panics below it).

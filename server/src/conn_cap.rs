@@ -16,7 +16,7 @@ use std::{
 use metrics::{Counter, Gauge};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::{log_limit::LogLimit, metrics::Metrics};
+use bookstore_common::{log_limit::LogLimit, metrics::Metrics};
 
 /// How long a listener pauses after an accept error such as EMFILE: the error would otherwise
 /// come back at once and spin the accept loop.
