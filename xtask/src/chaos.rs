@@ -42,7 +42,7 @@ use tokio::{
     process::{Child, Command},
 };
 
-use crate::root;
+use crate::workspace::root;
 
 /// What `cargo xtask chaos` takes.
 #[derive(Debug, clap::Args)]

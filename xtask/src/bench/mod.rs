@@ -23,7 +23,7 @@ use loadgen::report::Report;
 use serde::Serialize;
 use tokio::process::Command;
 
-use crate::root;
+use crate::workspace::root;
 use load::{grpc_args, http_args, load, load_on};
 use report::{markdown, svg};
 use servers::{
