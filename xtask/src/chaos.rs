@@ -99,7 +99,7 @@ pub async fn chaos(args: ChaosArgs) -> Result<()> {
             after: Duration::from_secs(10),
         }
     };
-    let bin = crate::bench::build_release().await?;
+    let bin = crate::release::build_release().await?;
     let out = root().join("target").join("chaos");
     std::fs::create_dir_all(&out)?;
     let certs = out.join("certs");

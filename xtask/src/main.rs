@@ -8,6 +8,7 @@
 
 mod bench;
 mod chaos;
+mod release;
 mod workspace;
 
 use std::{

@@ -21,9 +21,8 @@ use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
 use anyhow::{Result, bail};
 use loadgen::report::Report;
 use serde::Serialize;
-use tokio::process::Command;
 
-use crate::workspace::root;
+use crate::{release::build_release, workspace::root};
 use load::{grpc_args, http_args, load, load_on};
 use report::{markdown, svg};
 use servers::{
@@ -302,30 +301,6 @@ impl Plan {
             "duration {duration} s, {rounds} rounds, sweep {sweep_duration} s, {big} books; gRPC {GRPC_CONCURRENCY} callers over {GRPC_CONNECTIONS} connections, HTTP {HTTP_CONCURRENCY} keep-alive connections; services as the images run them (JSON log, default level and sampling), every server on one CPU and the load generator on another when there are two"
         )
     }
-}
-
-/// Builds the release binaries the benchmark runs; their folder.
-pub(crate) async fn build_release() -> Result<std::path::PathBuf> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(&cargo)
-        .current_dir(root())
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "-p",
-            "recommendations",
-            "-p",
-            "marketplace",
-            "-p",
-            "loadgen",
-        ])
-        .status()
-        .await?;
-    if !status.success() {
-        bail!("cargo build --release failed");
-    }
-    Ok(root().join("target").join("release"))
 }
 
 /// Every server the benchmark measures, each on loopback: the services in the configurations
