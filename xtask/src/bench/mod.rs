@@ -22,7 +22,9 @@ use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
 use anyhow::{Result, bail};
 
 use crate::{release::build_release, workspace::root};
-use load::{grpc_args, http_args, load, load_on};
+use load::{
+    GRPC_CONCURRENCY, GRPC_CONNECTIONS, HTTP_CONCURRENCY, grpc_args, http_args, load, load_on,
+};
 use report::{markdown, svg};
 use results::{Measured, Results, summary};
 use servers::{
@@ -54,11 +56,6 @@ pub struct BenchArgs {
     pub quick: bool,
 }
 
-/// Callers for the throughput comparisons: gRPC over 4 HTTP/2 connections, pages over 32
-/// keep-alive connections.
-const GRPC_CONCURRENCY: usize = 64;
-const GRPC_CONNECTIONS: usize = 4;
-const HTTP_CONCURRENCY: usize = 32;
 const SWEEP: [usize; 4] = [1, 8, 32, 128];
 
 fn file_size(path: &Path) -> Option<u64> {
