@@ -7,11 +7,14 @@
 //! concurrency, and a catalog of 1,000,000 books. Writes `bench/results/<date>.{json,md,svg}` and
 //! `<date>-overload.svg`.
 //!
-//! Here: what to measure and the run itself. `servers` starts and probes the processes under
-//! test, `load` drives them with the load generator, `report` writes the Markdown and the
+//! Here: the command's flags and the run from start to end. `servers` starts and probes the
+//! processes under test, `stack` starts every one the run measures and lists the throughput
+//! cases, `load` drives them with the load generator, `measure` runs the rounds and the sweep,
+//! `results` holds what is recorded and the summary table, `report` writes the Markdown and the
 //! picture, and `overload` runs the page past its peak.
 
 mod load;
+mod measure;
 mod overload;
 mod report;
 mod results;
@@ -23,13 +26,12 @@ use std::{collections::BTreeMap, path::Path, time::Duration};
 use anyhow::{Result, bail};
 
 use crate::{release::build_release, workspace::root};
-use load::{
-    GRPC_CONCURRENCY, GRPC_CONNECTIONS, HTTP_CONCURRENCY, grpc_args, http_args, load, load_on,
-};
+use load::{GRPC_CONCURRENCY, GRPC_CONNECTIONS, HTTP_CONCURRENCY, http_args};
+use measure::{run_rounds, run_sweep};
 use report::{markdown, svg};
-use results::{Measured, Results, summary};
-use servers::{Server, metric, start_original, write_catalog};
-use stack::{Case, Stack};
+use results::{Results, summary};
+use servers::{start_original, write_catalog};
+use stack::Stack;
 
 /// How much to measure.
 #[derive(Debug, Clone, clap::Args)]
@@ -55,8 +57,6 @@ pub struct BenchArgs {
     #[arg(long)]
     pub quick: bool,
 }
-
-const SWEEP: [usize; 4] = [1, 8, 32, 128];
 
 fn file_size(path: &Path) -> Option<u64> {
     std::fs::metadata(path).ok().map(|m| m.len())
@@ -191,110 +191,6 @@ impl Plan {
             "duration {duration} s, {rounds} rounds, sweep {sweep_duration} s, {big} books; gRPC {GRPC_CONCURRENCY} callers over {GRPC_CONNECTIONS} connections, HTTP {HTTP_CONCURRENCY} keep-alive connections; services as the images run them (JSON log, default level and sampling), every server on one CPU and the load generator on another when there are two"
         )
     }
-}
-
-/// Every case once per round; also the TLS handshakes recommendations completed while only
-/// the marketplace called it (the page runs).
-async fn run_rounds(
-    loadgen: &Path,
-    cases: &[Case<'_>],
-    rounds: u32,
-    rec_mtls: &Server,
-) -> Result<(Vec<Measured>, f64)> {
-    const HANDSHAKES: &str = "bookstore_tls_handshakes_total{result=\"completed\"}";
-    // Every server on one CPU, the generator on the other: on shared CPUs the generator's own
-    // cost per call, which differs between targets, moved the ratios (docs/performance.md).
-    let mut servers: Vec<&Server> = cases.iter().flat_map(|c| c.3.iter().copied()).collect();
-    servers.dedup_by_key(|s| s.pid());
-    let cpus = overload::pin(&servers).await;
-    let generator = cpus.map(|(_, generator)| generator);
-    let mut handshakes = 0.0;
-    let mut runs = Vec::new();
-    for round in 0..rounds {
-        for (case, server, args, cpu) in cases {
-            eprintln!("round {} of {rounds}: {case}", round + 1);
-            let before = if *case == "page" {
-                Some(metric(rec_mtls, HANDSHAKES).await?)
-            } else {
-                None
-            };
-            let cpu_before = cpu_seconds(cpu);
-            let (report, peaks) = load_on(generator, loadgen, args, server).await?;
-            let server_cpu_us = cpu_seconds(cpu)
-                .zip(cpu_before)
-                .map(|(after, before)| (after - before) * 1e6 / (report.ok.max(1) as f64));
-            if let Some(before) = before {
-                handshakes += metric(rec_mtls, HANDSHAKES).await? - before;
-            }
-            runs.push(Measured {
-                case: (*case).into(),
-                round,
-                report,
-                peak_rss_kib: peaks.rss_kib,
-                server_cpu_us,
-            });
-        }
-    }
-    overload::unpin(&servers).await;
-    Ok((runs, handshakes))
-}
-
-/// User and system CPU seconds the processes have used so far (None if one is unreadable). The
-/// load generator's warm-up second is inside the window; its calls are not counted, so a case's
-/// CPU per call reads a little high, alike on both sides of a comparison.
-fn cpu_seconds(servers: &[&Server]) -> Option<f64> {
-    servers
-        .iter()
-        .map(|s| {
-            let stat = std::fs::read_to_string(format!("/proc/{}/stat", s.pid()?)).ok()?;
-            // Fields after the command name, which is in parentheses and may hold spaces.
-            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-            let ticks: f64 =
-                fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-            // USER_HZ, 100 on Linux.
-            Some(ticks / 100.0)
-        })
-        .sum()
-}
-
-/// The page, its constant floor and Recommend at each concurrency of [`SWEEP`].
-async fn run_sweep(
-    loadgen: &Path,
-    stack: &Stack,
-    certs: &Path,
-    duration: f64,
-) -> Result<Vec<Measured>> {
-    let mut sweep = Vec::new();
-    for concurrency in SWEEP {
-        for (case, server, args) in [
-            (
-                "page",
-                &stack.market,
-                http_args(&stack.market, concurrency, duration),
-            ),
-            (
-                "floor_page",
-                &stack.floor_page,
-                http_args(&stack.floor_page, concurrency, duration),
-            ),
-            (
-                "recommend_mtls",
-                &stack.rec_mtls,
-                grpc_args(&stack.rec_mtls, Some(certs), concurrency, duration),
-            ),
-        ] {
-            eprintln!("sweep: {case} at {concurrency}");
-            let (report, peak_rss_kib) = load(loadgen, &args, server).await?;
-            sweep.push(Measured {
-                case: case.into(),
-                round: 0,
-                report,
-                peak_rss_kib,
-                server_cpu_us: None,
-            });
-        }
-    }
-    Ok(sweep)
 }
 
 fn binary_sizes(bin: &Path) -> BTreeMap<String, u64> {

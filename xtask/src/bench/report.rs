@@ -4,7 +4,8 @@
 use std::fmt::Write as _;
 
 use super::{
-    SWEEP, overload,
+    measure::SWEEP,
+    overload,
     results::{Measured, Results},
 };
 
