@@ -22,6 +22,7 @@
 //! writes the table and a plot of every run to `target/chaos/`.
 
 mod faults;
+mod processes;
 
 use std::{
     collections::VecDeque,
@@ -29,23 +30,17 @@ use std::{
     net::{Ipv4Addr, SocketAddr},
     path::Path,
     process::Stdio,
-    sync::{
-        Arc,
-        atomic::{AtomicU8, Ordering},
-    },
+    sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
 use loadgen::report::{Interval, Report};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-    process::{Child, Command},
-};
+use tokio::process::Command;
 
 use crate::workspace::root;
 use faults::{DELAY, PASS, can_blackhole, iptables, relay};
+use processes::{Market, Replica, free_port, scrape, start_marketplace};
 
 /// What `cargo xtask chaos` takes.
 #[derive(Debug, clap::Args)]
@@ -68,18 +63,6 @@ struct Phases {
 
 /// The timeline's intervals.
 const INTERVAL: Duration = Duration::from_millis(250);
-
-/// A replica and the relay in front of it.
-struct Replica {
-    name: &'static str,
-    /// The address the marketplace calls (the relay's).
-    public: SocketAddr,
-    /// The address the process listens on.
-    private: SocketAddr,
-    admin: SocketAddr,
-    child: Option<Child>,
-    mode: Arc<AtomicU8>,
-}
 
 pub async fn chaos(args: ChaosArgs) -> Result<()> {
     let phases = if args.quick {
@@ -456,121 +439,6 @@ async fn share_back(
         tokio::time::sleep(INTERVAL).await;
     }
     None
-}
-
-impl Replica {
-    fn new(name: &'static str, ip: Ipv4Addr, port: u16) -> Result<Self> {
-        Ok(Replica {
-            name,
-            public: SocketAddr::from((ip, port)),
-            private: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)),
-            admin: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)),
-            child: None,
-            mode: Arc::new(AtomicU8::new(PASS)),
-        })
-    }
-
-    async fn start(&mut self, bin: &Path, certs: &Path, out: &Path) -> Result<()> {
-        let log = std::fs::File::create(out.join(format!("recommendations-{}.log", self.name)))?;
-        let mut command = Command::new(bin.join("recommendations"));
-        command
-            .env_clear()
-            .env("LISTEN_ADDR", self.private.to_string())
-            .env("ADMIN_ADDR", self.admin.to_string())
-            .env("CERTS_DIR", certs)
-            .env("LOG_FORMAT", "json");
-        let child = bookstore_process::start(&mut command, log)
-            .with_context(|| format!("cannot start replica {}", self.name))?;
-        self.child = Some(child);
-        ready(self.admin).await
-    }
-
-    fn signal(&mut self, signal: bookstore_process::Signal, gone: bool) -> Result<()> {
-        let pid = self
-            .child
-            .as_ref()
-            .and_then(Child::id)
-            .context("replica not running")?;
-        bookstore_process::send(pid, signal)?;
-        if gone {
-            self.child = None;
-        }
-        Ok(())
-    }
-
-    async fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = bookstore_process::stop(&mut child, Duration::from_secs(10)).await;
-        }
-    }
-}
-
-struct Market {
-    child: Child,
-    addr: SocketAddr,
-    admin: SocketAddr,
-}
-
-async fn start_marketplace(
-    bin: &Path,
-    certs: &Path,
-    out: &Path,
-    replicas: &[Replica],
-) -> Result<Market> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
-    let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
-    let addrs: Vec<String> = replicas.iter().map(|r| r.public.to_string()).collect();
-    let log = std::fs::File::create(out.join("marketplace.log"))?;
-    let mut command = Command::new(bin.join("marketplace"));
-    command
-        .env_clear()
-        .env("LISTEN_ADDR", addr.to_string())
-        .env("ADMIN_ADDR", admin.to_string())
-        .env("RECOMMENDATIONS_ADDRS", addrs.join(","))
-        .env("RECOMMENDATIONS_TLS_NAME", "localhost")
-        .env("CERTS_DIR", certs)
-        .env("LOG_FORMAT", "json");
-    let child =
-        bookstore_process::start(&mut command, log).context("cannot start the marketplace")?;
-    ready(admin).await?;
-    Ok(Market { child, addr, admin })
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
-        .local_addr()?
-        .port())
-}
-
-async fn ready(admin: SocketAddr) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if scrape_path(admin, "/readyz")
-            .await
-            .is_ok_and(|(status, _)| status == 200)
-        {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("{admin} was not ready within 30 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn scrape(admin: SocketAddr) -> Result<String> {
-    Ok(scrape_path(admin, "/metrics").await?.1)
-}
-
-async fn scrape_path(admin: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let mut stream = TcpStream::connect(admin).await?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
-    let mut all = String::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut all)).await??;
-    let status = all.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = all.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
-    Ok((status, body))
 }
 
 /// Every run as a panel: pages answered 200 a second (blue), failed pages a second (red), and
