@@ -20,6 +20,10 @@
 //! the worst of its intervals'), how long the page's p99 took to come back under three times
 //! the healthy one, and, once B is back, how long until it had its share of calls again. It
 //! writes the table and a plot of every run to `target/chaos/`.
+//!
+//! Here: the flags and the scenarios in order. `processes` starts and probes the replicas and the
+//! marketplace, `faults` holds the relay and the blackhole, `scenario` what each scenario does,
+//! `load` drives the page through one, `run` reads its timeline, and `plot` draws every run.
 
 mod faults;
 mod load;
