@@ -15,8 +15,9 @@ use hdrhistogram::Histogram;
 use tokio::sync::mpsc;
 
 use crate::{
+    outcome::Outcome,
     report::{Interval, Latency, Report},
-    target::{Outcome, Target},
+    target::Target,
 };
 
 /// When a run ends.

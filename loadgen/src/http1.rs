@@ -13,7 +13,7 @@ use hyper::client::conn::http1::{SendRequest, handshake};
 use hyper_util::rt::TokioIo;
 use tokio::{net::TcpStream, sync::Mutex};
 
-use crate::target::Outcome;
+use crate::outcome::Outcome;
 
 /// How long one call may take, connecting included.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);

@@ -11,5 +11,6 @@
 pub mod drive;
 pub mod floor;
 pub mod http1;
+pub mod outcome;
 pub mod report;
 pub mod target;

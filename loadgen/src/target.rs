@@ -13,6 +13,9 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::http1::Callers;
 
+/// What [`Target::call`] answers, so users of a target find it here too.
+pub use crate::outcome::Outcome;
+
 /// TLS material for a gRPC target; none means plaintext.
 #[derive(Debug, Clone)]
 pub struct GrpcTls {
@@ -75,14 +78,6 @@ pub enum Target {
         clients: Vec<reqwest::Client>,
         url: String,
     },
-}
-
-/// How one call ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    Ok,
-    /// The kind of failure, as reports count it.
-    Failed(String),
 }
 
 impl Target {

@@ -8,10 +8,12 @@
 
 mod bench;
 mod chaos;
+mod release;
+mod workspace;
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{ExitCode, Stdio},
     time::{Duration, Instant},
 };
@@ -24,6 +26,8 @@ use tokio::{
     io::{AsyncBufReadExt, BufReader},
     process::{Child, Command},
 };
+
+use workspace::root;
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", about = "Bookstore project tasks")]
@@ -57,14 +61,6 @@ enum Task {
         #[arg(long)]
         force: bool,
     },
-}
-
-/// The repository root: xtask lives one level below it.
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
 }
 
 fn certs_dir() -> PathBuf {

@@ -6,7 +6,13 @@ use anyhow::{Context, Result, bail};
 use loadgen::report::Report;
 use tokio::process::Command;
 
-use super::{GRPC_CONNECTIONS, servers::Server};
+use super::servers::Server;
+
+/// Callers for the throughput comparisons: gRPC over 4 HTTP/2 connections, pages over 32
+/// keep-alive connections.
+pub(super) const GRPC_CONCURRENCY: usize = 64;
+pub(super) const GRPC_CONNECTIONS: usize = 4;
+pub(super) const HTTP_CONCURRENCY: usize = 32;
 
 /// Runs loadgen with `args` (its report as JSON), sampling `server`'s RSS meanwhile.
 pub(crate) async fn load(

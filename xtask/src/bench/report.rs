@@ -3,7 +3,11 @@
 
 use std::fmt::Write as _;
 
-use super::{Measured, Results, SWEEP, overload};
+use super::{
+    measure::SWEEP,
+    overload,
+    results::{Measured, Results},
+};
 
 pub(super) fn markdown(r: &Results) -> String {
     let mut md = String::new();

@@ -16,7 +16,7 @@ use tokio::{
     process::{Child, Command},
 };
 
-use crate::root;
+use crate::workspace::root;
 
 /// One server process under test.
 pub(crate) struct Server {
