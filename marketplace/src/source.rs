@@ -16,13 +16,12 @@
 
 use std::{
     future::Future,
-    panic::AssertUnwindSafe,
     pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
-    task::{Context, Poll},
+    task::Poll,
     time::{Duration, Instant},
 };
 
@@ -45,69 +44,12 @@ use crate::{
     call_layer::CallContext,
 };
 
-/// How many calls may wait for a slot (`MAX_QUEUED_CALLS`), and for how long each
-/// (`MAX_QUEUE_WAIT_MS`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QueueBounds {
-    pub max_queued: usize,
-    pub max_wait: Duration,
-}
+mod queue;
+mod run_to_end;
 
-/// A place in the queue for call slots, given back when dropped (the page's request may be
-/// abandoned while it waits).
-struct Waiting<'a>(&'a AtomicUsize);
-
-impl<'a> Waiting<'a> {
-    fn join(queued: &'a AtomicUsize, max: usize) -> Option<Self> {
-        if queued.fetch_add(1, Ordering::AcqRel) >= max {
-            queued.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        Some(Waiting(queued))
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// How long the last call to leave the queue waited, and when it left: a verdict that goes stale.
-/// Under a standing overload calls leave all the time, each after the whole bound; once nobody
-/// has left for the bound's length, the last wait says nothing about the next one.
-struct RecentWait {
-    since: Instant,
-    /// Both in µs; `left_at_us` from `since`.
-    waited_us: AtomicU64,
-    left_at_us: AtomicU64,
-}
-
-impl RecentWait {
-    fn new() -> Self {
-        RecentWait {
-            since: Instant::now(),
-            waited_us: AtomicU64::new(0),
-            left_at_us: AtomicU64::new(0),
-        }
-    }
-
-    fn left(&self, waited: Duration, now: Instant) {
-        self.waited_us.store(micros(waited), Ordering::Relaxed);
-        self.left_at_us.store(
-            micros(now.saturating_duration_since(self.since)),
-            Ordering::Relaxed,
-        );
-    }
-
-    /// Whether the last call to leave, within `bound` of `now`, waited all of `bound`.
-    fn too_slow(&self, bound: Duration, now: Instant) -> bool {
-        let bound = micros(bound);
-        let now = micros(now.saturating_duration_since(self.since));
-        self.waited_us.load(Ordering::Relaxed) >= bound
-            && now.saturating_sub(self.left_at_us.load(Ordering::Relaxed)) < bound
-    }
-}
+pub use queue::QueueBounds;
+use queue::{RecentWait, Waiting};
+use run_to_end::RunToEnd;
 
 /// At most this many calls per request: the first, and retries (after UNAVAILABLE or
 /// RESOURCE_EXHAUSTED) or hedges (after the per-try timeout) on other addresses.
@@ -227,10 +169,6 @@ impl std::fmt::Debug for GrpcSource {
 
 /// Calls refused by the queue for call slots, by `reason`.
 const QUEUE_REJECTED: &str = "bookstore_client_queue_rejected_total";
-
-fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
-}
 
 /// The `outcome` values of `bookstore_client_retries_total`.
 const RETRY_OUTCOMES: [&str; 4] = ["attempted", "hedged", "budget_exhausted", "past_deadline"];
@@ -584,53 +522,6 @@ impl RecommendationSource for GrpcSource {
             tracing::debug!(attempt = started, wait_ms = wait.as_millis(), %failure, "retrying Recommend");
             hedge_at = None;
             start_at = Some(Instant::now() + wait);
-        }
-    }
-}
-
-/// A future run in the caller's task while the caller waits for it, and in a task of its own,
-/// to its end, if the caller gives up first. A backend call thus finishes whatever the page does,
-/// without a task spawned for every call: the spawn, its wake-ups and a switch between worker
-/// threads were a few microseconds of every page.
-struct RunToEnd<T: Send + 'static> {
-    /// None once it has finished.
-    future: Option<Pin<Box<dyn Future<Output = T> + Send>>>,
-}
-
-impl<T: Send + 'static> RunToEnd<T> {
-    fn new(future: impl Future<Output = T> + Send + 'static) -> Self {
-        RunToEnd {
-            future: Some(Box::pin(future)),
-        }
-    }
-}
-
-impl<T: Send + 'static> Future for RunToEnd<T> {
-    /// Err if the future panicked: it is then dropped, not handed on to be polled again.
-    type Output = std::thread::Result<T>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let Some(mut future) = self.future.take() else {
-            // Polled again after it finished: nothing more will come.
-            return Poll::Pending;
-        };
-        match std::panic::catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
-            Ok(Poll::Pending) => {
-                self.future = Some(future);
-                Poll::Pending
-            }
-            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
-            Err(panic) => Poll::Ready(Err(panic)),
-        }
-    }
-}
-
-impl<T: Send + 'static> Drop for RunToEnd<T> {
-    fn drop(&mut self) {
-        if let Some(future) = self.future.take()
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            runtime.spawn(future);
         }
     }
 }

@@ -18,7 +18,7 @@ use tonic::{
 };
 use tower::{Layer, Service};
 
-use crate::server_tls::PeerInfo;
+use crate::listener::PeerInfo;
 
 /// Allows only callers with one of the listed identities.
 #[derive(Debug, Clone)]

@@ -25,7 +25,7 @@ use tonic::{Status, body::Body, codegen::BoxFuture, transport::server::TcpConnec
 use tower::{Layer, Service};
 use tracing::Instrument;
 
-use crate::server_tls::PeerInfo;
+use crate::listener::PeerInfo;
 
 /// The server answers `DEADLINE_EXCEEDED` this much before the caller's deadline, so that its
 /// answer, not tonic's own timer (which says `CANCELLED`), is what the caller gets.

@@ -6,7 +6,7 @@ use bookstore_common::tls::TlsMode;
 use bookstore_server::service::ServiceArgs;
 use clap::Parser;
 
-use crate::server_tls::ConnLimits;
+use crate::listener::ConnLimits;
 
 /// The bookstore's recommendations gRPC service.
 #[derive(Debug, Clone, PartialEq, Eq, Parser)]

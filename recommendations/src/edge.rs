@@ -28,7 +28,7 @@ use metrics::Counter;
 use tonic::{Code, Status, body::Body, codegen::BoxFuture};
 use tower::{Layer, Service};
 
-use crate::server_tls::PeerInfo;
+use crate::listener::PeerInfo;
 
 /// What a caller reads when its message could not be decoded.
 pub const UNDECODABLE: &str = "the request message could not be decoded";

@@ -33,8 +33,9 @@ use crate::{
     config::{Config, to_usize},
     edge::{LimitLayer, ProtocolLayer},
     grpc::{Faults, RecommendationsService},
+    listener::{ConnLimits, Incoming},
     series::SERIES,
-    server_tls::{ConnLimits, Incoming, ServerTls},
+    server_tls::ServerTls,
 };
 
 /// Requests are a few bytes; anything much larger is not a real client.
