@@ -1,7 +1,7 @@
 //! Building the app (a mutual-TLS channel per recommendations address, the router, the
 //! listener) and running it until shutdown.
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, sync::Arc};
 
 use axum::Router;
 use bookstore_common::{
@@ -13,7 +13,7 @@ use bookstore_common::{
 };
 use bookstore_server::{
     http_server,
-    service::{Ports, Service},
+    service::{Ports, Service, ServiceArgs},
 };
 use tokio_util::sync::CancellationToken;
 use tonic::transport::ClientTlsConfig;
@@ -76,22 +76,7 @@ fn record_expiry(config: &Config, metrics: &Metrics) {
 }
 
 impl Application {
-    /// Loads TLS material, resolves the recommendations service and binds the listener. Every
-    /// problem is reported here, before anything is served; recommendations being down (or not
-    /// yet in DNS) is not a problem: it is looked up again until it appears.
-    pub async fn build(config: &Config) -> anyhow::Result<Self> {
-        let resolver: Arc<dyn Resolve> = if config.recommendations_addrs.is_empty() {
-            Arc::new(DnsResolver::new(
-                config.recommendations_host.clone(),
-                config.recommendations_port,
-            ))
-        } else {
-            Arc::new(StaticResolver(config.recommendations_addrs.clone()))
-        };
-        Self::build_with_resolver(config, resolver).await
-    }
-
-    /// [`Application::build`] with addresses from `resolver` instead of the system's.
+    /// [`Service::build`] with addresses from `resolver` instead of the system's.
     pub async fn build_with_resolver(
         config: &Config,
         resolver: Arc<dyn Resolve>,
@@ -146,22 +131,60 @@ impl Application {
             tls_stamps,
         })
     }
+}
 
-    /// The admin address actually bound.
-    pub fn admin_addr(&self) -> SocketAddr {
-        self.ports.admin_addr()
+/// What a change of the TLS files does: new connections with the new identity (calls in flight
+/// finish on the old ones). Files that fail the start-up checks leave the connections alone.
+fn reload_channels(
+    config: Config,
+    backends: Arc<Backends>,
+    metrics: Metrics,
+) -> impl Fn() -> Result<(), Refused> + Send {
+    move || {
+        let settings = channel_settings(&config).map_err(|e| Refused {
+            reason: format!("{e:#}"),
+            early: e
+                .chain()
+                .any(|c| c.downcast_ref::<TlsError>().is_some_and(TlsError::is_early)),
+        })?;
+        backends.reconfigure(settings)?;
+        record_expiry(&config, &metrics);
+        Ok(())
+    }
+}
+
+impl Service for Application {
+    const NAME: &'static str = "marketplace";
+    type Config = Config;
+
+    fn service_args(config: &Config) -> &ServiceArgs {
+        &config.service
     }
 
-    /// The address actually bound (useful with port 0).
-    pub fn local_addr(&self) -> SocketAddr {
-        self.ports.local_addr()
+    /// Loads TLS material, resolves the recommendations service and binds the listener. Every
+    /// problem is reported here, before anything is served; recommendations being down (or not
+    /// yet in DNS) is not a problem: it is looked up again until it appears.
+    async fn build(config: &Config) -> anyhow::Result<Self> {
+        let resolver: Arc<dyn Resolve> = if config.recommendations_addrs.is_empty() {
+            Arc::new(DnsResolver::new(
+                config.recommendations_host.clone(),
+                config.recommendations_port,
+            ))
+        } else {
+            Arc::new(StaticResolver(config.recommendations_addrs.clone()))
+        };
+        Self::build_with_resolver(config, resolver).await
+    }
+
+    fn ports(&self) -> &Ports {
+        &self.ports
     }
 
     /// Serves until `shutdown` completes, then stops accepting connections and gives in-flight
     /// requests the grace period to finish.
-    pub async fn run_until_stopped(
+    async fn run_until_stopped(
         self,
-        shutdown: impl Future<Output = ()>,
+        shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<Drained> {
         tracing::info!(
             addr = %self.local_addr(),
@@ -202,45 +225,5 @@ impl Application {
         Ok(ports
             .serve(&service, admin_metrics, shutdown, serve)
             .await?)
-    }
-}
-
-/// What a change of the TLS files does: new connections with the new identity (calls in flight
-/// finish on the old ones). Files that fail the start-up checks leave the connections alone.
-fn reload_channels(
-    config: Config,
-    backends: Arc<Backends>,
-    metrics: Metrics,
-) -> impl Fn() -> Result<(), Refused> + Send {
-    move || {
-        let settings = channel_settings(&config).map_err(|e| Refused {
-            reason: format!("{e:#}"),
-            early: e
-                .chain()
-                .any(|c| c.downcast_ref::<TlsError>().is_some_and(TlsError::is_early)),
-        })?;
-        backends.reconfigure(settings)?;
-        record_expiry(&config, &metrics);
-        Ok(())
-    }
-}
-
-impl Service for Application {
-    const NAME: &'static str = "marketplace";
-    type Config = Config;
-
-    fn service_args(config: &Config) -> &bookstore_server::service::ServiceArgs {
-        &config.service
-    }
-
-    async fn build(config: &Config) -> anyhow::Result<Self> {
-        Application::build(config).await
-    }
-
-    async fn run_until_stopped(
-        self,
-        shutdown: impl Future<Output = ()>,
-    ) -> anyhow::Result<Drained> {
-        Application::run_until_stopped(self, shutdown).await
     }
 }

@@ -2,7 +2,7 @@
 //! and running it until shutdown: health turns NOT_SERVING at the signal, then the drain.
 //! The layers every call goes through, and their order, are the `Layers` type.
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use bookstore_common::{
@@ -245,10 +245,17 @@ impl std::fmt::Debug for Application {
     }
 }
 
-impl Application {
+impl Service for Application {
+    const NAME: &'static str = "recommendations";
+    type Config = Config;
+
+    fn service_args(config: &Config) -> &ServiceArgs {
+        &config.service
+    }
+
     /// Loads the catalog and TLS material and binds the listener. Every problem is reported
     /// here, before anything is served.
-    pub async fn build(config: &Config) -> anyhow::Result<Self> {
+    async fn build(config: &Config) -> anyhow::Result<Self> {
         config.check().map_err(anyhow::Error::msg)?;
         fd_limit::raise_for(
             config.max_connections + config.max_handshakes + config.service.admin_max_connections,
@@ -279,21 +286,15 @@ impl Application {
         })
     }
 
-    /// The admin address actually bound.
-    pub fn admin_addr(&self) -> SocketAddr {
-        self.ports.admin_addr()
-    }
-
-    /// The address actually bound (useful with port 0).
-    pub fn local_addr(&self) -> SocketAddr {
-        self.ports.local_addr()
+    fn ports(&self) -> &Ports {
+        &self.ports
     }
 
     /// Serves until `shutdown` completes, then reports NOT_SERVING, stops accepting connections
     /// and gives in-flight calls the grace period to finish.
-    pub async fn run_until_stopped(
+    async fn run_until_stopped(
         self,
-        shutdown: impl Future<Output = ()>,
+        shutdown: impl Future<Output = ()> + Send,
     ) -> anyhow::Result<Drained> {
         tracing::info!(addr = %self.local_addr(), "recommendations listening");
         let Application {
@@ -346,26 +347,6 @@ async fn not_serving_at(stop: CancellationToken, health: HealthReporter) {
     health
         .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
         .await;
-}
-
-impl Service for Application {
-    const NAME: &'static str = "recommendations";
-    type Config = Config;
-
-    fn service_args(config: &Config) -> &ServiceArgs {
-        &config.service
-    }
-
-    async fn build(config: &Config) -> anyhow::Result<Self> {
-        Application::build(config).await
-    }
-
-    async fn run_until_stopped(
-        self,
-        shutdown: impl Future<Output = ()>,
-    ) -> anyhow::Result<Drained> {
-        Application::run_until_stopped(self, shutdown).await
-    }
 }
 
 #[cfg(test)]

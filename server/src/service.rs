@@ -74,13 +74,26 @@ pub trait Service: Sized {
 
     /// Loads and checks everything and binds both ports: every problem is reported here,
     /// before anything is served.
-    fn build(config: &Self::Config) -> impl Future<Output = anyhow::Result<Self>>;
+    fn build(config: &Self::Config) -> impl Future<Output = anyhow::Result<Self>> + Send;
+
+    /// Its two ports, bound.
+    fn ports(&self) -> &Ports;
+
+    /// The business address actually bound (useful with port 0).
+    fn local_addr(&self) -> SocketAddr {
+        self.ports().local_addr()
+    }
+
+    /// The admin address actually bound.
+    fn admin_addr(&self) -> SocketAddr {
+        self.ports().admin_addr()
+    }
 
     /// Serves until `shutdown` completes, then drains within the grace period.
     fn run_until_stopped(
         self,
-        shutdown: impl Future<Output = ()>,
-    ) -> impl Future<Output = anyhow::Result<Drained>>;
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> impl Future<Output = anyhow::Result<Drained>> + Send;
 }
 
 /// A service's whole process: settings from flags and the environment (or the `healthcheck`
