@@ -4,7 +4,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use bookstore_testkit::{TestPki, recommendations_config, spawn_recommendations};
+use bookstore_testkit::{TestPki, eventually, recommendations_config, spawn_recommendations};
 use loadgen::{
     drive::{Load, Stop, run},
     target::{GrpcTls, Target},
@@ -128,14 +128,12 @@ async fn http_statuses_other_than_2xx_are_failures() {
     let addr = listener.local_addr().expect("addr");
     drop(listener);
     tokio::spawn(loadgen::floor::http(addr, b"<p>hi</p>".to_vec()));
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while bookstore_testkit::raw::get(addr, "/").await != Some(200) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the floor never answered on {addr}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        &format!("the floor answering on {addr}"),
+        Duration::from_secs(10),
+        async || bookstore_testkit::raw::get(addr, "/").await == Some(200),
+    )
+    .await;
     for (path, ok) in [("/", true), ("/missing", false)] {
         let target = Target::http(&format!("http://{addr}{path}"), 2).expect("client");
         let report = run(

@@ -15,8 +15,8 @@ use bookstore_proto::{
     BookCategory, RecommendationRequest, recommendations_client::RecommendationsClient,
 };
 use bookstore_testkit::{
-    TestPki, marketplace_config, raw, recommendations_config, spawn_marketplace,
-    spawn_recommendations,
+    TestPki, eventually, eventually_every, marketplace_config, raw, recommendations_config,
+    spawn_marketplace, spawn_recommendations,
 };
 use marketplace::{
     backends::METHODS,
@@ -100,19 +100,15 @@ async fn the_marketplace_starts_without_its_backend_and_recovers_when_it_appears
     config.listen_addr = backend_addr;
     let _recommendations = spawn_recommendations(&config).await;
     // The same channel reconnects on the next call; allow for its reconnect backoff.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    eventually("recovered", Duration::from_secs(10), async || {
         let (status, body) = fetch(marketplace.addr, "/").await;
         if status == 200 {
             assert_eq!(body.matches("<li>").count(), 3);
-            break;
+            return Ok(());
         }
-        assert!(
-            Instant::now() < deadline,
-            "never recovered: last status {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        Err(format!("never recovered: last status {status}"))
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -155,14 +151,14 @@ async fn readiness_turns_off_at_the_signal_while_a_slow_page_finishes() {
     )
     .await;
     marketplace.signal();
-    let deadline = Instant::now() + Duration::from_secs(1);
-    while ready().await != Some(503) {
-        assert!(
-            Instant::now() < deadline,
-            "/readyz still ready after the signal"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // Looked at every 10 ms: how soon readiness turns off is what is checked.
+    eventually_every(
+        "/readyz not ready after the signal",
+        Duration::from_secs(1),
+        Duration::from_millis(10),
+        async || ready().await == Some(503),
+    )
+    .await;
     let (status, body) = page.await.expect("task");
     assert_eq!(status, 200, "{body}");
     marketplace.finished().await;

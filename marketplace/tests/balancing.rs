@@ -17,7 +17,7 @@ use std::{
 
 use async_trait::async_trait;
 use bookstore_testkit::{
-    TestPki, marketplace_config,
+    TestPki, eventually, eventually_every, marketplace_config,
     process::{self, ServiceProcess},
     raw, spawn_marketplace_resolving,
 };
@@ -82,7 +82,11 @@ async fn balancer_view(admin: SocketAddr) -> String {
     let Ok(response) = reqwest::get(format!("http://{admin}/metrics")).await else {
         return "(no metrics)".into();
     };
-    let text = response.text().await.unwrap_or_default();
+    backend_lines(&response.text().await.unwrap_or_default())
+}
+
+/// The `bookstore_backend_*` series of the marketplace's metrics `text`.
+fn backend_lines(text: &str) -> String {
     text.lines()
         .filter(|l| l.starts_with("bookstore_backend_"))
         .collect::<Vec<_>>()
@@ -176,18 +180,15 @@ async fn calls_spread_over_instances_survive_a_kill_and_reach_a_new_one() {
             .chain([newcomer.addr])
             .collect(),
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        assert_eq!(page(web.addr).await, 200);
-        if served(&newcomer).await > 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the new instance never got a call"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        "the new instance getting a call",
+        Duration::from_secs(10),
+        async || {
+            assert_eq!(page(web.addr).await, 200);
+            served(&newcomer).await > 0
+        },
+    )
+    .await;
 }
 
 /// Pages loaded back to back by `clients` clients until `until`: (statuses, when each ended).
@@ -213,8 +214,13 @@ async fn load_until(addr: SocketAddr, clients: usize, until: Instant) -> Vec<(In
 
 /// One series of the marketplace's for `addr`, e.g. `bookstore_backend_ejected`.
 async fn backend_series(admin: SocketAddr, name: &str, addr: SocketAddr) -> f64 {
+    series_in(&raw::scrape(admin).await, name, addr)
+}
+
+/// [`backend_series`] in metrics `text` already scraped.
+fn series_in(text: &str, name: &str, addr: SocketAddr) -> f64 {
     let (name, addr) = (format!("{name}{{"), format!(r#"addr="{addr}""#));
-    raw::metric(&raw::scrape(admin).await, &[&name, &addr])
+    raw::metric(text, &[&name, &addr])
 }
 
 /// Issue 22: one replica frozen (SIGSTOP) took the site down: half the calls went to it and
@@ -267,27 +273,30 @@ async fn a_frozen_instance_costs_almost_nothing_and_takes_calls_again_after_it_t
 
     // Thawed: probed and readmitted, then it answers calls sent after that (not only the ones
     // it held while frozen, which it answers as soon as it runs again) within 10 s.
-    let thawed = Instant::now();
+    // Every 20 ms: each look loads a page, the traffic that reaches the thawed instance.
     let mut since_readmitted = None;
-    loop {
-        assert_eq!(page(web.addr).await, 200);
-        match since_readmitted {
-            None if series("bookstore_backend_readmissions_total").await >= 1.0 => {
-                since_readmitted = Some(served(&frozen).await);
+    eventually_every(
+        "the thawed instance taking a call",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        async || {
+            assert_eq!(page(web.addr).await, 200);
+            let text = raw::scrape(web.admin_addr).await;
+            let readmissions =
+                series_in(&text, "bookstore_backend_readmissions_total", frozen.addr);
+            match since_readmitted {
+                None if readmissions >= 1.0 => since_readmitted = Some(served(&frozen).await),
+                Some(before) if served(&frozen).await > before => return Ok(()),
+                _ => {}
             }
-            Some(before) if served(&frozen).await > before => break,
-            _ => {}
-        }
-        if thawed.elapsed() >= Duration::from_secs(10) {
-            panic!(
-                "the thawed instance took no call in 10 s (readmitted: {}); the balancer's \
-                 view:\n{}",
+            Err(format!(
+                "readmitted: {}; the balancer's view:\n{}",
                 since_readmitted.is_some(),
-                balancer_view(web.admin_addr).await
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+                backend_lines(&text)
+            ))
+        },
+    )
+    .await;
 }
 
 /// Issue 22: the marketplace pings each connection after a second with nothing coming in. The
@@ -348,26 +357,34 @@ async fn an_address_that_accepts_but_never_answers_holds_no_call() {
 
     // Nothing is left waiting on the silent address: each handshake ends at the connect
     // timeout (1 s). Its failures in a row take it out of the rotation.
-    let series = |name| backend_series(web.admin_addr, name, silent);
-    let settled = Instant::now() + Duration::from_secs(3);
-    while series("bookstore_backend_in_flight").await > 0.0 {
-        assert!(
-            Instant::now() < settled,
-            "calls still wait on the silent address 3 s after the load stopped:\n{}",
-            balancer_view(web.admin_addr).await
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        "no call waiting on the silent address",
+        Duration::from_secs(3),
+        async || {
+            let text = raw::scrape(web.admin_addr).await;
+            if series_in(&text, "bookstore_backend_in_flight", silent) > 0.0 {
+                Err(format!("calls still wait:\n{}", backend_lines(&text)))
+            } else {
+                Ok(())
+            }
+        },
+    )
+    .await;
     // Each failed handshake fails one call (the cheaper address gets the others), so the five
-    // in a row that eject it take about five connect timeouts of light load.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while series("bookstore_backend_ejections_total").await < 1.0 {
-        assert!(
-            Instant::now() < deadline,
-            "the silent address was never ejected:\n{}",
-            balancer_view(web.admin_addr).await
-        );
-        assert_eq!(page(web.addr).await, 200);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // in a row that eject it take about five connect timeouts of light load: a page every
+    // 20 ms, each look.
+    eventually_every(
+        "the silent address ejected",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        async || {
+            let text = raw::scrape(web.admin_addr).await;
+            if series_in(&text, "bookstore_backend_ejections_total", silent) >= 1.0 {
+                return Ok(());
+            }
+            assert_eq!(page(web.addr).await, 200);
+            Err(format!("not yet:\n{}", backend_lines(&text)))
+        },
+    )
+    .await;
 }

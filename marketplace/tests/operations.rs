@@ -8,7 +8,7 @@ use std::{
 };
 
 use bookstore_testkit::{
-    TestPki,
+    TestPki, eventually,
     process::{self, ServiceProcess},
 };
 
@@ -191,15 +191,15 @@ async fn with_the_backend_down_pages_say_so_quickly_and_recover_without_a_restar
     );
 
     let (_recommendations, _) = start_recommendations(&pki, &backend.to_string(), &[]).await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    eventually("recovered", Duration::from_secs(5), async || {
         let status = get(format!("http://{}/", web.addr), &[]).await.status();
         if status == 200 {
-            break;
+            Ok(())
+        } else {
+            Err(format!("not recovered: {status}"))
         }
-        assert!(Instant::now() < deadline, "not recovered: {status}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test]

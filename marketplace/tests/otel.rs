@@ -9,12 +9,13 @@
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use bookstore_common::telemetry::{self, LogArgs};
 use bookstore_testkit::{
-    TestPki, marketplace_config, recommendations_config, spawn_marketplace, spawn_recommendations,
+    TestPki, eventually, marketplace_config, recommendations_config, spawn_marketplace,
+    spawn_recommendations,
 };
 use opentelemetry_proto::tonic::{
     collector::trace::v1::{
@@ -93,8 +94,7 @@ async fn both_services_spans_join_the_callers_trace_in_the_collector() {
 
     // Spans end as the answer is written; flush until both have arrived.
     let telemetry = Arc::new(telemetry);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let (http, grpc) = loop {
+    let (http, grpc) = eventually("both spans", Duration::from_secs(10), async || {
         let flusher = telemetry.clone();
         tokio::task::spawn_blocking(move || flusher.flush())
             .await
@@ -107,15 +107,12 @@ async fn both_services_spans_join_the_callers_trace_in_the_collector() {
                 .cloned()
         };
         if let (Some(http), Some(grpc)) = (find("GET /"), find("Recommendations/Recommend")) {
-            break (http, grpc);
+            return Ok((http, grpc));
         }
         let names: Vec<_> = spans.iter().map(|s| s.name.clone()).collect();
-        assert!(
-            Instant::now() < deadline,
-            "spans never arrived; got {names:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+        Err(format!("spans never arrived; got {names:?}"))
+    })
+    .await;
     assert_eq!(
         hex(&http.parent_span_id),
         caller_span,
@@ -213,7 +210,7 @@ async fn the_traces_endpoint_alone_is_enough_and_the_sampler_is_the_environments
 
     // Spans leave in the order they end: once the second page's has arrived, the first's
     // would have too.
-    bookstore_testkit::eventually(
+    eventually(
         "the sampled page's span at the traces URL",
         Duration::from_secs(15),
         async || page_traces(&requests).contains(&sampled.to_owned()),
@@ -253,27 +250,24 @@ async fn the_binary_exports_over_otlp_http_under_the_name_the_environment_gives(
         .status();
     assert_eq!(status, 503);
 
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let resource = loop {
-        let found = requests.lock().expect("lock").iter().find_map(|request| {
-            request.resource_spans.iter().find_map(|r| {
-                let page = r
-                    .scope_spans
-                    .iter()
-                    .flat_map(|s| &s.spans)
-                    .any(|s| s.name == "GET /");
-                page.then(|| r.resource.clone())
+    let resource = eventually(
+        "a page span over OTLP/HTTP",
+        Duration::from_secs(15),
+        async || {
+            requests.lock().expect("lock").iter().find_map(|request| {
+                request.resource_spans.iter().find_map(|r| {
+                    let page = r
+                        .scope_spans
+                        .iter()
+                        .flat_map(|s| &s.spans)
+                        .any(|s| s.name == "GET /");
+                    page.then(|| r.resource.clone())
+                })
             })
-        });
-        if let Some(resource) = found {
-            break resource.expect("a resource");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no page span arrived over OTLP/HTTP"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+        },
+    )
+    .await
+    .expect("a resource");
     let attribute = |key: &str| {
         resource
             .attributes

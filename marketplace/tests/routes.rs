@@ -1,10 +1,9 @@
 //! The HTTP surface driven without a socket, with a stand-in recommendations source (the real
-//! gRPC source is exercised in `against_recommendations.rs`).
+//! gRPC source is exercised in `against_recommendations.rs`): pages, the API, errors, security
+//! headers and size limits, panics, request ids and HTTP metrics. The in-flight limit and the
+//! storm's waiting room are in `routes_in_flight.rs`.
 
-use std::{
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
-};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use axum::{
@@ -15,13 +14,13 @@ use bookstore_common::metrics::Metrics;
 use http_body_util::BodyExt;
 use marketplace::{
     books::{Book, Category, RecommendationQuery},
-    routes::{
-        in_flight::{ROOM_WAIT, STORM_DELAY},
-        router,
-    },
+    routes::router,
     source::{RecommendationSource, RequestContext, SourceError},
 };
 use tower::ServiceExt;
+
+mod support;
+use support::{body_text, get_with};
 
 /// Answers every query with the same reply and remembers the queries.
 struct StandIn {
@@ -90,16 +89,6 @@ async fn send(source: Arc<StandIn>, method: &str, uri: &str) -> Reply {
         headers: response.headers().clone(),
         body: body_text(response).await,
     }
-}
-
-async fn body_text(response: axum::response::Response) -> String {
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
-    String::from_utf8(bytes.to_vec()).expect("utf-8")
 }
 
 async fn get(source: Arc<StandIn>, uri: &str) -> Reply {
@@ -425,21 +414,6 @@ async fn a_panic_behind_a_handler_is_a_500_page_and_the_app_keeps_serving() {
     }
 }
 
-async fn get_with(
-    app: &axum::Router,
-    uri: &str,
-    headers: &[(&str, &str)],
-) -> axum::response::Response {
-    let mut request = Request::builder().uri(uri);
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    app.clone()
-        .oneshot(request.body(Body::empty()).expect("request"))
-        .await
-        .expect("infallible")
-}
-
 #[tokio::test]
 async fn the_callers_request_id_and_trace_reach_the_source_and_the_id_comes_back() {
     let source = StandIn::books(&["A"]);
@@ -517,179 +491,10 @@ async fn http_metrics_count_requests_by_route_and_status() {
     ));
 }
 
-/// Holds every call until released, so requests stay in flight; says when each arrives.
-struct Held {
-    release: tokio::sync::Semaphore,
-    arrived: tokio::sync::mpsc::UnboundedSender<()>,
-}
-
-impl Held {
-    /// A source holding every call, and where each call's arrival is told.
-    fn new() -> (Arc<Self>, tokio::sync::mpsc::UnboundedReceiver<()>) {
-        let (arrived, arrivals) = tokio::sync::mpsc::unbounded_channel();
-        let held = Held {
-            release: tokio::sync::Semaphore::new(0),
-            arrived,
-        };
-        (Arc::new(held), arrivals)
-    }
-}
-
-#[async_trait]
-impl RecommendationSource for Held {
-    async fn recommend(
-        &self,
-        _query: &RecommendationQuery,
-        _context: &RequestContext,
-    ) -> Result<Vec<Book>, SourceError> {
-        let _ = self.arrived.send(());
-        let _released = self.release.acquire().await;
-        Ok(vec![Book {
-            id: 1,
-            title: "A".into(),
-        }])
-    }
-}
-
-#[tokio::test]
-async fn past_the_in_flight_limit_a_request_is_answered_busy_at_once_and_counted() {
-    let (held, mut arrivals) = Held::new();
-    let metrics = Metrics::new("marketplace", "0");
-    let app = router(held.clone(), metrics.clone(), 2);
-    let in_flight: Vec<_> = (0..2)
-        .map(|_| {
-            let app = app.clone();
-            tokio::spawn(async move { get_with(&app, "/", &[]).await.status() })
-        })
-        .collect();
-    for _ in 0..2 {
-        arrivals.recv().await.expect("a held request");
-    }
-    // Both are let in and held: the next ones are refused without waiting for them.
-    let at_once = std::time::Duration::from_secs(5);
-    let page = tokio::time::timeout(at_once, get_with(&app, "/", &[]))
-        .await
-        .expect("refused, not held");
-    assert_eq!(page.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(page.headers()[header::RETRY_AFTER], "5");
-    assert!(page.headers().contains_key("x-request-id"));
-    assert!(page.headers().contains_key(header::CONTENT_SECURITY_POLICY));
-    let page = body_text(page).await;
-    assert!(page.contains("The bookstore is busy"), "{page}");
-    let api = tokio::time::timeout(at_once, get_with(&app, "/api/recommendations", &[]))
-        .await
-        .expect("refused, not held");
-    assert_eq!(api.status(), StatusCode::SERVICE_UNAVAILABLE);
-    let api = body_text(api).await;
-    assert!(api.contains(r#""code":"busy""#), "{api}");
-
-    held.release.add_permits(3);
-    for request in in_flight {
-        assert_eq!(request.await.expect("request"), StatusCode::OK);
-    }
-    assert_eq!(get_with(&app, "/", &[]).await.status(), StatusCode::OK);
-    let text = metrics.render();
-    for line in [
-        "bookstore_requests_shed_total 2",
-        r#"http_requests_total{method="GET",route="/",status="503"} 1"#,
-        r#"http_requests_total{method="GET",route="/",status="200"} 3"#,
-    ] {
-        assert!(text.contains(line), "missing {line} in:\n{text}");
-    }
-}
-
-/// A client that asks again the moment it is refused makes a storm of refusals; once the
-/// marketplace sees one, a request that finds no place waits in a room for one instead of being
-/// refused, and is served when a place frees.
-#[tokio::test]
-async fn a_storm_of_refusals_opens_a_room_where_requests_wait_for_a_place() {
-    let (held, mut arrivals) = Held::new();
-    let app = router(held.clone(), Metrics::new("marketplace", "0"), 1);
-    let holder = {
-        let app = app.clone();
-        tokio::spawn(async move { get_with(&app, "/", &[]).await.status() })
-    };
-    arrivals.recv().await.expect("the held page");
-    // Refused back to back, as fast as this process can ask, until one is kept waiting longer
-    // than a refusal would be (during the storm, refusals wait STORM_DELAY).
-    let started = Instant::now();
-    let mut refused = 0u32;
-    let mut waiting = loop {
-        let app = app.clone();
-        let mut ask = tokio::spawn(async move {
-            let asked = Instant::now();
-            let status = get_with(&app, "/style.css", &[]).await.status();
-            (status, asked.elapsed())
-        });
-        match tokio::time::timeout(STORM_DELAY + Duration::from_millis(50), &mut ask).await {
-            Ok(answer) => {
-                assert_eq!(answer.expect("request").0, StatusCode::SERVICE_UNAVAILABLE);
-                refused += 1;
-            }
-            Err(_) => break ask,
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "{refused} refusals in 10 s, none kept waiting"
-        );
-    };
-    assert!(
-        refused > 1_000,
-        "kept waiting after only {refused} refusals"
-    );
-    // The held page ends: its place goes to the request waiting, which is served.
-    held.release.add_permits(2);
-    assert_eq!(holder.await.expect("held page"), StatusCode::OK);
-    let (status, took) = (&mut waiting).await.expect("request");
-    assert_eq!(status, StatusCode::OK);
-    assert!(took < ROOM_WAIT, "{took:?}");
-    // During the storm, a request finding a place free is answered at once.
-    let asked = Instant::now();
-    assert_eq!(get_with(&app, "/", &[]).await.status(), StatusCode::OK);
-    assert!(asked.elapsed() < STORM_DELAY, "{:?}", asked.elapsed());
-}
-
-/// A request that waits the room's whole bound gets its 503 then, and ends the storm: arrivals
-/// that outrun the places would only pile up there (an open loop).
-#[tokio::test]
-async fn a_request_that_waits_the_room_out_is_refused_and_closes_the_room() {
-    let (held, mut arrivals) = Held::new();
-    let app = router(held.clone(), Metrics::new("marketplace", "0"), 1);
-    let _holder = {
-        let app = app.clone();
-        tokio::spawn(async move { get_with(&app, "/", &[]).await.status() })
-    };
-    arrivals.recv().await.expect("the held page");
-    let started = Instant::now();
-    let waited = loop {
-        let asked = Instant::now();
-        assert_eq!(
-            get_with(&app, "/style.css", &[]).await.status(),
-            StatusCode::SERVICE_UNAVAILABLE
-        );
-        if asked.elapsed() >= ROOM_WAIT {
-            break asked.elapsed();
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "never kept waiting"
-        );
-    };
-    assert!(waited < ROOM_WAIT + STORM_DELAY * 2, "{waited:?}");
-    // The room is closed: the next request is refused without waiting for a place (the refusal
-    // itself may wait STORM_DELAY while the storm lasts).
-    let asked = Instant::now();
-    assert_eq!(
-        get_with(&app, "/style.css", &[]).await.status(),
-        StatusCode::SERVICE_UNAVAILABLE
-    );
-    assert!(asked.elapsed() < ROOM_WAIT, "{:?}", asked.elapsed());
-}
-
 /// A place is for work: an answer that is ready but not yet read (a client that stops
 /// reading) gives its place back (it used to keep it until sent, so one connection that never
 /// read could hold every place). What such answers hold is bounded by the listener
-/// (`abuse.rs`).
+/// (`abuse_http2.rs`).
 #[tokio::test]
 async fn an_answer_ready_but_not_yet_sent_holds_no_place() {
     let app = router(StandIn::books(&["A"]), Metrics::new("test", "0"), 1);

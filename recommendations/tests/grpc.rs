@@ -10,8 +10,8 @@ use bookstore_certs::Usage;
 use bookstore_common::{shutdown::Drained, tls::TlsMode};
 use bookstore_proto::{BookCategory, RecommendationRequest};
 use bookstore_testkit::{
-    TestPki, grpc_client, identity, plaintext_client, raw, recommendations_config,
-    spawn_recommendations, tls_channel, trusted_channel, trusted_client,
+    TestPki, eventually_every, grpc_client, identity, plaintext_client, raw,
+    recommendations_config, spawn_recommendations, tls_channel, trusted_channel, trusted_client,
 };
 use tokio_stream::StreamExt;
 use tonic::{Code, transport::Certificate};
@@ -508,14 +508,14 @@ async fn readiness_turns_off_at_the_signal_and_the_admin_port_answers_through_th
     )
     .await;
     server.signal();
-    let deadline = Instant::now() + Duration::from_secs(1);
-    while admin_status(admin, "/readyz").await != Some(503) {
-        assert!(
-            Instant::now() < deadline,
-            "/readyz still ready after the signal"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // Looked at every 10 ms: how soon readiness turns off is what is checked.
+    eventually_every(
+        "/readyz not ready after the signal",
+        Duration::from_secs(1),
+        Duration::from_millis(10),
+        async || admin_status(admin, "/readyz").await == Some(503),
+    )
+    .await;
     assert_eq!(
         admin_status(admin, "/healthz").await,
         Some(200),

@@ -1,12 +1,16 @@
 //! Helpers for the bookstore's tests: a throwaway PKI on disk, each service started in-process
 //! on port 0 through its real `startup` path, and gRPC clients with chosen TLS identities.
 //! `process` runs the real binaries and signals them, `raw` speaks HTTP over bare sockets and
-//! reads `/metrics`, `json_log` checks JSON log lines as a log pipeline reads them.
+//! reads `/metrics`, `json_log` checks JSON log lines as a log pipeline reads them, `wait` polls
+//! until something has happened ([`eventually`]).
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
 pub mod json_log;
 pub mod process;
 pub mod raw;
+pub mod wait;
+
+pub use wait::{eventually, eventually_every};
 
 use std::{
     net::SocketAddr,
@@ -19,8 +23,10 @@ use bookstore_common::{
     shutdown::Drained,
     tls::{TlsArgs, TlsMode},
 };
-use bookstore_proto::recommendations_client::RecommendationsClient;
-use bookstore_server::service::ServiceArgs;
+use bookstore_proto::{
+    BookCategory, RecommendationRequest, recommendations_client::RecommendationsClient,
+};
+use bookstore_server::service::{Service, ServiceArgs};
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -280,20 +286,12 @@ pub fn plaintext_client(addr: SocketAddr) -> RecommendationsClient<Channel> {
     RecommendationsClient::new(channel)
 }
 
-/// Polls `probe` every 100 ms until it returns true. Fails the test, naming `what`, once
-/// `within` has passed: for a test to go on when something has happened, not after a guess at
-/// how long it takes.
-pub async fn eventually(
-    what: &str,
-    within: std::time::Duration,
-    mut probe: impl AsyncFnMut() -> bool,
-) {
-    let deadline = std::time::Instant::now() + within;
-    while !probe().await {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what}: not within {within:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+/// A Recommend request for one mystery book for user 1: the call a test makes when what is
+/// asked does not matter.
+pub fn mystery() -> RecommendationRequest {
+    RecommendationRequest {
+        user_id: 1,
+        category: BookCategory::Mystery as i32,
+        max_results: 1,
     }
 }

@@ -279,6 +279,31 @@ pub async fn start_marketplace(
     (process, addr)
 }
 
+/// A backend address where nothing listens (the discard port), for a marketplace whose backend
+/// is never asked.
+pub const VACANT: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9);
+
+/// A marketplace whose backend is never asked (unfinished requests never reach a handler): its
+/// recommendations address is [`VACANT`].
+pub async fn start_marketplace_alone(
+    certs: &Path,
+    extra: &[(&str, String)],
+) -> (ServiceProcess, SocketAddr) {
+    start_marketplace(certs, VACANT, extra).await
+}
+
+/// Both services, as a deployment runs them: recommendations with its defaults, and a
+/// marketplace calling it with `extra`. Returns both processes and the marketplace's address.
+pub async fn start_stack(
+    certs: &Path,
+    extra: &[(&str, String)],
+) -> (ServiceProcess, ServiceProcess, SocketAddr) {
+    let (recommendations, backend) = start_recommendations(certs, &[]).await;
+    let (marketplace, web) = start_marketplace(certs, backend, extra).await;
+    (recommendations, marketplace, web)
+}
+
 /// The environment [`start_marketplace`] gives the marketplace, for a test that starts it
 /// another way: a free loopback port, recommendations at `localhost` on `backend`'s port, the
 /// PKI in `certs`; `extra` adds or overrides variables.

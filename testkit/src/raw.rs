@@ -1,10 +1,7 @@
 //! Plain sockets for tests that act as a hostile or heavy client: one-line HTTP/1.1 requests,
 //! the admin port's metrics, and a metric's value read from them.
 
-use std::{
-    net::SocketAddr,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, time::Duration};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -91,20 +88,18 @@ pub fn metric(text: &str, parts: &[&str]) -> f64 {
 
 /// Waits up to `timeout` for the first series on `admin` whose line contains every one of
 /// `parts` to reach `at_least`: for a test to go on when something has happened, not after a
-/// guess at how long it takes.
+/// guess at how long it takes. It looks every 20 ms, so a test can act on the moment.
 pub async fn until_metric(admin: SocketAddr, parts: &[&str], at_least: f64, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    loop {
+    let what = format!("{parts:?} reaching {at_least}");
+    crate::eventually_every(&what, timeout, Duration::from_millis(20), async || {
         let value = metric(&scrape(admin).await, parts);
         if value >= at_least {
-            return;
+            Ok(())
+        } else {
+            Err(format!("it stayed at {value}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "{parts:?} stayed at {value}, short of {at_least}, for {timeout:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
 }
 
 /// Waits up to `timeout` for the peer to close `stream` (EOF or reset), reading and discarding
