@@ -1,5 +1,5 @@
 //! The cap on a listener's open connections, shared by the HTTP listeners
-//! ([`crate::http_server`]) and the gRPC one (the recommendations service's `server_tls`): a
+//! ([`crate::http_server`]) and the gRPC one (the recommendations service's `listener`): a
 //! semaphore of slots, the `bookstore_connections_refused_total{listener, reason}` counters and the
 //! `bookstore_connections_open{listener}` gauge, and one rate limit for the listener's warnings.
 //!

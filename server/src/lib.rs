@@ -7,8 +7,8 @@
 //!   `head_budget`, its bound on unfinished request heads, and `conn_cap`, the connection cap
 //!   every listener shares, the gRPC one included.
 //!
-//! The building blocks these use (TLS, metrics, logging, call records, the shutdown signal) are
-//! in `bookstore-common`, which the load generator and xtask use as well.
+//! The building blocks these use (TLS, metrics, logging, the shutdown signal) are in
+//! `bookstore-common`, which the load generator and xtask use as well.
 
 pub mod admin;
 pub mod conn_cap;

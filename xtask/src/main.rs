@@ -4,6 +4,7 @@
 //!   mutual TLS and stops it gracefully on Ctrl+C.
 //! - `certs`: creates the development PKI in `certs/dev`.
 //! - `bench`: the whole-process benchmark against floor servers (see `bench/mod.rs`).
+//! - `chaos`: one recommendations replica misbehaving under load (see `chaos/mod.rs`).
 #![allow(clippy::print_stdout)] // a command-line tool talks to its user on stdout
 
 mod bench;

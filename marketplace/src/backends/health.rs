@@ -23,7 +23,7 @@ pub(super) struct Health {
     pub(super) standing: Standing,
     pub(super) in_a_row: u32,
     /// Ejections in a row (each doubles the next one's length); forgotten after
-    /// [`FORGIVEN_AFTER`] in the rotation.
+    /// `FORGIVEN_AFTER` in the rotation.
     pub(super) times: u32,
     pub(super) rejoined: Option<Instant>,
     pub(super) window_start: Instant,
