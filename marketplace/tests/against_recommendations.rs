@@ -183,6 +183,13 @@ async fn a_call_past_its_deadline_is_deadline_exceeded_on_both_ends() {
         Sampling::default(),
     );
     let channel = bookstore_testkit::trusted_channel(server.addr, &pki);
+    // Connected first: a call's deadline runs from before its connection is made, the server's
+    // from when the call arrives, so a handshake slower than the few milliseconds of slack
+    // would let the caller's give-up reach the server before the server's own deadline.
+    tonic_health::pb::health_client::HealthClient::new(channel.clone())
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .expect("health check");
     let mut client = RecommendationsClient::new(tower::Layer::layer(&layer, channel));
     for timeout_ms in [50, 200] {
         let mut call = tonic::Request::new(RecommendationRequest {
