@@ -11,9 +11,7 @@ use bookstore_common::{
     metrics::Metrics,
     request_log::Sampling,
 };
-use bookstore_proto::{
-    BookCategory, RecommendationRequest, recommendations_client::RecommendationsClient,
-};
+use bookstore_proto::recommendations_client::RecommendationsClient;
 use bookstore_testkit::{
     TestPki, eventually, eventually_every, marketplace_config, raw, recommendations_config,
     spawn_marketplace, spawn_recommendations,
@@ -192,11 +190,7 @@ async fn a_call_past_its_deadline_is_deadline_exceeded_on_both_ends() {
         .expect("health check");
     let mut client = RecommendationsClient::new(tower::Layer::layer(&layer, channel));
     for timeout_ms in [50, 200] {
-        let mut call = tonic::Request::new(RecommendationRequest {
-            user_id: 1,
-            category: BookCategory::Mystery as i32,
-            max_results: 1,
-        });
+        let mut call = tonic::Request::new(bookstore_testkit::mystery());
         let started = Instant::now();
         call.extensions_mut().insert(CallContext {
             request_id: RequestId::generate(),

@@ -5,19 +5,12 @@
 use std::time::Duration;
 
 use bookstore_certs::{Authority, Issued, Usage};
-use bookstore_proto::{BookCategory, RecommendationRequest};
-use bookstore_testkit::{TestPki, grpc_client, identity, process::ServiceProcess, trusted_client};
+use bookstore_testkit::{
+    TestPki, grpc_client, identity, mystery, process::ServiceProcess, trusted_client,
+};
 use time::OffsetDateTime;
 use tokio::io::AsyncWriteExt;
 use tonic::Code;
-
-fn request() -> RecommendationRequest {
-    RecommendationRequest {
-        user_id: 1,
-        category: BookCategory::Mystery as i32,
-        max_results: 1,
-    }
-}
 
 fn days(n: i64) -> time::Duration {
     time::Duration::days(n)
@@ -106,7 +99,7 @@ async fn every_bad_client_is_refused_with_its_reason_logged() {
             client_identity.as_ref().map(identity),
             "localhost",
         )
-        .recommend(request())
+        .recommend(mystery())
         .await
         .expect_err(case);
         assert_ne!(status.code(), Code::Ok, "{case}");
@@ -121,7 +114,7 @@ async fn every_bad_client_is_refused_with_its_reason_logged() {
             assert!(!line.contains(&key_line), "{case}: key material in the log");
         }
         trusted_client(addr, &pki)
-            .recommend(request())
+            .recommend(mystery())
             .await
             .unwrap_or_else(|e| panic!("after {case}: {e:?}"));
     }
@@ -150,7 +143,7 @@ async fn every_bad_client_is_refused_with_its_reason_logged() {
         Some(identity(&stranger)),
         "localhost",
     )
-    .recommend(request())
+    .recommend(mystery())
     .await
     .expect_err("not allowed");
     assert_eq!(status.code(), Code::PermissionDenied);
@@ -158,7 +151,7 @@ async fn every_bad_client_is_refused_with_its_reason_logged() {
         .wait_for_line("not in ALLOWED_CLIENTS", Duration::from_secs(5))
         .await;
     trusted_client(addr, &pki)
-        .recommend(request())
+        .recommend(mystery())
         .await
         .expect("still serving");
 }
@@ -203,7 +196,7 @@ async fn the_client_refuses_an_expired_server_certificate() {
         }
     });
     let status = trusted_client(addr, &pki)
-        .recommend(request())
+        .recommend(mystery())
         .await
         .expect_err("expired server");
     assert_eq!(status.code(), Code::Unavailable);

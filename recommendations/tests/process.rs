@@ -3,16 +3,7 @@
 use std::time::{Duration, Instant};
 
 use bookstore_proto::{BookCategory, RecommendationRequest};
-use bookstore_testkit::{TestPki, process::ServiceProcess, raw, trusted_client};
-
-/// A request for one mystery book.
-fn one_mystery() -> RecommendationRequest {
-    RecommendationRequest {
-        user_id: 1,
-        category: BookCategory::Mystery as i32,
-        max_results: 1,
-    }
-}
+use bookstore_testkit::{TestPki, mystery, process::ServiceProcess, raw, trusted_client};
 
 fn env(pki: &TestPki) -> Vec<(&'static str, String)> {
     vec![
@@ -170,7 +161,7 @@ async fn a_refused_caller_is_logged_by_identity() {
         Some(bookstore_testkit::identity(&intruder)),
         "localhost",
     )
-    .recommend(one_mystery())
+    .recommend(mystery())
     .await
     .expect_err("refused");
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
@@ -239,7 +230,7 @@ async fn sighup_reloads_the_certificates_at_once() {
         .wait_for_line("TLS certificates reloaded", Duration::from_secs(5))
         .await;
     trusted_client(addr, &pki)
-        .recommend(one_mystery())
+        .recommend(mystery())
         .await
         .expect("served with the new certificate");
     assert!(
@@ -269,7 +260,7 @@ async fn log_format_json_writes_one_json_object_per_line() {
         .parse()
         .expect("an address");
     trusted_client(addr, &pki)
-        .recommend(one_mystery())
+        .recommend(mystery())
         .await
         .expect("served");
     process.signal("TERM");

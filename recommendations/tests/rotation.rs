@@ -11,7 +11,6 @@ use std::{
 
 use bookstore_certs::Usage;
 use bookstore_common::tls::CLOCK_LEEWAY;
-use bookstore_proto::{BookCategory, RecommendationRequest};
 use bookstore_testkit::{
     TestPki, eventually,
     process::{self, ServiceProcess},
@@ -70,12 +69,7 @@ async fn the_server_certificate_rotates_under_load_and_a_bad_set_is_ignored() {
                 } else {
                     long_lived.clone()
                 };
-                let request = RecommendationRequest {
-                    user_id: 1,
-                    category: BookCategory::Mystery as i32,
-                    max_results: 1,
-                };
-                if let Err(status) = client.recommend(request).await {
+                if let Err(status) = client.recommend(bookstore_testkit::mystery()).await {
                     eprintln!("call {n} failed: {status:?}");
                     failures.fetch_add(1, Ordering::Relaxed);
                 }
